@@ -1,0 +1,5 @@
+import sys
+
+from kaiflow.cli import main
+
+sys.exit(main())
