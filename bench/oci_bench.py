@@ -1,0 +1,153 @@
+"""Push/pull throughput of a 50 MiB adapter vs a plain HTTP PUT/GET of the same bytes.
+
+Starts a private `docker-registry` (filesystem storage in a temp dir) on 127.0.0.1, then per round:
+
+* kaiflow push: ``steps.push_adapter.push_adapter`` of an adapter directory whose
+  ``adapter_model.safetensors`` is SIZE MiB of fresh random bytes (plus the small files), including
+  hashing, manifest, tagging and the read-back verification;
+* plain PUT: httpx ``POST /blobs/uploads/`` + one monolithic ``PUT ?digest=`` of SIZE MiB of other
+  fresh random bytes (digest computed before the clock starts);
+* kaiflow pull: ``steps.pull_adapters.pull_adapters`` into an empty dest and empty cache
+  (manifest, streamed download, sha256 check, placement);
+* plain GET: httpx streaming ``GET /blobs/<digest>`` into a file, no verification;
+* plain PUT/GET (requests): the same with ``requests`` (what oras-py uses underneath), to show
+  how much of the difference is the HTTP client rather than the step.
+
+Fresh bytes each round keep the registry's blob de-duplication out of the numbers. Prints MiB/s
+(best and median of ROUNDS) and the ratio kaiflow/plain.
+
+    .venv/bin/python -m bench.oci_bench [--size-mib 50] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import requests
+
+from steps import pull_adapters as pull
+from steps import push_adapter as push
+from steps.oci import RegistryOptions
+from tests.fixtures.registry import RegistryProcess, make_adapter_dir
+
+
+def plain_put(client: httpx.Client, base: str, repository: str, data: bytes, digest: str) -> None:
+    started = client.post(f"{base}/v2/{repository}/blobs/uploads/")
+    started.raise_for_status()
+    location = started.headers["location"]
+    if location.startswith("/"):
+        location = base + location
+    separator = "&" if "?" in location else "?"
+    done = client.put(f"{location}{separator}digest={digest}", content=data,
+                      headers={"Content-Type": "application/octet-stream"})
+    done.raise_for_status()
+
+
+def requests_put(session: requests.Session, base: str, repository: str, data: bytes, digest: str) -> None:
+    started = session.post(f"{base}/v2/{repository}/blobs/uploads/")
+    started.raise_for_status()
+    location = started.headers["location"]
+    if location.startswith("/"):
+        location = base + location
+    separator = "&" if "?" in location else "?"
+    session.put(f"{location}{separator}digest={digest}", data=data,
+                headers={"Content-Type": "application/octet-stream"}).raise_for_status()
+
+
+def requests_get(session: requests.Session, base: str, repository: str, digest: str, target: Path) -> None:
+    with session.get(f"{base}/v2/{repository}/blobs/{digest}", stream=True) as response:
+        response.raise_for_status()
+        with open(target, "wb") as out:
+            for chunk in response.iter_content(1 << 20):
+                out.write(chunk)
+
+
+def plain_get(client: httpx.Client, base: str, repository: str, digest: str, target: Path) -> None:
+    with client.stream("GET", f"{base}/v2/{repository}/blobs/{digest}") as response:
+        response.raise_for_status()
+        with open(target, "wb") as out:
+            for chunk in response.iter_bytes(1 << 20):
+                out.write(chunk)
+
+
+def run(size_mib: int, rounds: int) -> dict[str, list[float]]:
+    size = size_mib << 20
+    times: dict[str, list[float]] = {"kaiflow push": [], "plain PUT": [], "requests PUT": [],
+                                     "kaiflow pull": [], "plain GET": [], "requests GET": []}
+    options = RegistryOptions(insecure=True)
+    with tempfile.TemporaryDirectory(prefix="oci-bench-") as tmp, RegistryProcess(Path(tmp) / "registry") as registry:
+        base = registry.url
+        with httpx.Client(timeout=120) as client, requests.Session() as session:
+            for round_ in range(rounds):
+                work = Path(tmp) / f"round{round_}"
+                adapter = make_adapter_dir(work / "adapter", seed=round_, weights_bytes=1024)
+                (adapter / "adapter_model.safetensors").write_bytes(os.urandom(size))
+                image = f"{registry.host}/bench/adapter:r{round_}"
+
+                started = time.perf_counter()
+                result = push.push_adapter(push.PushConfig(str(adapter), image), options)
+                times["kaiflow push"].append(time.perf_counter() - started)
+
+                data = os.urandom(size)
+                digest = "sha256:" + hashlib.sha256(data).hexdigest()
+                started = time.perf_counter()
+                plain_put(client, base, "bench/plain", data, digest)
+                times["plain PUT"].append(time.perf_counter() - started)
+
+                other = os.urandom(size)
+                other_digest = "sha256:" + hashlib.sha256(other).hexdigest()
+                started = time.perf_counter()
+                requests_put(session, base, "bench/plain", other, other_digest)
+                times["requests PUT"].append(time.perf_counter() - started)
+
+                dest = work / "pulled"
+                started = time.perf_counter()
+                pull.pull_adapters(pull.PullConfig([f"a={registry.host}/bench/adapter@{result.digest}"], str(dest)),
+                                   options)
+                times["kaiflow pull"].append(time.perf_counter() - started)
+                assert (dest / "a" / "adapter_model.safetensors").stat().st_size == size
+
+                started = time.perf_counter()
+                plain_get(client, base, "bench/plain", digest, work / "plain.bin")
+                times["plain GET"].append(time.perf_counter() - started)
+
+                started = time.perf_counter()
+                requests_get(session, base, "bench/plain", other_digest, work / "plain2.bin")
+                times["requests GET"].append(time.perf_counter() - started)
+                shutil.rmtree(work)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size-mib", type=int, default=50, help="size of adapter_model.safetensors in MiB")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds; best and median are reported")
+    args = parser.parse_args(argv)
+    times = run(args.size_mib, args.rounds)
+    rate = {name: args.size_mib / min(values) for name, values in times.items()}
+    median = {name: args.size_mib / statistics.median(values) for name, values in times.items()}
+    print(f"{args.size_mib} MiB, {args.rounds} rounds, local docker-registry on 127.0.0.1")
+    for name in times:
+        print(f"  {name:13s} best {min(times[name]):6.3f} s  {rate[name]:7.1f} MiB/s   "
+              f"median {statistics.median(times[name]):6.3f} s  {median[name]:7.1f} MiB/s")
+    print(f"  push ratio kaiflow/plain: best {rate['kaiflow push'] / rate['plain PUT']:.2f}  "
+          f"median {median['kaiflow push'] / median['plain PUT']:.2f}")
+    print(f"  pull ratio kaiflow/plain: best {rate['kaiflow pull'] / rate['plain GET']:.2f}  "
+          f"median {median['kaiflow pull'] / median['plain GET']:.2f}")
+    print(f"  vs requests: push best {rate['kaiflow push'] / rate['requests PUT']:.2f} "
+          f"median {median['kaiflow push'] / median['requests PUT']:.2f}; pull best "
+          f"{rate['kaiflow pull'] / rate['requests GET']:.2f} median {median['kaiflow pull'] / median['requests GET']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
