@@ -1,0 +1,223 @@
+"""The ``aks`` provider: one AKS agent pool per Workspace, through the Azure SDK.
+
+``agent_pools.begin_create_or_update`` with the pool's whole desired state — VM size, count, mode
+User, Linux, node labels (the Workspace's plus ``--label``s), the GPU taint ``sku=gpu:NoSchedule``
+and an owner tag — then the long-running operation is followed to its end (azure-core's poller
+understands both the ``Azure-AsyncOperation`` and the provisioningState flows). PUT is
+idempotent, so a retried step converges on the same pool; AKS itself refuses changes it cannot
+make (e.g. another VM size for an existing pool), which is reported naming ``--instance-type``.
+
+Credentials are only referenced: ``DefaultAzureCredential`` picks workload identity in a pod
+(``AZURE_CLIENT_ID``/``AZURE_TENANT_ID``/``AZURE_FEDERATED_TOKEN_FILE`` injected by the webhook),
+or a managed identity, or a developer's ``az login``. Nothing secret is accepted on the command
+line or logged. ``--arm-endpoint`` and ``--ca-bundle`` point the client at another ARM endpoint
+(sovereign clouds, tests); the token scope follows the endpoint.
+
+Transient ARM errors (429, 5xx, connection resets) are retried by azure-core's RetryPolicy with
+exponential backoff and ``Retry-After``; what still fails that way, or for lack of capacity
+(``AllocationFailed``, ``OverconstrainedAllocationRequest``...), exits with code 1 so the
+pipeline retries the step; quota, invalid settings and refused changes exit with 2. With ``--wait-for-nodes`` (default) the step then waits
+for the pool's nodes (label ``agentpool=<pool>``) to be Ready in Kubernetes and reports their
+names; without it the node list is empty and only the pool is reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from steps.common import StepError, report_progress
+from steps.provision.base import (
+    ANNOTATION_OWNER, GPU_TAINT, LABEL_WORKSPACE, LABEL_WORKSPACE_NAMESPACE, Provider, ProvisionResult, RetryableError,
+    api_error,
+    kube_api_client, node_is_ready, short_name, wait_until,
+)
+
+log = logging.getLogger("kaiflow.steps.provision.aks")
+
+_POOL_NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+AKS_ENV = {
+    "subscription_id": "AZURE_SUBSCRIPTION_ID",
+    "resource_group": "AZURE_RESOURCE_GROUP",
+    "cluster_name": "AZURE_CLUSTER_NAME",
+    "arm_endpoint": "AZURE_RESOURCE_MANAGER_ENDPOINT",
+}
+
+
+@dataclass(frozen=True)
+class AKSOptions:
+    subscription_id: str | None = field(default=None, metadata={"help": "Azure subscription of the AKS cluster"})
+    resource_group: str | None = field(default=None, metadata={"help": "resource group of the AKS cluster"})
+    cluster_name: str | None = field(default=None, metadata={"help": "name of the AKS cluster"})
+    pool_name: str | None = field(
+        default=None, metadata={"help": "agent pool name (default: derived from the Workspace; ≤ 12 lowercase alphanumerics)"}
+    )
+    arm_endpoint: str | None = field(
+        default=None, metadata={"help": "Azure Resource Manager endpoint (default: https://management.azure.com)"}
+    )
+    ca_bundle: str | None = field(default=None, metadata={"help": "CA bundle that verifies the ARM endpoint's TLS certificate"})
+    wait_for_nodes: bool = field(
+        default=True, metadata={"help": "after the pool succeeds, wait for its nodes to be Ready in Kubernetes"}
+    )
+    os_disk_size_gb: int = field(default=128, metadata={"help": "OS disk size of each node in GB"})
+
+
+def agent_pool_spec(provider: AKSProvider, pool: str) -> dict[str, Any]:
+    config = provider.config
+    return dict(
+        vm_size=config.instance_type,
+        count=config.count,
+        mode="User",
+        os_type="Linux",
+        os_disk_size_gb=provider.opts.os_disk_size_gb,
+        enable_auto_scaling=False,
+        node_labels={LABEL_WORKSPACE: config.workspace_name, LABEL_WORKSPACE_NAMESPACE: config.namespace, **config.labels},
+        node_taints=[f"{GPU_TAINT['key']}={GPU_TAINT['value']}:{GPU_TAINT['effect']}"],
+        tags={ANNOTATION_OWNER.replace("/", "_"): config.owner},
+    )
+
+
+class AKSProvider(Provider):
+    name = "aks"
+    options_class = AKSOptions
+
+    @property
+    def opts(self) -> AKSOptions:
+        return self.options or AKSOptions()
+
+    def _validate(self) -> str:
+        config, opts = self.config, self.opts
+        if not config.instance_type:
+            raise StepError("--instance-type is required for provider aks (the agent pool's VM size)")
+        for name, env in (("subscription_id", "AZURE_SUBSCRIPTION_ID"), ("resource_group", "AZURE_RESOURCE_GROUP"),
+                          ("cluster_name", "AZURE_CLUSTER_NAME")):
+            if not getattr(opts, name):
+                raise StepError(f"--{name.replace('_', '-')} (or ${env}) is required for provider aks")
+        if not _GUID.match(opts.subscription_id or ""):
+            raise StepError(f"--subscription-id: {opts.subscription_id!r} is not a subscription GUID")
+        pool = opts.pool_name or short_name(config.workspace_name, config.namespace)
+        if not _POOL_NAME.match(pool):
+            raise StepError(f"--pool-name: {pool!r} must be 1-12 lowercase letters/digits starting with a letter")
+        if opts.arm_endpoint and not opts.arm_endpoint.startswith("https://"):
+            raise StepError(f"--arm-endpoint: {opts.arm_endpoint!r} must be an https:// URL (ARM refuses tokens over http)")
+        if opts.ca_bundle:
+            from pathlib import Path
+
+            if not Path(opts.ca_bundle).is_file():
+                raise StepError(f"--ca-bundle: {opts.ca_bundle} is not a file")
+        return pool
+
+    def _client(self) -> Any:
+        from azure.identity import DefaultAzureCredential
+        from azure.mgmt.containerservice import ContainerServiceClient
+
+        opts = self.opts
+        kwargs: dict[str, Any] = {}
+        if opts.arm_endpoint:
+            endpoint = opts.arm_endpoint.rstrip("/")
+            kwargs.update(base_url=endpoint, credential_scopes=[f"{endpoint}/.default"])
+        if opts.ca_bundle:
+            kwargs["connection_verify"] = opts.ca_bundle
+        credential = DefaultAzureCredential(exclude_interactive_browser_credential=True)
+        return ContainerServiceClient(credential, opts.subscription_id, **kwargs)
+
+    def provision(self) -> ProvisionResult:
+        from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError, ServiceRequestError
+        from azure.mgmt.containerservice.models import AgentPool
+
+        pool_name = self._validate()
+        if not os.environ.get("KAIFLOW_DEBUG"):
+            # azure-core logs every request and response header at INFO; keep the step's log readable.
+            logging.getLogger("azure").setLevel(logging.WARNING)
+        config, opts = self.config, self.opts
+        where = f"{opts.resource_group}/{opts.cluster_name}"
+        deadline = time.monotonic() + config.timeout
+        spec = agent_pool_spec(self, pool_name)
+        if config.preferred_nodes:
+            log.info("aks provider: the pool gets all %d node(s); preferred nodes are not counted", config.count)
+        log.info("creating or updating agent pool %s in %s: %d x %s", pool_name, where, config.count, config.instance_type)
+        try:
+            with self._client() as aks:
+                poller = aks.agent_pools.begin_create_or_update(
+                    opts.resource_group, opts.cluster_name, pool_name, AgentPool(**spec),
+                    polling_interval=config.poll_interval,
+                )
+                poller.wait(timeout=config.timeout)
+                if not poller.done():
+                    raise StepError(f"timed out after {config.timeout:g} s waiting for agent pool {pool_name} in {where} "
+                                    f"(status {poller.status()})")
+                pool = poller.result()
+        except ClientAuthenticationError as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StepError(
+                "Azure credentials: no usable credential (in a pod: workload identity needs the "
+                f"azure.workload.identity/use label and a federated service account): {first_line}"
+            ) from None
+        except ResourceNotFoundError as exc:
+            raise StepError(
+                f"--cluster-name/--resource-group/--subscription-id: AKS cluster {where} not found: {_arm_message(exc)}"
+            ) from None
+        except HttpResponseError as exc:
+            field_hint = " (--instance-type)" if "vmsize" in str(exc).lower() or "sku" in str(exc).lower() else ""
+            message = f"agent pool {pool_name} in {where}{field_hint}: {_arm_message(exc)}"
+            raise (RetryableError if _transient(exc) else StepError)(message) from None
+        except ServiceRequestError as exc:
+            raise RetryableError(f"--arm-endpoint: cannot reach Azure Resource Manager: {exc}") from None
+        state = getattr(pool, "provisioning_state", None)
+        if state not in (None, "Succeeded"):
+            raise StepError(f"agent pool {pool_name} in {where} ended in provisioningState {state}")
+        log.info("agent pool %s: %s, %s x %s", pool_name, state, pool.count, pool.vm_size)
+        details = {"agent_pool": pool_name, "cluster": where, "vm_size": pool.vm_size, "count": pool.count}
+        if not opts.wait_for_nodes:
+            return ProvisionResult(provider=self.name, nodes=[], details=details)
+        nodes = self._wait_for_nodes(pool_name, max(1.0, deadline - time.monotonic()))
+        return ProvisionResult(provider=self.name, nodes=nodes, details=details)
+
+    def _wait_for_nodes(self, pool_name: str, timeout: float) -> list[str]:
+        from kubernetes import client
+
+        config = self.config
+        selector = f"agentpool={pool_name}"
+        seen: dict[str, list[str]] = {"ready": [], "all": []}
+        with kube_api_client(config.kubeconfig) as api_client:
+            core = client.CoreV1Api(api_client)
+
+            def ready() -> list[str]:
+                try:
+                    nodes = core.list_node(label_selector=selector).items
+                except client.ApiException as exc:
+                    raise api_error(exc, f"listing nodes of agent pool {pool_name}") from None
+                seen["all"] = sorted(n.metadata.name for n in nodes)
+                seen["ready"] = sorted(n.metadata.name for n in nodes if node_is_ready(n))
+                report_progress(min(len(seen["ready"]), config.count), config.count)
+                return seen["ready"][: config.count] if len(seen["ready"]) >= config.count else []
+
+            return wait_until(
+                ready, timeout=timeout, interval=config.poll_interval, what=f"{config.count} Ready node(s) with {selector}",
+                describe=lambda: f"{len(seen['ready'])} Ready of {len(seen['all'])} registered",
+            )
+
+
+def _transient(exc: Any) -> bool:
+    """Whether another attempt later may succeed: throttling, server errors, no capacity right now.
+
+    Quota, invalid parameters and forbidden changes stay as they are until a person acts.
+    """
+    status = getattr(exc, "status_code", None)
+    if status is not None and (status == 429 or status >= 500):
+        return True
+    code = str(getattr(getattr(exc, "error", None), "code", "") or "")
+    return any(word in code for word in ("Allocation", "Capacity", "Throttl", "Timeout", "InternalServerError"))
+
+
+def _arm_message(exc: Any) -> str:
+    error = getattr(exc, "error", None)
+    if error is not None and getattr(error, "code", None):
+        return f"{error.code}: {error.message}"
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

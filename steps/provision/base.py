@@ -1,0 +1,328 @@
+"""What every provider shares: the request, the result, the Provider interface and helpers.
+
+A provider turns a ``ProvisionConfig`` (what the Workspace's ``resource`` asks for) into Ready
+nodes and reports their names. Like Kaito's node provisioners there is one small interface and
+one implementation per file; the step (``__main__``) only picks one and writes the outputs.
+
+Names: the gpu-provisioner turns each Karpenter NodeClaim into an AKS agent pool named after the
+claim, and AKS pool names are at most 12 lowercase letters/digits starting with a letter. So
+NodeClaims and agent pools are named ``<6 chars of the workspace><4 hex of sha256(ns/name)>``
+plus the node index for claims: readable, stable across retries (idempotent) and unique per
+namespace/name.
+
+Kubernetes access (``kube_api_client``) follows the usual order: ``--kubeconfig``, then
+``$KUBECONFIG``, then ``~/.kube/config``, then the pod's service account. Transient API errors
+(connection resets, 429, 5xx) are retried by urllib3 with exponential backoff, honouring
+``Retry-After``; creates stay safe because a retried create that already happened answers 409,
+which the providers treat as "reuse".
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from steps.common import StepError
+
+log = logging.getLogger("kaiflow.steps.provision")
+
+PROVIDERS = ("local", "aks", "karpenter", "existing")
+
+# Kaito's conventions for the nodes it provisions.
+LABEL_WORKSPACE = "kaito.sh/workspace"
+LABEL_WORKSPACE_NAMESPACE = "kaito.sh/workspacenamespace"
+ANNOTATION_OWNER = "kaiflow.kaito.sh/owner"
+LABEL_INSTANCE_TYPE = "node.kubernetes.io/instance-type"
+GPU_TAINT = {"key": "sku", "value": "gpu", "effect": "NoSchedule"}
+MAX_COUNT = 100  # node indexes stay within the 12-character AKS pool name
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+class RetryableError(StepError):
+    """A failure that may pass: no capacity yet, a timeout, the API unavailable.
+
+    Still one clear line, but exit code 1, not 2: the pipeline's retry strategy retries every
+    exit code except 2 (bad input), so these failures get another attempt after a backoff.
+    """
+
+
+@dataclass(frozen=True)
+class ProvisionConfig:
+    """What to provision: the Workspace's ``resource`` section, plus how long to wait."""
+
+    provider: str = field(metadata={"help": "which provisioner creates the nodes", "choices": PROVIDERS})
+    workspace_name: str = field(metadata={"help": "name of the Workspace the nodes are for"})
+    namespace: str = field(metadata={"help": "namespace of the Workspace"})
+    instance_type: str | None = field(
+        default=None, metadata={"help": "VM size / instance type of each node, e.g. Standard_NC24ads_A100_v4"}
+    )
+    count: int = field(default=1, metadata={"help": "number of nodes"})
+    labels: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"help": "node label the nodes carry (the Workspace's labelSelector.matchLabels); repeatable",
+                  "flag": "--label", "metavar": "KEY=VALUE"},
+    )
+    preferred_nodes: tuple[str, ...] = field(
+        default=(), metadata={"help": "an existing node to use before provisioning new ones; repeatable",
+                              "flag": "--preferred-node", "metavar": "NAME"}
+    )
+    timeout: float = field(default=1800.0, metadata={"help": "seconds to wait for the nodes to become Ready"})
+    poll_interval: float = field(default=5.0, metadata={"help": "seconds between status checks"})
+    kubeconfig: str | None = field(
+        default=None,
+        metadata={"help": "kubeconfig file (default: $KUBECONFIG, ~/.kube/config, then the pod's service account)"},
+    )
+
+    def validate(self) -> None:
+        if self.provider not in PROVIDERS:
+            raise StepError(f"--provider: {self.provider!r} is not one of {', '.join(PROVIDERS)}")
+        if len(self.workspace_name) > 253 or not _DNS_SUBDOMAIN.match(self.workspace_name):
+            raise StepError(f"--workspace-name: {self.workspace_name!r} is not a valid Kubernetes object name")
+        if len(self.namespace) > 63 or not _DNS_LABEL.match(self.namespace):
+            raise StepError(f"--namespace: {self.namespace!r} is not a valid namespace name")
+        if not 1 <= self.count <= MAX_COUNT:
+            raise StepError(f"--count: {self.count} is out of range (1..{MAX_COUNT})")
+        for key, value in self.labels.items():
+            validate_label(key, value)
+        for node in self.preferred_nodes:
+            if len(node) > 253 or not _DNS_SUBDOMAIN.match(node):
+                raise StepError(f"--preferred-node: {node!r} is not a valid node name")
+        if self.timeout <= 0:
+            raise StepError(f"--timeout: must be positive, got {self.timeout}")
+        if self.poll_interval <= 0:
+            raise StepError(f"--poll-interval: must be positive, got {self.poll_interval}")
+
+    @property
+    def label_selector(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in sorted(self.labels.items()))
+
+    @property
+    def owner(self) -> str:
+        return f"kaito.sh/Workspace/{self.namespace}/{self.workspace_name}"
+
+
+@dataclass(frozen=True)
+class ProvisionResult:
+    """What the step reports: the node names (output ``nodes``) and provider-specific facts."""
+
+    provider: str
+    nodes: list[str]
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+class Provider(ABC):
+    """One way of getting nodes. Subclasses live one per module (local, existing, aks, karpenter)."""
+
+    name: ClassVar[str]
+    options_class: ClassVar[type | None] = None  # a dataclass of provider-specific options
+
+    def __init__(self, config: ProvisionConfig, options: Any = None) -> None:
+        self.config = config
+        self.options = options
+
+    @abstractmethod
+    def provision(self) -> ProvisionResult:
+        """Make ``config.count`` nodes Ready (creating them if this provider does) and name them."""
+
+
+# -- names and labels ---------------------------------------------------------------------------
+
+
+def short_name(workspace: str, namespace: str, index: int | None = None) -> str:
+    """A stable name that is a valid AKS agent pool name (≤ 12 lowercase alphanumerics)."""
+    readable = re.sub(r"[^a-z0-9]", "", workspace.lower())
+    if not readable or not readable[0].isalpha():
+        readable = "ws" + readable
+    digest = hashlib.sha256(f"{namespace}/{workspace}".encode()).hexdigest()[:4]
+    return f"{readable[:6]}{digest}{'' if index is None else index}"
+
+
+def validate_label(key: str, value: str) -> None:
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
+        raise StepError(f"--label {key}={value}: the key prefix {prefix!r} is not a DNS subdomain")
+    if not name or len(name) > 63 or not _LABEL_NAME.match(name):
+        raise StepError(f"--label {key}={value}: {name!r} is not a valid label name")
+    if len(value) > 63 or not _LABEL_VALUE.match(value):
+        raise StepError(f"--label {key}={value}: {value!r} is not a valid label value")
+
+
+def parse_labels(items: Iterable[str], flag: str = "--label") -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise StepError(f"{flag}: expected KEY=VALUE, got {item!r}")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+# -- Kubernetes ---------------------------------------------------------------------------------
+
+
+def kube_api_client(kubeconfig: str | None = None) -> Any:
+    """A ``kubernetes.client.ApiClient`` with retries on transient errors (see module doc)."""
+    from kubernetes import client, config
+    from urllib3.util.retry import Retry
+
+    configuration = client.Configuration()
+    path = kubeconfig or os.environ.get("KUBECONFIG")
+    if not path and Path("~/.kube/config").expanduser().exists():
+        path = str(Path("~/.kube/config").expanduser())
+    try:
+        if path:
+            config.load_kube_config(config_file=path, client_configuration=configuration)
+        else:
+            config.load_incluster_config(client_configuration=configuration)
+    except (config.ConfigException, OSError) as exc:
+        where = f"kubeconfig {path}" if path else "the in-cluster service account"
+        raise StepError(f"--kubeconfig: cannot load Kubernetes credentials from {where}: {exc}") from None
+    configuration.retries = Retry(
+        total=6, connect=6, read=3, status=6, backoff_factor=0.5,
+        status_forcelist=(429, 500, 502, 503, 504), allowed_methods=None, raise_on_status=False,
+    )
+    return client.ApiClient(configuration)
+
+
+def api_error(exc: Exception, what: str) -> StepError:
+    """A one-line StepError from a kubernetes-client exception (status and the server's message)."""
+    status = getattr(exc, "status", None)
+    body = getattr(exc, "body", None)
+    message = ""
+    if body:
+        try:
+            message = json.loads(body).get("message", "")
+        except (ValueError, AttributeError):
+            message = str(body)[:300]
+    if status == 403:
+        hint = " (does the step's service account have RBAC for it?)"
+    elif status == 404 and "nodeclaim" in what.lower():
+        hint = " (is Karpenter / Kaito's gpu-provisioner installed?)"
+    else:
+        hint = ""
+    detail = f"HTTP {status} {message}".strip() if status else f"{type(exc).__name__}: {exc}"
+    transient = status is None or status == 429 or status >= 500
+    return (RetryableError if transient else StepError)(f"{what}: {detail}{hint}")
+
+
+def node_is_ready(node: Any) -> bool:
+    conditions = (node.status.conditions if node.status else None) or []
+    return any(c.type == "Ready" and c.status == "True" for c in conditions)
+
+
+def node_matches(node: Any, labels: dict[str, str]) -> bool:
+    node_labels = node.metadata.labels or {}
+    return all(node_labels.get(k) == v for k, v in labels.items())
+
+
+def ready_preferred_nodes(core: Any, config: ProvisionConfig) -> list[str]:
+    """Preferred nodes that exist, are Ready and carry the requested labels (Kaito reuses them)."""
+    from kubernetes.client import ApiException
+
+    usable = []
+    for name in config.preferred_nodes:
+        try:
+            node = core.read_node(name)
+        except ApiException as exc:
+            if exc.status == 404:
+                log.warning("preferred node %s does not exist; ignoring it", name)
+                continue
+            raise api_error(exc, f"reading preferred node {name}") from None
+        if not node_is_ready(node):
+            log.warning("preferred node %s is not Ready; ignoring it", name)
+        elif not node_matches(node, config.labels):
+            log.warning("preferred node %s lacks the labels %s; ignoring it", name, config.label_selector)
+        else:
+            usable.append(name)
+    return usable[: config.count]
+
+
+def wait_until(check: Callable[[], Any], *, timeout: float, interval: float, what: str,
+               describe: Callable[[], str] = lambda: "") -> Any:
+    """Call ``check`` until it returns something truthy; RetryableError naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            state = describe()
+            raise RetryableError(f"timed out after {timeout:g} s waiting for {what}" + (f": {state}" if state else ""))
+        time.sleep(min(interval, remaining))
+
+
+# -- CLI from dataclasses -----------------------------------------------------------------------
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser | Any, cls: type, *, env: dict[str, str] | None = None) -> None:
+    """One option per field: ``--field-name``, the field's help, type and default.
+
+    ``metadata`` may set ``flag`` (another option name), ``choices`` and ``metavar``; ``env``
+    maps field names to environment variables that provide the default.
+    """
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", "")}
+        if "metavar" in f.metadata:
+            kwargs["metavar"] = f.metadata["metavar"]
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        if env and f.name in env and os.environ.get(env[f.name]):
+            default, required = os.environ[env[f.name]], False
+            kwargs["help"] += f" (default: ${env[f.name]})"
+        elif env and f.name in env:
+            kwargs["help"] += f" (or ${env[f.name]})"
+        origin = typing.get_origin(kind)
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, **kwargs)
+            continue
+        if origin in (dict, tuple, list):
+            parser.add_argument(flag, action="append", default=[], **kwargs)
+            continue
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind) if origin else kind
+        if base in (int, float):
+            kwargs["type"] = base
+        parser.add_argument(flag, required=required, default=default, **kwargs)
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name)
+        origin = typing.get_origin(hints[f.name])
+        if origin is dict:
+            value = parse_labels(value, f.metadata.get("flag", "--" + f.name.replace("_", "-")))
+        elif origin is tuple:
+            value = tuple(value)
+        elif hints[f.name] in (int, float) and isinstance(value, str):
+            try:
+                value = hints[f.name](value)
+            except ValueError:
+                raise StepError(f"--{f.name.replace('_', '-')}: {value!r} is not a number") from None
+        values[f.name] = value
+    return cls(**values)

@@ -1,0 +1,180 @@
+"""The ``karpenter`` provider: Karpenter NodeClaims, the way Kaito's own provisioner does it.
+
+For each missing node one ``karpenter.sh/v1`` NodeClaim is created. Karpenter (on AKS: Kaito's
+gpu-provisioner, which turns each claim into an agent pool named after it) launches the VM and
+reports back in the claim's status. The claim carries:
+
+* requirements: the instance type (``node.kubernetes.io/instance-type``), the node pool and OS,
+  and every ``--label`` as a single-valued requirement, so the node is labelled with it;
+* the claim's own labels: the Workspace's (``kaito.sh/workspace``, ``kaito.sh/workspacenamespace``)
+  plus ``--label``s;
+* the GPU taint ``sku=gpu:NoSchedule`` (only pods that tolerate it land there);
+* an owner annotation (NodeClaims are cluster-scoped, so no ownerReference to the namespaced
+  Workspace is possible) and ``karpenter.sh/do-not-disrupt`` so a training job is not consolidated.
+
+Idempotent: claim names are stable (``base.short_name``), a 409 on create means "reuse" — after
+checking the existing claim asks for the same instance type. Then it waits with a deadline until
+every claim has ``Ready=True`` and reports ``status.nodeName``. A claim that reports
+``Launched=False`` (e.g. no capacity or quota) is deleted before failing (exit code 1, which the
+pipeline retries), so the retry asks afresh instead of finding the failed claim again.
+
+Preferred nodes that exist, are Ready and carry the labels count towards ``--count`` (as in Kaito).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from steps.common import StepError, report_progress
+from steps.provision.base import (
+    ANNOTATION_OWNER, GPU_TAINT, LABEL_INSTANCE_TYPE, LABEL_WORKSPACE, LABEL_WORKSPACE_NAMESPACE, Provider,
+    ProvisionConfig, ProvisionResult, RetryableError, api_error, kube_api_client, ready_preferred_nodes, short_name, wait_until,
+)
+
+log = logging.getLogger("kaiflow.steps.provision.karpenter")
+
+GROUP, VERSION, PLURAL = "karpenter.sh", "v1", "nodeclaims"
+
+
+@dataclass(frozen=True)
+class KarpenterOptions:
+    node_class: str = field(default="default", metadata={"help": "name of the node class the claims reference"})
+    node_class_kind: str = field(default="AKSNodeClass", metadata={"help": "kind of the node class"})
+    node_class_group: str = field(default="karpenter.azure.com", metadata={"help": "API group of the node class"})
+    node_pool: str = field(default="kaito", metadata={"help": "value of the karpenter.sh/nodepool requirement"})
+    disk_size: str = field(default="120Gi", metadata={"help": "OS disk size requested per node (resources.requests.storage)"})
+
+
+def nodeclaim_body(config: ProvisionConfig, options: KarpenterOptions, name: str) -> dict[str, Any]:
+    labels = {
+        LABEL_WORKSPACE: config.workspace_name,
+        LABEL_WORKSPACE_NAMESPACE: config.namespace,
+        "karpenter.sh/nodepool": options.node_pool,
+        **config.labels,
+    }
+    requirements = [
+        {"key": LABEL_INSTANCE_TYPE, "operator": "In", "values": [config.instance_type]},
+        {"key": "karpenter.sh/nodepool", "operator": "In", "values": [options.node_pool]},
+        {"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]},
+    ] + [{"key": k, "operator": "In", "values": [v]} for k, v in sorted(config.labels.items())]
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "NodeClaim",
+        "metadata": {
+            "name": name,
+            "labels": labels,
+            "annotations": {ANNOTATION_OWNER: config.owner, "karpenter.sh/do-not-disrupt": "true"},
+        },
+        "spec": {
+            "nodeClassRef": {"group": options.node_class_group, "kind": options.node_class_kind, "name": options.node_class},
+            "requirements": requirements,
+            "taints": [dict(GPU_TAINT)],
+            "resources": {"requests": {"storage": options.disk_size}},
+        },
+    }
+
+
+def _instance_type_of(claim: dict[str, Any]) -> str | None:
+    for req in (claim.get("spec") or {}).get("requirements") or []:
+        if req.get("key") == LABEL_INSTANCE_TYPE and req.get("values"):
+            return req["values"][0]
+    return None
+
+
+def _condition(claim: dict[str, Any], kind: str) -> dict[str, Any]:
+    for cond in (claim.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == kind:
+            return cond
+    return {}
+
+
+class KarpenterProvider(Provider):
+    name = "karpenter"
+    options_class = KarpenterOptions
+
+    def provision(self) -> ProvisionResult:
+        from kubernetes import client
+
+        config, options = self.config, self.options or KarpenterOptions()
+        if not config.instance_type:
+            raise StepError("--instance-type is required for provider karpenter (the VM size each NodeClaim asks for)")
+        with kube_api_client(config.kubeconfig) as api_client:
+            core, custom = client.CoreV1Api(api_client), client.CustomObjectsApi(api_client)
+            reused = ready_preferred_nodes(core, config)
+            claims = [short_name(config.workspace_name, config.namespace, i) for i in range(config.count - len(reused))]
+            for name in claims:
+                self._create_or_reuse(custom, nodeclaim_body(config, options, name))
+
+            states: dict[str, str] = {}
+
+            def all_ready() -> list[str]:
+                nodes = []
+                for name in claims:
+                    node = self._check(custom, name, states)
+                    if node:
+                        nodes.append(node)
+                report_progress(len(reused) + len(nodes), config.count)
+                return nodes if len(nodes) == len(claims) else []
+
+            def describe() -> str:
+                return "; ".join(f"{name}: {state}" for name, state in states.items())
+
+            nodes = wait_until(all_ready, timeout=config.timeout, interval=config.poll_interval,
+                               what=f"NodeClaims {', '.join(claims)} to become Ready", describe=describe) if claims else []
+        log.info("nodes ready: %s", ", ".join(reused + nodes))
+        return ProvisionResult(provider=self.name, nodes=reused + nodes,
+                               details={"nodeclaims": claims, "preferred_nodes_used": reused})
+
+    def _create_or_reuse(self, custom: Any, body: dict[str, Any]) -> None:
+        from kubernetes import client
+
+        name = body["metadata"]["name"]
+        try:
+            custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, body)
+            log.info("created NodeClaim %s (%s)", name, self.config.instance_type)
+            return
+        except client.ApiException as exc:
+            if exc.status != 409:
+                raise api_error(exc, f"creating NodeClaim {name}") from None
+        try:
+            existing = custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+        except client.ApiException as exc:
+            raise api_error(exc, f"reading existing NodeClaim {name}") from None
+        if (existing.get("metadata") or {}).get("deletionTimestamp"):
+            raise RetryableError(f"NodeClaim {name} is being deleted; retry once it is gone")
+        found = _instance_type_of(existing)
+        if found != self.config.instance_type:
+            raise StepError(
+                f"--instance-type: NodeClaim {name} already exists with instance type {found}, not "
+                f"{self.config.instance_type}; delete it (kubectl delete nodeclaim {name}) to change the size"
+            )
+        log.info("reusing NodeClaim %s", name)
+
+    def _check(self, custom: Any, name: str, states: dict[str, str]) -> str | None:
+        """The node name once the claim is Ready; fails for a claim that cannot launch."""
+        from kubernetes import client
+
+        try:
+            claim = custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+        except client.ApiException as exc:
+            if exc.status == 404:
+                raise RetryableError(f"NodeClaim {name} disappeared while waiting (deleted by Karpenter or a user)") from None
+            raise api_error(exc, f"reading NodeClaim {name}") from None
+        launched, ready = _condition(claim, "Launched"), _condition(claim, "Ready")
+        if launched.get("status") == "False":
+            reason = launched.get("reason") or "unknown reason"
+            message = launched.get("message") or ""
+            try:
+                custom.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+            except client.ApiException as exc:
+                log.warning("could not delete failed NodeClaim %s: %s", name, exc.status)
+            raise RetryableError(f"NodeClaim {name} failed to launch a {self.config.instance_type} node: {reason} {message}".rstrip())
+        node = (claim.get("status") or {}).get("nodeName")
+        if ready.get("status") == "True" and node:
+            states[name] = f"Ready on {node}"
+            return node
+        pending = [c for c in ("Launched", "Registered", "Initialized", "Ready") if _condition(claim, c).get("status") != "True"]
+        states[name] = f"waiting for {', '.join(pending)}"
+        return None

@@ -1,0 +1,86 @@
+"""The `karpenter` provider: NodeClaims against the emulated API, with Karpenter simulated by the fixture."""
+
+from __future__ import annotations
+
+import json
+
+from steps.common import run_step
+from steps.provision.__main__ import main
+from steps.provision.base import short_name
+
+CLAIMS = "/apis/karpenter.sh/v1/nodeclaims"
+SKU = "Standard_NC24ads_A100_v4"
+
+
+def argv(kube, outputs, *extra: str) -> list[str]:
+    return ["--provider", "karpenter", "--workspace-name", "phi-3", "--namespace", "team-a", "--instance-type", SKU,
+            "--label", "apps=phi-3", "--kubeconfig", str(kube.kubeconfig), "--outputs", str(outputs),
+            "--poll-interval", "0.05", "--timeout", "10", *extra]
+
+
+def test_creates_nodeclaims_like_kaito_and_reports_the_nodes(kube, tmp_path):
+    with kube.simulate_karpenter(delay=0.2) as handled:
+        assert run_step(main, argv(kube, tmp_path, "--count", "2")) == 0
+    names = [short_name("phi-3", "team-a", i) for i in range(2)]
+    assert sorted(handled) == names
+    nodes = json.loads((tmp_path / "nodes").read_text())
+    assert nodes == [f"aks-{n}-vmss000000" for n in names]
+    assert (tmp_path / "provider").read_text() == "karpenter"
+
+    claim = kube.get(f"{CLAIMS}/{names[0]}")
+    assert claim["metadata"]["labels"] == {
+        "apps": "phi-3", "kaito.sh/workspace": "phi-3", "kaito.sh/workspacenamespace": "team-a", "karpenter.sh/nodepool": "kaito",
+    }
+    assert claim["metadata"]["annotations"]["kaiflow.kaito.sh/owner"] == "kaito.sh/Workspace/team-a/phi-3"
+    requirements = {r["key"]: r["values"] for r in claim["spec"]["requirements"]}
+    assert requirements["node.kubernetes.io/instance-type"] == [SKU]
+    assert requirements["apps"] == ["phi-3"] and requirements["kubernetes.io/os"] == ["linux"]
+    assert claim["spec"]["taints"] == [{"key": "sku", "value": "gpu", "effect": "NoSchedule"}]
+    assert claim["spec"]["nodeClassRef"] == {"group": "karpenter.azure.com", "kind": "AKSNodeClass", "name": "default"}
+    node = kube.get(f"/api/v1/nodes/{nodes[0]}")
+    assert node["metadata"]["labels"]["apps"] == "phi-3"
+
+
+def test_rerun_reuses_the_claims(kube, tmp_path):
+    with kube.simulate_karpenter():
+        assert run_step(main, argv(kube, tmp_path / "first")) == 0
+        assert run_step(main, argv(kube, tmp_path / "second")) == 0
+    assert len(kube.list(CLAIMS)) == 1
+    assert (tmp_path / "first" / "nodes").read_text() == (tmp_path / "second" / "nodes").read_text()
+
+
+def test_existing_claim_with_another_size_is_refused(kube, tmp_path, capsys):
+    with kube.simulate_karpenter():
+        assert run_step(main, argv(kube, tmp_path)) == 0
+    assert run_step(main, argv(kube, tmp_path, "--instance-type", "Standard_NC6s_v3")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: --instance-type: NodeClaim") and SKU in err
+
+
+def test_launch_failure_fails_the_step_and_removes_the_claim(kube, tmp_path, capsys):
+    with kube.simulate_karpenter(fail_reason="InsufficientCapacity"):
+        assert run_step(main, argv(kube, tmp_path)) == 1, "no capacity may pass: retried by the pipeline"
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "failed to launch" in err and "InsufficientCapacity" in err
+    assert kube.list(CLAIMS) == [], "a retry must start from a fresh claim"
+
+
+def test_times_out_when_nothing_launches(kube, tmp_path, capsys):
+    assert run_step(main, argv(kube, tmp_path, "--timeout", "0.3")) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "timed out after 0.3 s" in err and "waiting for Launched, Registered, Initialized, Ready" in err
+
+
+def test_ready_preferred_nodes_count_towards_the_total(kube, tmp_path):
+    kube.add_node("gpu-old", labels={"apps": "phi-3"})
+    with kube.simulate_karpenter() as handled:
+        assert run_step(main, argv(kube, tmp_path, "--count", "2", "--preferred-node", "gpu-old")) == 0
+    assert handled == [short_name("phi-3", "team-a", 0)]
+    assert json.loads((tmp_path / "nodes").read_text())[0] == "gpu-old"
+
+
+def test_missing_nodeclaim_crd_names_karpenter(kube, tmp_path, capsys):
+    del kube.emulator.resources["karpenter.sh/v1/nodeclaims"]
+    assert run_step(main, argv(kube, tmp_path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "creating NodeClaim" in err and "HTTP 404" in err and "Karpenter" in err
