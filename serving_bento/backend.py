@@ -1,0 +1,229 @@
+"""The bridge between the HTTP handlers (asyncio) and the generation engine (a thread).
+
+:class:`ChatBackend` loads the model in a background thread (so ``/livez`` answers while a big
+model loads and ``/readyz`` turns ready only once the model and its adapters are in memory),
+turns prompts and chat messages into token ids under the configured limits, and exposes
+:meth:`ChatBackend.stream`: an async iterator of text pieces for one request. Token ids come
+from the engine thread through ``loop.call_soon_threadsafe`` into a per-request asyncio queue;
+text is decoded incrementally (the full decode of the generated ids, minus what was already sent,
+holding back a trailing partial UTF-8 character and anything that may be the start of a stop
+string).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from serving_bento.config import ServiceConfig
+from serving_bento.engine import GenerationRequest, SamplingParams
+from serving_bento.schemas import Message, RequestError
+
+log = logging.getLogger("kaiflow.serving")
+
+
+@dataclass
+class Completion:
+    """What a finished request reports besides its text."""
+
+    prompt_tokens: int
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    first_token_at: float | None = None
+    started_at: float = field(default_factory=time.monotonic)
+
+
+class Metrics:
+    """Token counters and latency histograms, on BentoML's /metrics (prometheus_client)."""
+
+    def __init__(self, registry: Any = None) -> None:
+        # imported here, after BentoML set PROMETHEUS_MULTIPROC_DIR in the worker
+        from prometheus_client import REGISTRY, Counter, Histogram
+
+        reg = {"registry": registry or REGISTRY}
+        self.requests = Counter("kaiflow_requests", "chat requests by endpoint and outcome", ["endpoint", "outcome"],
+                                **reg)
+        self.prompt_tokens = Counter("kaiflow_prompt_tokens", "prompt tokens processed", ["endpoint"], **reg)
+        self.generated_tokens = Counter("kaiflow_generated_tokens", "tokens generated", ["endpoint"], **reg)
+        buckets = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+        self.latency = Histogram(
+            "kaiflow_request_duration_seconds", "time from request to last token", ["endpoint"], buckets=buckets, **reg
+        )
+        self.batch_rows = Histogram(
+            "kaiflow_batch_rows", "sequences decoded together per decode step", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
+            **reg,
+        )
+        self.first_token = Histogram(
+            "kaiflow_time_to_first_token_seconds", "time from request to first token", ["endpoint"], buckets=buckets,
+            **reg,
+        )
+
+
+class ChatBackend:
+    def __init__(self, config: ServiceConfig, metrics_registry: Any = None):
+        self.config = config
+        self._metrics_registry = metrics_registry  # None: prometheus_client's default (BentoML's /metrics)
+        self.loaded: Any = None
+        self.engine: Any = None
+        self.load_error: str | None = None
+        self._ready = threading.Event()
+        self.metrics: Metrics | None = None
+
+    # -- life cycle ----------------------------------------------------------------------------
+    def start_loading(self) -> None:
+        threading.Thread(target=self._load, name="kaiflow-model-loader", daemon=True).start()
+
+    def _load(self) -> None:
+        from serving_bento.adapters import load_model
+        from serving_bento.engine import make_engine
+
+        started = time.monotonic()
+        try:
+            self.metrics = Metrics(self._metrics_registry)
+            self.loaded = load_model(self.config)
+            self.engine = make_engine(
+                self.config.engine,
+                self.loaded.model,
+                self.loaded.tokenizer,
+                context_length=self.loaded.context_length,
+                max_batch_size=self.config.max_batch_size,
+            )
+            self.engine.step_observer = self.metrics.batch_rows.observe
+            self.engine.start()
+        except Exception as exc:  # reported through /livez and the log; the pod restarts
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("model loading failed: %s", self.load_error)
+            return
+        log.info(
+            "model %s ready in %.1f s (engine %s, adapters %s)",
+            self.config.model, time.monotonic() - started, self.config.engine,
+            [(a.name, a.strength) for a in self.config.adapters],
+        )
+        self._ready.set()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self.engine is not None and self.engine.running
+
+    @property
+    def alive(self) -> bool:
+        return self.load_error is None and (not self._ready.is_set() or self.engine.running)
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+
+    # -- prompts -------------------------------------------------------------------------------
+    def require_ready(self) -> None:
+        if not self.ready:
+            raise RequestError(503, self.load_error or "the model is still loading; retry when /readyz is ready")
+
+    def encode_messages(self, messages: list[Message], param: str = "messages") -> list[int]:
+        if not messages:
+            raise RequestError(400, f"{param}: must hold at least one message", param=param)
+        if self.loaded.chat_template == "none":
+            raise RequestError(400, f"{param}: this base model has no chat template; send a prompt instead", param=param)
+        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+        try:
+            text = self.loaded.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # templates raise on roles/orders they do not support
+            raise RequestError(400, f"{param}: the model's chat template refused these messages: {exc}", param=param) from None
+        return self._check_prompt(self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"], param)
+
+    def encode_prompt(self, prompt: str, param: str = "prompt") -> list[int]:
+        return self._check_prompt(self.loaded.tokenizer(prompt)["input_ids"], param)
+
+    def _check_prompt(self, ids: list[int], param: str) -> list[int]:
+        if not ids:
+            raise RequestError(400, f"{param}: the prompt is empty", param=param)
+        limit = min(self.config.max_prompt_tokens, self.loaded.context_length - 1)
+        if len(ids) > limit:
+            raise RequestError(
+                400, f"{param}: the prompt has {len(ids)} tokens; the limit is {limit}",
+                param=param, code="context_length_exceeded",
+            )
+        return ids
+
+    def clamp_new_tokens(self, prompt_ids: list[int], requested: int | None, param: str,
+                         default: int | None = None) -> int:
+        """Tokens to generate: what was asked (refused over the limit), else ``default`` capped."""
+        limit = self.config.max_new_tokens
+        if requested is not None and requested > limit:
+            raise RequestError(400, f"{param}: {requested} is more than this service allows ({limit})", param=param)
+        room = self.loaded.context_length - len(prompt_ids)
+        return max(1, min(requested or default or limit, limit, room))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.loaded.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # -- generation ----------------------------------------------------------------------------
+    async def stream(
+        self, prompt_ids: list[int], params: SamplingParams, completion: Completion,
+        *, stop: list[str] | None = None, endpoint: str = "chat",
+    ) -> AsyncIterator[str]:
+        """Yield the generated text piece by piece; fills ``completion`` as it goes."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def on_token(token: int) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, ("token", token))
+
+        def on_finish(reason: str) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, ("finish", reason))
+
+        request = self.engine.submit(GenerationRequest(prompt_ids, params, on_token, on_finish))
+        metrics = self.metrics
+        metrics.prompt_tokens.labels(endpoint).inc(len(prompt_ids))
+        generated: list[int] = []
+        sent = ""
+        hold = max((len(s) for s in stop), default=1) - 1 if stop else 0
+        try:
+            while True:
+                kind, value = await events.get()
+                if kind == "finish":
+                    completion.finish_reason = "length" if value == "length" else "stop"
+                    if value == "error":
+                        raise RuntimeError("generation failed on the server; see its log")
+                    text = self.decode(generated)
+                    if text.startswith(sent) and len(text) > len(sent):
+                        yield text[len(sent):]
+                    return
+                if completion.first_token_at is None:
+                    completion.first_token_at = time.monotonic()
+                    metrics.first_token.labels(endpoint).observe(completion.first_token_at - completion.started_at)
+                generated.append(value)
+                completion.completion_tokens = len(generated)
+                metrics.generated_tokens.labels(endpoint).inc()
+                text = self.decode(generated)
+                if stop:
+                    cut = min((text.find(s) for s in stop if s in text), default=-1)
+                    if cut >= 0:
+                        request.cancel()
+                        completion.finish_reason = "stop"
+                        if cut > len(sent):
+                            yield text[len(sent):cut]
+                        return
+                if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+                    continue
+                upto = len(text) - hold
+                if upto > len(sent) and text.startswith(sent):
+                    yield text[len(sent):upto]
+                    sent = text[:upto]
+        finally:
+            request.cancel()  # no-op when finished; frees the slot when the client went away
+            metrics.latency.labels(endpoint).observe(time.monotonic() - completion.started_at)
+
+    async def complete(
+        self, prompt_ids: list[int], params: SamplingParams, *, stop: list[str] | None = None, endpoint: str = "chat"
+    ) -> tuple[str, Completion]:
+        completion = Completion(prompt_tokens=len(prompt_ids))
+        pieces = [piece async for piece in self.stream(prompt_ids, params, completion, stop=stop, endpoint=endpoint)]
+        return "".join(pieces), completion

@@ -1,0 +1,447 @@
+"""The generate loops behind the service: a step-level batching engine and a naive baseline.
+
+Why our own loop
+----------------
+``model.generate`` runs one batch from start to end: a request that arrives while a batch is
+decoding waits for the whole batch to finish, and every request in a batch must share its
+sampling settings and length. BentoML's adaptive batching has the same shape (it batches
+*calls*, not decode steps). On a small model most of a decode step's cost is fixed overhead
+(reading the weights, Python, kernel launches), so a step over 8 sequences costs little more
+than a step over one: throughput grows with the number of sequences decoded *together*.
+
+:class:`BatchingEngine` therefore runs continuous (iteration-level) batching in one thread:
+
+* every step, waiting requests are admitted (up to ``max_batch_size``): their prompts are
+  prefilled together as one left-padded batch, and the new rows are spliced into the running
+  batch's KV cache by left-padding the shorter of the two caches to a common length
+  (the 2-D attention mask hides the pad columns; ``position_ids`` count only real tokens, so
+  RoPE positions stay right for every row);
+* one forward pass then decodes one token for every active row;
+* each row samples with its own settings (greedy or temperature / top-k / top-p), and rows that
+  finish (EOS, ``max_new_tokens``, the context limit, or a client that went away) leave the
+  batch at once (``index_select`` on the cache), freeing their slot for the next request; cache
+  columns that are padding in every remaining row are trimmed.
+
+This works for decoder models whose cache is a plain ``DynamicCache`` (full attention: Llama,
+Mistral, Qwen2, Phi-3 without sliding windows, ...). :class:`NaiveEngine` runs one
+``model.generate`` at a time under a lock; it is the benchmark's baseline and the fallback for
+other architectures (``KAIFLOW_ENGINE=naive``).
+
+Both engines report to a callback per request: ``on_token(token_id)`` for each new token and
+``on_finish(reason)`` once (``"stop"``, ``"length"``, ``"cancelled"`` or ``"error"``). The
+callbacks run on the engine thread and must be cheap (the service hands them to its event loop).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("kaiflow.serving.engine")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples; validated by the HTTP layer before it gets here."""
+
+    max_new_tokens: int = field(default=128, metadata={"help": "tokens to generate at most"})
+    do_sample: bool = field(default=False, metadata={"help": "sample; greedy (argmax) when false"})
+    temperature: float = field(default=1.0, metadata={"help": "logit temperature when sampling (> 0)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass in (0, 1]"})
+    top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens; 0 keeps all"})
+    seed: int | None = field(default=None, metadata={"help": "seed for this request's sampling"})
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_token: Callable[[int], None]
+    on_finish: Callable[[str], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    generated: int = 0
+    submitted_at: float = field(default_factory=time.monotonic)
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request at its next step (client disconnected)."""
+        self.cancelled.set()
+
+
+class EngineStopped(RuntimeError):
+    pass
+
+
+def sample_next_tokens(logits: Any, params: Sequence[SamplingParams], generators: Sequence[Any]) -> Any:
+    """Pick one token per row of ``logits`` [batch, vocab], each row with its own settings."""
+    import torch
+
+    greedy = logits.argmax(dim=-1)
+    sampled_rows = [i for i, p in enumerate(params) if p.do_sample]
+    if not sampled_rows:
+        return greedy
+    result = greedy.clone()
+    for i in sampled_rows:
+        p = params[i]
+        row = logits[i].float() / max(p.temperature, 1e-5)
+        if p.top_k and p.top_k < row.shape[-1]:
+            kth = torch.topk(row, p.top_k).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(row, descending=True)
+            cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+            # drop a token when the mass before it already reaches top_p (the top token always stays)
+            drop = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= p.top_p
+            row = row.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+        probs = torch.softmax(row, dim=-1)
+        result[i] = torch.multinomial(probs, 1, generator=generators[i]).squeeze(-1)
+    return result
+
+
+def _make_generator(params: SamplingParams) -> Any:
+    import torch
+
+    if not params.do_sample:
+        return None
+    generator = torch.Generator()
+    if params.seed is not None:
+        generator.manual_seed(params.seed)
+    else:
+        generator.seed()
+    return generator
+
+
+class _Engine:
+    """Shared plumbing: a request queue, a worker thread, stop tokens and the context limit."""
+
+    name = "engine"
+
+    def __init__(self, model: Any, tokenizer: Any, *, context_length: int, max_batch_size: int = 8):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.max_batch_size = max_batch_size
+        self.stop_token_ids = _stop_token_ids(model, tokenizer)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_token_ids)
+        self._queue: queue.Queue[GenerationRequest | None] = queue.Queue()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run_forever, name=f"kaiflow-{self.name}", daemon=True)
+        self.active_requests = 0
+        self.steps = 0
+        self.step_observer: Callable[[int], None] | None = None  # rows per decode step, for metrics
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and not self._stopping.is_set()
+
+    def submit(self, request: GenerationRequest) -> GenerationRequest:
+        if not self.running:
+            raise EngineStopped("the generation engine is not running")
+        self._queue.put(request)
+        return request
+
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def _run_forever(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while not self._stopping.is_set():
+                try:
+                    self._loop_once()
+                except Exception:  # one bad step must not kill the server: fail its requests
+                    log.exception("generation step failed")
+                    self._fail_active()
+
+    def _loop_once(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _fail_active(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _finish_reason(self, request: GenerationRequest, token: int, total_len: int) -> str | None:
+        if token in self.stop_token_ids:
+            return "stop"
+        if request.generated >= request.params.max_new_tokens or total_len >= self.context_length:
+            return "length"
+        return None
+
+
+def _stop_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in eos if isinstance(eos, list | tuple) else [eos]:
+        if value is not None:
+            ids.add(int(value))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
+
+
+@dataclass
+class _Row:
+    request: GenerationRequest
+    generator: Any
+    last_token: int
+    length: int  # real tokens in the cache + the pending last_token
+
+
+class BatchingEngine(_Engine):
+    """Continuous batching over a shared, left-padded KV cache (see the module docstring)."""
+
+    name = "batching"
+
+    def __init__(self, model: Any, tokenizer: Any, *, context_length: int, max_batch_size: int = 8):
+        super().__init__(model, tokenizer, context_length=context_length, max_batch_size=max_batch_size)
+        self.device = next(model.parameters()).device
+        self._rows: list[_Row] = []
+        self._cache: Any = None
+        self._mask: Any = None  # [rows, cache_len] 1 for real tokens, 0 for padding
+
+    # -- admission ---------------------------------------------------------------------------
+    def _take_waiting(self, block: bool) -> list[GenerationRequest]:
+        taken: list[GenerationRequest] = []
+        room = self.max_batch_size - len(self._rows)
+        while len(taken) < room:
+            try:
+                item = self._queue.get(block=block and not taken, timeout=0.5 if block and not taken else None)
+            except queue.Empty:
+                break
+            if item is None:  # stop sentinel
+                break
+            if item.cancelled.is_set():
+                item.on_finish("cancelled")
+                continue
+            taken.append(item)
+        return taken
+
+    def _prefill(self, requests: list[GenerationRequest]) -> tuple[Any, Any, Any]:
+        import torch
+        from transformers import DynamicCache
+
+        longest = max(len(r.prompt_ids) for r in requests)
+        ids = torch.full((len(requests), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(requests), longest), dtype=torch.long)
+        for i, r in enumerate(requests):
+            ids[i, longest - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            mask[i, longest - len(r.prompt_ids) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1, :], cache, mask.to(self.device)
+
+    def _splice(self, cache: Any, mask: Any) -> None:
+        """Append new rows (their cache and mask) to the running batch, left-padding the shorter."""
+        import torch
+
+        if self._cache is None:
+            self._cache, self._mask = cache, mask
+            return
+        old_len, new_len = self._mask.shape[1], mask.shape[1]
+        target = max(old_len, new_len)
+
+        def pad_left(t: Any, length: int, dim: int) -> Any:
+            missing = target - length
+            if missing == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
+
+        for old_layer, new_layer in zip(self._cache.layers, cache.layers, strict=True):
+            old_layer.keys = torch.cat([pad_left(old_layer.keys, old_len, 2), pad_left(new_layer.keys, new_len, 2)])
+            old_layer.values = torch.cat(
+                [pad_left(old_layer.values, old_len, 2), pad_left(new_layer.values, new_len, 2)]
+            )
+        self._mask = torch.cat([pad_left(self._mask, old_len, 1), pad_left(mask, new_len, 1)])
+
+    def _admit(self, requests: list[GenerationRequest]) -> None:
+        logits, cache, mask = self._prefill(requests)
+        params = [r.params for r in requests]
+        generators = [_make_generator(p) for p in params]
+        tokens = sample_next_tokens(logits, params, generators).tolist()
+        keep = []
+        for i, (request, token) in enumerate(zip(requests, tokens, strict=True)):
+            request.generated = 1
+            request.on_token(token)
+            reason = self._finish_reason(request, token, len(request.prompt_ids) + 1)
+            if reason:
+                request.on_finish(reason)
+                continue
+            keep.append(i)
+            self._rows.append(_Row(request, generators[i], token, len(request.prompt_ids) + 1))
+        if not keep:
+            return
+        if len(keep) < len(requests):
+            cache.batch_select_indices(_index(keep, self.device))
+            mask = mask[keep]
+        self._splice(cache, mask)
+
+    # -- decoding ----------------------------------------------------------------------------
+    def _decode_step(self) -> None:
+        import torch
+
+        ones = torch.ones((len(self._rows), 1), dtype=self._mask.dtype, device=self.device)
+        self._mask = torch.cat([self._mask, ones], dim=1)
+        ids = torch.tensor([[row.last_token] for row in self._rows], device=self.device)
+        positions = torch.tensor([[row.length - 1] for row in self._rows], device=self.device)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=self._mask,
+            position_ids=positions,
+            cache=self._cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        params = [row.request.params for row in self._rows]
+        tokens = sample_next_tokens(out.logits[:, -1, :], params, [r.generator for r in self._rows]).tolist()
+        keep: list[int] = []
+        for i, (row, token) in enumerate(zip(self._rows, tokens, strict=True)):
+            if row.request.cancelled.is_set():
+                row.request.on_finish("cancelled")
+                continue
+            row.request.generated += 1
+            row.length += 1
+            row.last_token = token
+            row.request.on_token(token)
+            reason = self._finish_reason(row.request, token, row.length)
+            if reason:
+                row.request.on_finish(reason)
+            else:
+                keep.append(i)
+        self.steps += 1
+        if self.step_observer is not None:
+            self.step_observer(len(self._rows))
+        if len(keep) < len(self._rows):
+            self._drop_rows(keep)
+
+    def _drop_rows(self, keep: list[int]) -> None:
+        self._rows = [self._rows[i] for i in keep]
+        if not self._rows:
+            self._cache, self._mask = None, None
+            return
+        self._cache.batch_select_indices(_index(keep, self.device))
+        self._mask = self._mask[keep]
+        # columns that are padding in every remaining row cost compute in every later step
+        used = self._mask.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        if first > 0:
+            for layer in self._cache.layers:
+                layer.keys = layer.keys[:, :, first:, :]
+                layer.values = layer.values[:, :, first:, :]
+            self._mask = self._mask[:, first:]
+
+    def _loop_once(self) -> None:
+        waiting = self._take_waiting(block=not self._rows)
+        if waiting:
+            self._admit(waiting)
+        if self._rows:
+            self._decode_step()
+        self.active_requests = len(self._rows)
+
+    def _fail_active(self) -> None:
+        for row in self._rows:
+            row.request.on_finish("error")
+        self._rows, self._cache, self._mask = [], None, None
+        self.active_requests = 0
+
+
+def _index(rows: list[int], device: Any) -> Any:
+    import torch
+
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+class NaiveEngine(_Engine):
+    """One ``model.generate`` at a time, in arrival order: the baseline the batching engine beats."""
+
+    name = "naive"
+
+    def __init__(self, model: Any, tokenizer: Any, *, context_length: int, max_batch_size: int = 1):
+        super().__init__(model, tokenizer, context_length=context_length, max_batch_size=1)
+        self._current: GenerationRequest | None = None
+
+    def _loop_once(self) -> None:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        try:
+            request = self._queue.get(timeout=0.5)
+        except queue.Empty:
+            return
+        if request is None:
+            return
+        if request.cancelled.is_set():
+            request.on_finish("cancelled")
+            return
+        self._current = request
+        self.active_requests = 1
+        engine = self
+        state = {"reason": None}
+
+        class _Forward(StoppingCriteria):
+            """Streams each new token to the request and decides when to stop."""
+
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                token = int(input_ids[0, -1])
+                request.generated += 1
+                request.on_token(token)
+                reason = "cancelled" if request.cancelled.is_set() else None
+                reason = reason or engine._finish_reason(request, token, input_ids.shape[1])
+                state["reason"] = reason
+                return torch.tensor([reason is not None])
+
+        p = request.params
+        if p.seed is not None:
+            torch.manual_seed(p.seed)
+        kwargs: dict[str, Any] = {"do_sample": p.do_sample}
+        if p.do_sample:
+            kwargs.update(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or None)
+        self.model.generate(
+            input_ids=torch.tensor([request.prompt_ids], device=next(self.model.parameters()).device),
+            attention_mask=torch.ones((1, len(request.prompt_ids)), dtype=torch.long),
+            max_new_tokens=p.max_new_tokens,
+            stopping_criteria=StoppingCriteriaList([_Forward()]),
+            pad_token_id=self.pad_token_id,
+            **kwargs,
+        )
+        request.on_finish(state["reason"] or "length")
+        self._current = None
+        self.active_requests = 0
+
+    def _fail_active(self) -> None:
+        if self._current is not None:
+            self._current.on_finish("error")
+        self._current = None
+        self.active_requests = 0
+
+
+ENGINES: dict[str, type[_Engine]] = {"batching": BatchingEngine, "naive": NaiveEngine}
+
+
+def make_engine(kind: str, model: Any, tokenizer: Any, *, context_length: int, max_batch_size: int) -> _Engine:
+    try:
+        engine_cls = ENGINES[kind]
+    except KeyError:
+        raise ValueError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINES)}") from None
+    return engine_cls(model, tokenizer, context_length=context_length, max_batch_size=max_batch_size)

@@ -1,0 +1,124 @@
+"""Check a deployed chat service answers (`python -m steps.smoke_test --url URL`).
+
+Two calls, and the DAG fails if either does: a Kaito ``POST /chat`` that must return a non-empty
+``Result``, and a streamed OpenAI ``POST /v1/chat/completions`` (the model id taken from
+``GET /v1/models``) that must deliver at least one content chunk and end with ``data: [DONE]``.
+Readiness is waited for first (``/readyz``, under ``--ready-timeout``), so the step can run right
+after a rollout. A bearer key, if the service needs one, is read from the environment variable
+named by ``--api-key-env`` and never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from steps.common import StepError, add_common_arguments, run_step, write_output
+
+log = logging.getLogger("kaiflow.steps.smoke_test")
+
+
+@dataclass(frozen=True)
+class SmokeTestConfig:
+    url: str = field(metadata={"help": "the service's base URL (the deploy step's service-url)"})
+    api_key_env: str = field(default="KAIFLOW_API_KEY", metadata={"help": "env var holding the bearer key, if any"})
+    prompt: str = field(default="Say hello in one short sentence.", metadata={"help": "what to ask"})
+    max_tokens: int = field(default=16, metadata={"help": "tokens to generate per call"})
+    timeout: float = field(default=300.0, metadata={"help": "seconds per call"})
+    ready_timeout: float = field(default=120.0, metadata={"help": "seconds to wait for /readyz first"})
+
+
+def _error_message(response) -> str:
+    try:
+        return response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return response.text[:300]
+
+
+def smoke_test(config: SmokeTestConfig) -> dict[str, object]:
+    import httpx
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    base = config.url.rstrip("/")
+    key = os.environ.get(config.api_key_env, "") if config.api_key_env else ""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with httpx.Client(base_url=base, headers=headers, timeout=config.timeout) as client:
+        deadline = time.monotonic() + config.ready_timeout
+        while True:
+            try:
+                if client.get("/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise StepError(f"{base}/readyz: not ready after {config.ready_timeout:.0f} s")
+            time.sleep(1)
+        try:
+            started = time.monotonic()
+            r = client.post("/chat", json={"prompt": config.prompt, "return_full_text": False,
+                                           "generate_kwargs": {"max_new_tokens": config.max_tokens,
+                                                               "do_sample": False}})
+            if r.status_code != 200:
+                raise StepError(f"POST /chat answered {r.status_code}: {_error_message(r)}")
+            result = r.json().get("Result")
+            if not isinstance(result, str) or not result.strip():
+                raise StepError(f"POST /chat returned no text: {r.text[:200]}")
+            chat_seconds = time.monotonic() - started
+
+            models = client.get("/v1/models")
+            if models.status_code != 200:
+                raise StepError(f"GET /v1/models answered {models.status_code}: {_error_message(models)}")
+            model = models.json()["data"][0]["id"]
+            started = time.monotonic()
+            body = {"model": model, "messages": [{"role": "user", "content": config.prompt}],
+                    "max_tokens": config.max_tokens, "temperature": 0, "stream": True}
+            pieces, done, first = [], False, None
+            with client.stream("POST", "/v1/chat/completions", json=body) as s:
+                if s.status_code != 200:
+                    s.read()
+                    raise StepError(f"POST /v1/chat/completions answered {s.status_code}: {_error_message(s)}")
+                for line in s.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[len("data: "):]
+                    if data == "[DONE]":
+                        done = True
+                        break
+                    chunk = json.loads(data)
+                    for choice in chunk.get("choices", []):
+                        content = (choice.get("delta") or {}).get("content")
+                        if content:
+                            first = first or time.monotonic()
+                            pieces.append(content)
+        except httpx.HTTPError as exc:
+            raise StepError(f"{base}: request failed: {exc}") from None
+        if not pieces or not done:
+            raise StepError(f"the streamed completion {'ended without [DONE]' if not done else 'held no text'}")
+    return {"chat": result, "chat_seconds": round(chat_seconds, 3), "stream": "".join(pieces),
+            "stream_chunks": len(pieces), "first_token_seconds": round(first - started, 3)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m steps.smoke_test", description=__doc__.splitlines()[0])
+    parser.add_argument("--url", required=True, help=SmokeTestConfig.__dataclass_fields__["url"].metadata["help"])
+    for name in ("api_key_env", "prompt", "max_tokens", "timeout", "ready_timeout"):
+        f = SmokeTestConfig.__dataclass_fields__[name]
+        parser.add_argument("--" + name.replace("_", "-"), type={"int": int, "float": float}.get(f.type, str),
+                            default=f.default, help=f.metadata["help"])
+    add_common_arguments(parser)
+    args = vars(parser.parse_args(argv))
+    outputs = args.pop("outputs")
+    report = smoke_test(SmokeTestConfig(**args))
+    write_output(outputs, "smoke-test", report)
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_step(main))

@@ -1,0 +1,166 @@
+"""The batching engine against transformers' own generate, on the tiny model, in-process."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from serving_bento.engine import BatchingEngine, GenerationRequest, NaiveEngine, SamplingParams, sample_next_tokens
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_path).eval(), AutoTokenizer.from_pretrained(tiny_model_path)
+
+
+PROMPTS = ["The capital of France", "Kubernetes runs containers on a cluster of nodes and", "Hi", "0 1 2 3 4 5 6 7"]
+
+
+class Collector:
+    def __init__(self, n: int):
+        self.tokens = {i: [] for i in range(n)}
+        self.reasons: dict[int, str] = {}
+        self.done = threading.Semaphore(0)
+
+    def request(self, i: int, ids: list[int], params: SamplingParams) -> GenerationRequest:
+        def finish(reason: str) -> None:
+            self.reasons[i] = reason
+            self.done.release()
+
+        return GenerationRequest(ids, params, self.tokens[i].append, finish)
+
+    def wait(self, n: int, timeout: float = 60) -> None:
+        for _ in range(n):
+            assert self.done.acquire(timeout=timeout), "a request never finished"
+
+
+def reference(model, ids: list[int], n: int) -> list[int]:
+    import torch
+
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("engine_cls", [BatchingEngine, NaiveEngine])
+def test_greedy_output_equals_generate_with_staggered_arrivals(tiny, engine_cls):
+    model, tok = tiny
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    lengths = [12, 5, 20, 9]  # rows leave the batch at different steps
+    engine = engine_cls(model, tok, context_length=512, max_batch_size=8)
+    engine.start()
+    try:
+        c = Collector(len(ids))
+        for i, prompt_ids in enumerate(ids):
+            engine.submit(c.request(i, prompt_ids, SamplingParams(max_new_tokens=lengths[i])))
+            time.sleep(0.02)  # later prompts join a batch that is already decoding
+        c.wait(len(ids))
+    finally:
+        engine.stop()
+    for i, prompt_ids in enumerate(ids):
+        expected = reference(model, prompt_ids, lengths[i])
+        assert c.tokens[i] == expected[: len(c.tokens[i])]
+        if c.reasons[i] == "length":
+            assert len(c.tokens[i]) == lengths[i]
+        else:
+            assert c.reasons[i] == "stop" and c.tokens[i][-1] in engine.stop_token_ids
+
+
+def test_batch_size_limit_queues_the_rest_and_all_finish(tiny):
+    model, tok = tiny
+    engine = BatchingEngine(model, tok, context_length=512, max_batch_size=2)
+    engine.start()
+    try:
+        c = Collector(6)
+        for i in range(6):
+            engine.submit(c.request(i, tok(PROMPTS[i % 4])["input_ids"], SamplingParams(max_new_tokens=6)))
+        c.wait(6)
+    finally:
+        engine.stop()
+    assert all(1 <= len(t) <= 6 for t in c.tokens.values())
+
+
+def test_seeded_sampling_is_reproducible_and_cancel_frees_the_slot(tiny):
+    model, tok = tiny
+    ids = tok(PROMPTS[0])["input_ids"]
+    params = SamplingParams(max_new_tokens=10, do_sample=True, temperature=1.5, top_p=0.9, top_k=50, seed=7)
+    engine = BatchingEngine(model, tok, context_length=512, max_batch_size=1)
+    engine.start()
+    try:
+        c = Collector(3)
+        engine.submit(c.request(0, ids, params))
+        engine.submit(c.request(1, ids, params))
+        c.wait(2)
+        assert c.tokens[0] == c.tokens[1]
+        long = c.request(2, ids, SamplingParams(max_new_tokens=400))
+        engine.submit(long)
+        time.sleep(0.05)
+        long.cancel()
+        c.wait(1)
+        assert c.reasons[2] in ("cancelled", "stop")
+        assert len(c.tokens[2]) < 400
+    finally:
+        engine.stop()
+
+
+def test_context_limit_ends_generation(tiny):
+    model, tok = tiny
+    ids = tok(PROMPTS[1])["input_ids"]
+    engine = BatchingEngine(model, tok, context_length=len(ids) + 3, max_batch_size=4)
+    engine.start()
+    try:
+        c = Collector(1)
+        engine.submit(c.request(0, ids, SamplingParams(max_new_tokens=100)))
+        c.wait(1)
+    finally:
+        engine.stop()
+    assert len(c.tokens[0]) <= 3
+
+
+def test_sampling_respects_top_k_and_greedy_rows():
+    import torch
+
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.9], [3.0, 0.0, 0.0, 0.0]])
+    params = [SamplingParams(do_sample=True, top_k=2, seed=0), SamplingParams(do_sample=False)]
+    for seed in range(20):
+        gens = [torch.Generator().manual_seed(seed), None]
+        picked = sample_next_tokens(logits, params, gens).tolist()
+        assert picked[0] in (1, 3) and picked[1] == 0
+
+
+def test_backend_is_ready_only_once_model_and_adapters_are_loaded(tiny_adapters):
+    """What /readyz reports (the service's __is_ready__): false while loading, true after."""
+    from prometheus_client import CollectorRegistry
+
+    from serving_bento.backend import ChatBackend
+    from serving_bento.config import AdapterSpec, ServiceConfig
+
+    config = ServiceConfig(model="kaiflow-tiny-test", adapters=(AdapterSpec("alpha", str(tiny_adapters["alpha"])),))
+    backend = ChatBackend(config, metrics_registry=CollectorRegistry())
+    assert not backend.ready and backend.alive
+    backend.start_loading()
+    assert not backend.ready  # loading takes at least the model and adapter reads
+    try:
+        assert backend.wait_ready(120)
+        assert backend.ready and backend.alive and backend.loaded.adapters == config.adapters
+    finally:
+        backend.shutdown()
+    assert not backend.ready and not backend.alive  # the engine stopped: liveness fails
+
+
+def test_backend_with_a_broken_adapter_is_not_alive(tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    from serving_bento.backend import ChatBackend
+    from serving_bento.config import AdapterSpec, ServiceConfig
+
+    backend = ChatBackend(ServiceConfig(model="kaiflow-tiny-test", adapters=(AdapterSpec("x", str(tmp_path)),)),
+                          metrics_registry=CollectorRegistry())
+    backend.start_loading()
+    deadline = time.monotonic() + 60
+    while backend.load_error is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not backend.ready and not backend.alive and "no adapter_config.json" in backend.load_error

@@ -1,0 +1,71 @@
+"""steps.smoke_test against the real tiny service, and its failures against broken servers."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from steps.common import run_step
+from steps.deploy import free_port
+from steps.smoke_test import main
+
+
+def test_passes_against_the_service(bento_tiny, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("KAIFLOW_API_KEY", bento_tiny.api_key)
+    assert run_step(main, ["--url", bento_tiny.url, "--outputs", str(tmp_path)]) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "smoke-test").read_text())
+    assert report["chat"] and report["stream_chunks"] >= 1 and report["first_token_seconds"] >= 0
+    assert bento_tiny.api_key not in capsys.readouterr().out
+
+
+def test_fails_on_a_refused_key(bento_tiny, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("KAIFLOW_API_KEY", "wrong")
+    assert run_step(main, ["--url", bento_tiny.url, "--outputs", str(tmp_path)]) == 2
+    assert "POST /chat answered 401" in capsys.readouterr().err
+
+
+def test_fails_when_nothing_answers(tmp_path, capsys):
+    url = f"http://127.0.0.1:{free_port()}"
+    assert run_step(main, ["--url", url, "--ready-timeout", "1", "--outputs", str(tmp_path)]) == 2
+    assert "not ready after 1 s" in capsys.readouterr().err
+
+
+class BrokenChat(BaseHTTPRequestHandler):
+    """Ready, but /chat returns no text and the stream never ends with [DONE]."""
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, body: bytes, content_type="application/json"):
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self._send(b'{"data": [{"id": "m"}]}' if self.path == "/v1/models" else b"\n")
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path == "/chat":
+            self._send(json.dumps({"Result": self.server.result}).encode())
+        else:
+            self._send(b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\n', "text/event-stream")
+
+
+@pytest.mark.parametrize(("result", "message"), [("", "POST /chat returned no text"), ("ok", "ended without [DONE]")])
+def test_fails_on_a_broken_service(result, message, tmp_path, capsys):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BrokenChat)
+    server.result = result
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert run_step(main, ["--url", url, "--outputs", str(tmp_path)]) == 2
+        assert message in capsys.readouterr().err
+    finally:
+        server.shutdown()
