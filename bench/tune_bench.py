@@ -1,0 +1,173 @@
+"""Tuning throughput: kaiflow's tune step vs Kaito's default recipe vs a plain trl script.
+
+Same model, same rows, same LoRA method, one run. Each contender trains for one epoch over the
+same training rows in its own process, so peak RSS is its own:
+
+(a) ``python -m steps.tune`` — best-fit-decreasing packing, padding-free batches of 4 × 512 tokens,
+    no gradient checkpointing on CPU, fp32 compute, assistant-only loss;
+(b) Kaito's default QLoRA recipe (``qlora-params-template`` + ``fine_tuning.py``):
+    ``prepare_model_for_kbit_training`` (which turns on gradient checkpointing), LoRA r=8 α=8,
+    ``per_device_train_batch_size: 1``, no packing, transformers' ``DataCollatorForLanguageModeling``;
+(c) a plain hand-written trl script: ``SFTTrainer`` with ``SFTConfig`` defaults (padded batches of
+    4, gradient checkpointing on), LoRA on all linear layers.
+
+All three get fp32 compute (``bf16=False``, NF4 compute dtype float32): with Kaito's bf16 dtypes (b)
+would be several times slower still on a CPU, and that would measure the CPU, not the recipe.
+Throughput counts real tokens only (the attention mask's ones; (a) has no padding at all) over the
+time spent in ``trainer.train()``; model loading and tokenisation are excluded for all three.
+
+    .venv/bin/python -m bench.tune_bench [--preset smollm2-135m-instruct] [--method qlora] [--rows 160]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TOPICS = ["Kubernetes", "a LoRA adapter", "Argo Workflows", "the capital of France", "a GPU", "parquet files",
+          "gradient descent", "a container image", "an OCI registry", "tokenisation"]
+FACTS = ["It is widely used in production.", "It was designed to be simple.", "Many teams rely on it every day.",
+         "It scales from a laptop to a large cluster.", "Its documentation explains the details.",
+         "It keeps working when a node fails.", "It stores data efficiently.", "It can be configured declaratively.",
+         "Engineers like how predictable it is.", "It saves both time and money."]
+
+
+def make_rows(n: int, seed: int = 0) -> list[dict]:
+    """Chat rows whose answers vary from one to twelve sentences, like real instruction data."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        topic = rng.choice(TOPICS)
+        answer = " ".join(rng.choice(FACTS) for _ in range(rng.choice([1, 1, 2, 3, 4, 6, 8, 12])))
+        rows.append({"messages": [
+            {"role": "user", "content": f"Tell me about {topic}."},
+            {"role": "assistant", "content": f"{topic.capitalize()} is worth knowing. {answer}"},
+        ]})
+    return rows
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def worker(kind: str, preset_name: str, method: str, data_dir: Path, max_length: int) -> dict:
+    import torch
+    from datasets import Dataset
+    import pyarrow.parquet as pq
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForLanguageModeling
+    from trl import SFTConfig, SFTTrainer
+
+    from presets.catalog import get_preset
+    from presets.local import resolve_model
+
+    preset = get_preset(preset_name)
+    path = resolve_model(preset)
+    train = Dataset(pq.read_table(data_dir / "train.parquet"))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    quant = None
+    if method == "qlora":
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.float32)
+    out = tempfile.mkdtemp(prefix=f"bench-{kind}-")
+    common = dict(output_dir=out, bf16=False, use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
+                  num_train_epochs=1, learning_rate=2e-4, logging_steps=10, max_length=max_length,
+                  include_num_input_tokens_seen="non_padding")
+    if kind == "kaito":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=quant, device_map="cpu")
+        if quant is not None:
+            model = prepare_model_for_kbit_training(model)  # Kaito's fine_tuning.py; enables gradient checkpointing
+        else:
+            model.gradient_checkpointing_enable()
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=list(preset.lora_target_modules)))
+        model.config.use_cache = False
+        trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train,
+                             args=SFTConfig(per_device_train_batch_size=1, gradient_checkpointing=True, **common),
+                             data_collator=DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False))
+    elif kind == "plain":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=quant, device_map="cpu")
+        trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train,
+                             args=SFTConfig(per_device_train_batch_size=4, **common),
+                             peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    else:
+        raise SystemExit(f"unknown worker {kind}")
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    tokens = int(trainer.state.num_input_tokens_seen)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "peak_rss_bytes": peak_rss(),
+            "steps": trainer.state.global_step}
+
+
+def run_ours(preset: str, method: str, data_dir: Path, work: Path, max_length: int) -> dict:
+    cmd = [sys.executable, "-m", "steps.tune", "--preset", preset, "--method", method, "--dataset-dir", str(data_dir),
+           "--output-dir", str(work / "a-adapter"), "--checkpoint-dir", str(work / "a-ckpt"), "--epochs", "1",
+           "--max-length", str(max_length), "--logging-steps", "10", "--skip-initial-eval", "--outputs", str(work / "a-outputs")]
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = json.loads((work / "a-adapter" / "kaiflow.json").read_text())["metrics"]
+    return {"tokens": metrics["tokens"], "seconds": metrics["train_seconds"], "tokens_per_s": metrics["tokens_per_s"],
+            "peak_rss_bytes": metrics["peak_memory_bytes"], "steps": metrics["steps"]}
+
+
+def run_worker(kind: str, preset: str, method: str, data_dir: Path, max_length: int) -> dict:
+    cmd = [sys.executable, "-m", "bench.tune_bench", "--worker", kind, "--preset", preset, "--method", method,
+           "--data-dir", str(data_dir), "--max-length", str(max_length)]
+    done = subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="smollm2-135m-instruct")
+    parser.add_argument("--method", default="qlora", choices=["lora", "qlora"])
+    parser.add_argument("--rows", type=int, default=28, help="rows fetched; ~90%% train one epoch")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+        os.environ.setdefault(key, value)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.preset, args.method, args.data_dir, args.max_length)))
+        return
+
+    from presets.local import resolve_model
+    from steps.fetch_dataset import FetchConfig, fetch_dataset
+
+    resolve_model(args.preset)  # build/convert once, outside any timing
+    with tempfile.TemporaryDirectory(prefix="tune-bench-") as tmp:
+        work = Path(tmp)
+        source = work / "rows.jsonl"
+        source.write_text("".join(json.dumps(r) + "\n" for r in make_rows(args.rows)))
+        summary = fetch_dataset(FetchConfig(url=[source.as_uri()], output_dir=work / "data"))
+        print(f"model {args.preset}, method {args.method}, {summary['train_rows']} training rows, one epoch each, "
+              f"{os.cpu_count()} CPU threads")
+        results = {
+            "a_kaiflow": run_ours(args.preset, args.method, work / "data", work, args.max_length),
+            "b_kaito_default": run_worker("kaito", args.preset, args.method, work / "data", args.max_length),
+            "c_plain_trl": run_worker("plain", args.preset, args.method, work / "data", args.max_length),
+        }
+    print(f"{'recipe':<18}{'tokens':>8}{'steps':>7}{'seconds':>9}{'tokens/s':>10}{'peak RSS MiB':>14}")
+    for name, r in results.items():
+        print(f"{name:<18}{r['tokens']:>8}{r['steps']:>7}{r['seconds']:>9.1f}{r['tokens_per_s']:>10.1f}"
+              f"{r['peak_rss_bytes'] / 2**20:>14.0f}")
+    a = results["a_kaiflow"]["tokens_per_s"]
+    ab, ac = a / results["b_kaito_default"]["tokens_per_s"], a / results["c_plain_trl"]["tokens_per_s"]
+    print(f"(a)/(b) = {ab:.2f} (goal >= 2.0)   (a)/(c) = {ac:.2f} (goal >= 1.0)")
+    print(json.dumps({"results": results, "a_over_b": ab, "a_over_c": ac}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""steps.fetch_dataset against a real local HTTP server and file:// URLs: formats and failures."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from steps.common import StepError, read_output, run_step
+from steps.fetch_dataset import FetchConfig, fetch_dataset, main
+
+QA = [("What is the capital of France?", "Paris."), ("Name a primary colour.", "Red."), ("2 + 2?", "4.")] * 10
+
+FORMAT_ROWS = {
+    "messages": [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in QA
+    ],
+    "sharegpt": [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in QA],
+    "alpaca": [{"instruction": q, "input": "" if i % 2 else "Answer in one word.", "output": a} for i, (q, a) in enumerate(QA)],
+    "prompt": [{"prompt": q, "completion": a} for q, a in QA],
+    "text": [{"text": f"{q} {a}"} for q, a in QA],
+}
+
+
+def parquet_bytes(rows: list[dict]) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    return buf.getvalue()
+
+
+def run(tmp_path, *urls, **options) -> dict:
+    return fetch_dataset(FetchConfig(url=list(urls), output_dir=tmp_path / "out", retries=options.pop("retries", 2), **options))
+
+
+def read_split(tmp_path, split: str) -> list[dict]:
+    return pq.read_table(tmp_path / "out" / f"{split}.parquet").to_pylist()
+
+
+@pytest.mark.parametrize("fmt", list(FORMAT_ROWS))
+def test_each_format_over_http_is_normalised(http_files, tmp_path, fmt):
+    data = parquet_bytes(FORMAT_ROWS[fmt])
+    summary = run(tmp_path, http_files.add(f"{fmt}.parquet", data))
+    assert summary["format"] == fmt
+    assert summary["digest"] == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert summary["rows"] == len(QA) == summary["train_rows"] + summary["eval_rows"]
+    assert summary["eval_rows"] >= 1 and summary["bad_rows"] == 0
+    rows = read_split(tmp_path, "train") + read_split(tmp_path, "eval")
+    if fmt == "text":
+        assert {r["text"] for r in rows} == {f"{q} {a}" for q, a in QA}
+        return
+    for row in rows:
+        roles = [m["role"] for m in row["messages"]]
+        assert roles[-2:] == ["user", "assistant"]
+        assert row["messages"][-1]["content"] in {a for _, a in QA}
+    if fmt == "alpaca":
+        assert any(m["content"].endswith("\n\nAnswer in one word.") for r in rows for m in r["messages"])
+
+
+def test_file_url_jsonl_json_and_csv(tmp_path):
+    rows = FORMAT_ROWS["messages"]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    array = tmp_path / "d.json"
+    array.write_text(json.dumps(FORMAT_ROWS["prompt"], indent=1))
+    csv = tmp_path / "d.csv"
+    csv.write_text("instruction,input,output\n" + "".join(f'"{q}",,"{a}"\n' for q, a in QA))
+    for path, fmt in ((jsonl, "messages"), (array, "prompt"), (csv, "alpaca")):
+        summary = run(tmp_path, path.as_uri())
+        assert (summary["format"], summary["rows"]) == (fmt, len(QA)), path
+        assert summary["digest"] == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_several_urls_digest_and_cli_outputs(http_files, tmp_path):
+    a = parquet_bytes(FORMAT_ROWS["messages"])
+    b = parquet_bytes(FORMAT_ROWS["sharegpt"])
+    urls = [http_files.add("multi-a.parquet", a), http_files.add("multi-b.parquet", b)]
+    outputs = tmp_path / "outputs"
+    argv = [x for u in urls for x in ("--url", u)] + ["--output-dir", str(tmp_path / "out"), "--outputs", str(outputs)]
+    assert run_step(main, argv) == 0
+    lines = f"sha256:{hashlib.sha256(a).hexdigest()}\nsha256:{hashlib.sha256(b).hexdigest()}\n"
+    assert read_output(outputs, "dataset-digest") == "sha256:" + hashlib.sha256(lines.encode()).hexdigest()
+    summary = json.loads(read_output(outputs, "summary"))
+    assert summary["rows"] == 2 * len(QA) and summary["kind"] == "chat" and summary["tokens_estimate"] > 0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["files"][1]["format"] == "sharegpt"
+
+
+def test_content_type_decides_when_the_url_has_no_extension(http_files, tmp_path):
+    url = http_files.add("by-type", parquet_bytes(FORMAT_ROWS["text"]), "application/vnd.apache.parquet")
+    assert run(tmp_path, url)["format"] == "text"
+
+
+def test_dropped_connection_resumes_with_a_range_request(http_files, tmp_path):
+    data = parquet_bytes(FORMAT_ROWS["messages"] * 40)
+    http_files.add("dropped.parquet", data)
+    summary = run(tmp_path, http_files.url("dropped.parquet", "drop-once"))
+    assert summary["digest"] == "sha256:" + hashlib.sha256(data).hexdigest()
+    ranges = [r for _, r in http_files.requests_for("dropped.parquet") if r]
+    assert ranges == [f"bytes={len(data) // 2}-"]
+
+
+def test_dropped_connection_without_range_support_restarts(http_files, tmp_path):
+    data = parquet_bytes(FORMAT_ROWS["text"] * 40)
+    http_files.add("norange.parquet", data)
+    summary = run(tmp_path, http_files.url("norange.parquet", "no-range/drop-once"))
+    assert summary["digest"] == "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def test_server_errors_are_retried(http_files, tmp_path):
+    http_files.add("flaky.parquet", parquet_bytes(FORMAT_ROWS["prompt"]))
+    assert run(tmp_path, f"{http_files.base}/flaky/503/2/flaky.parquet")["rows"] == len(QA)
+
+
+# --- the corpus of broken inputs: each fails with its own clear message -------------------------
+
+
+def expect_error(tmp_path, url, match, **options):
+    with pytest.raises(StepError, match=match):
+        run(tmp_path, url, **options)
+    assert not (tmp_path / "out" / "train.parquet").exists()
+
+
+def test_truncated_parquet(http_files, tmp_path):
+    data = parquet_bytes(FORMAT_ROWS["messages"])
+    expect_error(tmp_path, http_files.add("truncated.parquet", data[: len(data) // 2]), r"truncated\.parquet.*not a readable parquet file")
+
+
+def test_wrong_columns(http_files, tmp_path):
+    url = http_files.add("wrong.parquet", parquet_bytes([{"question": "q", "answer": "a"}]))
+    expect_error(tmp_path, url, r"wrong\.parquet.*columns \['answer', 'question'\] fit no accepted format")
+
+
+def test_empty_assistant_turns_name_file_and_row(http_files, tmp_path):
+    rows = [{"prompt": q, "completion": "" if i % 2 else a} for i, (q, a) in enumerate(QA)]
+    expect_error(tmp_path, http_files.add("empty-turns.parquet", parquet_bytes(rows)), r"15 of 30 rows are bad.*empty-turns\.parquet row 1: message 1 is an empty assistant turn")
+
+
+def test_unknown_role_is_reported(tmp_path):
+    path = tmp_path / "roles.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "x"}]}) + "\n")
+    expect_error(tmp_path, path.as_uri(), r"roles\.jsonl row 0: message 0 has unknown role 'wizard'")
+
+
+def test_a_few_bad_rows_are_tolerated(http_files, tmp_path):
+    rows = FORMAT_ROWS["prompt"] + [{"prompt": "q", "completion": ""}]
+    summary = run(tmp_path, http_files.add("one-bad.parquet", parquet_bytes(rows)), max_bad_fraction=0.1)
+    assert (summary["rows"], summary["bad_rows"]) == (len(QA), 1)
+    assert "one-bad.parquet row 30: message 1 is an empty assistant turn" in summary["bad_examples"][0]
+
+
+def test_not_found(http_files, tmp_path):
+    expect_error(tmp_path, http_files.url("missing.parquet"), r"missing\.parquet.*HTTP 404")
+
+
+def test_oversized_by_content_length(http_files, tmp_path):
+    url = http_files.add("big.parquet", parquet_bytes(FORMAT_ROWS["messages"]))
+    expect_error(tmp_path, url, r"big\.parquet.*exceeds the size cap of 100 bytes", max_bytes=100)
+
+
+def test_oversized_file_url(tmp_path):
+    path = tmp_path / "big.jsonl"
+    path.write_text("x" * 1000)
+    expect_error(tmp_path, path.as_uri(), r"exceeds the size cap of 10 bytes", max_bytes=10)
+
+
+def test_timeout_is_reported(http_files, tmp_path):
+    url = http_files.add("slow.parquet", parquet_bytes(FORMAT_ROWS["text"]))
+    expect_error(tmp_path, http_files.url("slow.parquet", "stall"), r"slow\.parquet.*failed after 1 attempts.*ReadTimeout", timeout=0.3, retries=0)
+    assert url
+
+
+def test_persistent_server_error(http_files, tmp_path):
+    expect_error(tmp_path, f"{http_files.base}/status/500", r"failed after 2 attempts, last error: HTTP 500", retries=1)
+
+
+def test_mixed_chat_and_text_files(http_files, tmp_path):
+    a = http_files.add("mix-a.parquet", parquet_bytes(FORMAT_ROWS["messages"]))
+    b = http_files.add("mix-b.parquet", parquet_bytes(FORMAT_ROWS["text"]))
+    with pytest.raises(StepError, match="mix chat and plain-text"):
+        run(tmp_path, a, b)
+
+
+def test_bad_scheme_and_cli_exit_code(tmp_path, capsys):
+    assert run_step(main, ["--url", "ftp://example.invalid/x.parquet", "--output-dir", str(tmp_path)]) == 2
+    assert "unsupported scheme 'ftp'" in capsys.readouterr().err
