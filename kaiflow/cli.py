@@ -93,17 +93,33 @@ def _run(args: argparse.Namespace) -> int:
         return 1
 
 
+# `kaiflow run` starts the local service from <workdir>/serve (the deploy task's own workdir).
+SERVE_SUBDIR = "serve"
+
+
 def _chat(args: argparse.Namespace) -> int:
+    from steps.common import StepError
     from steps.deploy import chat
 
-    print(chat(args.url or args.workdir, args.prompt, max_new_tokens=args.max_new_tokens))
+    try:
+        answer = chat(
+            args.url or args.workdir / SERVE_SUBDIR,
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+        )
+    except StepError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(answer)
     return 0
 
 
 def _stop(args: argparse.Namespace) -> int:
     from steps.deploy import stop_local
 
-    stop_local(args.workdir)
+    stopped = stop_local(args.workdir / SERVE_SUBDIR)
+    print("stopped the local service" if stopped else f"no local service was running from {args.workdir}")
     return 0
 
 
@@ -136,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=Path(".kaiflow"))
     p.add_argument("--url", help="service URL (default: the one recorded in --workdir)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default, reproducible)")
     p.set_defaults(func=_chat)
 
     p = sub.add_parser("stop", help="stop the service started by `kaiflow run`")
