@@ -8,6 +8,8 @@ goes on; one that does not (or whose file changed) answers 200 and the download 
 zero with a fresh hash. Attempts back off exponentially; 5xx, 408 and 429 are retried, every
 other 4xx fails at once with the status in the message. The byte cap is enforced twice: on the
 announced ``Content-Length`` before reading anything, and on the bytes actually received.
+When every attempt failed (retryable statuses, dropped connections, timeouts) the error is a
+``RetryableError`` (exit 1: the pipeline retries the step later); other failures exit 2.
 
 ``file://`` URLs are not copied: the file is hashed in place (same cap) and read where it lies.
 """
@@ -23,7 +25,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from steps.common import StepError
+from steps.common import RetryableError, StepError
 
 log = logging.getLogger("kaiflow.steps.fetch_dataset")
 
@@ -132,7 +134,8 @@ def _http(url: str, dest: Path, *, max_bytes: int, timeout_s: float, retries: in
                 last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 log.warning("%s: %s after %d bytes (attempt %d of %d)", url, last_error, have, attempt, retries + 1)
     part.unlink(missing_ok=True)
-    raise StepError(f"url {url!r}: failed after {retries + 1} attempts, last error: {last_error}")
+    # Only retryable statuses and dropped connections get here: the server may be back later.
+    raise RetryableError(f"url {url!r}: failed after {retries + 1} attempts, last error: {last_error}")
 
 
 def _announced_total(response, have: int) -> int | None:

@@ -13,6 +13,10 @@ Two modes, one output (``service-url``):
   them with the ``kubernetes`` client (create, or strategic-merge patch when they exist), and
   waits under a deadline until the Deployment reports ``readyReplicas`` — the pods' readiness
   probe is the service's ``/readyz``, so ready means model and adapters loaded.
+
+Exit codes: in cluster mode a readiness deadline that passes, a 429/5xx answer or an unreachable
+API server exit 1 (``RetryableError``: the pipeline retries the step); bad flags and other API
+answers (403, 404, 422, ...) exit 2. In local mode every failure exits 2.
 """
 
 from __future__ import annotations
@@ -28,11 +32,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steps.common import StepError, add_common_arguments, run_step, write_output
+from steps.common import (
+    RetryableError,
+    StepError,
+    add_common_arguments,
+    add_dataclass_arguments,
+    dataclass_from_args,
+    run_step,
+    write_output,
+)
 from steps.deploy_manifests import (
     SERVICE_IMPORT,
     AdapterImage,
@@ -83,16 +95,7 @@ class DeployConfig:
 def build_parser() -> argparse.ArgumentParser:
     """The command line, one flag per DeployConfig field (help texts from the field metadata)."""
     parser = argparse.ArgumentParser(prog="python -m steps.deploy", description=__doc__.splitlines()[0])
-    for f in fields(DeployConfig):
-        flag = "--" + f.name.replace("_", "-")
-        meta = f.metadata
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=meta["help"])
-        elif f.type.startswith("list"):
-            parser.add_argument(flag, action="append", default=[], help=meta["help"])
-        else:
-            kind = {"int": int, "float": float}.get(f.type, str)
-            parser.add_argument(flag, type=kind, default=f.default, choices=meta.get("choices"), help=meta["help"])
+    add_dataclass_arguments(parser, DeployConfig)
     add_common_arguments(parser)
     return parser
 
@@ -425,6 +428,13 @@ def kube_api_client() -> Any:
         raise StepError(f"no Kubernetes credentials (in-cluster or KUBECONFIG): {exc}") from None
 
 
+def api_failure(exc: Any, message: str) -> StepError:
+    """A Kubernetes API error as a step error: 429 and 5xx may pass (exit 1), other answers will not (exit 2)."""
+    status = getattr(exc, "status", None)
+    transient = not status or status == 429 or status >= 500
+    return (RetryableError if transient else StepError)(message)
+
+
 def apply(create: Any, patch: Any, name: str, namespace: str, body: dict[str, Any]) -> None:
     from kubernetes.client.exceptions import ApiException
 
@@ -433,12 +443,14 @@ def apply(create: Any, patch: Any, name: str, namespace: str, body: dict[str, An
         log.info("created %s %s/%s", body["kind"], namespace, name)
     except ApiException as exc:
         if exc.status != 409:
-            raise StepError(f"creating {body['kind']} {namespace}/{name} failed: {exc.status} {exc.reason}") from None
+            raise api_failure(exc, f"creating {body['kind']} {namespace}/{name} failed: "
+                                   f"{exc.status} {exc.reason}") from None
         patch(name, namespace, body)
         log.info("updated %s %s/%s", body["kind"], namespace, name)
 
 
 def deploy_cluster(d: ClusterDeployment, ready_timeout: float, api_client: Any = None, poll: float = 1.0) -> str:
+    import urllib3.exceptions
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
@@ -446,23 +458,32 @@ def deploy_cluster(d: ClusterDeployment, ready_timeout: float, api_client: Any =
     apps, core = client.AppsV1Api(api_client), client.CoreV1Api(api_client)
     deployment, service = render_deployment(d), render_service(d)
     try:
-        apply(apps.create_namespaced_deployment, apps.patch_namespaced_deployment, d.workspace_name, d.namespace,
-              deployment)
-        apply(core.create_namespaced_service, core.patch_namespaced_service, d.workspace_name, d.namespace, service)
-    except ApiException as exc:
-        raise StepError(f"applying the manifests failed: {exc.status} {exc.reason}") from None
-    deadline = time.monotonic() + ready_timeout
-    while True:
-        status = apps.read_namespaced_deployment(d.workspace_name, d.namespace).status
-        ready = (status.ready_replicas or 0) if status else 0
-        if ready >= d.replicas:
-            break
-        if time.monotonic() > deadline:
-            conditions = "; ".join(f"{c.type}={c.status} {c.reason or ''} {c.message or ''}".strip()
-                                   for c in ((status.conditions if status else None) or []))
-            raise StepError(f"Deployment {d.namespace}/{d.workspace_name}: {ready}/{d.replicas} replicas ready "
-                            f"after {ready_timeout:.0f} s{'; ' + conditions if conditions else ''}")
-        time.sleep(poll)
+        try:
+            apply(apps.create_namespaced_deployment, apps.patch_namespaced_deployment, d.workspace_name, d.namespace,
+                  deployment)
+            apply(core.create_namespaced_service, core.patch_namespaced_service, d.workspace_name, d.namespace,
+                  service)
+        except ApiException as exc:
+            raise api_failure(exc, f"applying the manifests failed: {exc.status} {exc.reason}") from None
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            try:
+                status = apps.read_namespaced_deployment(d.workspace_name, d.namespace).status
+            except ApiException as exc:
+                raise api_failure(exc, f"reading Deployment {d.namespace}/{d.workspace_name} failed: "
+                                       f"{exc.status} {exc.reason}") from None
+            ready = (status.ready_replicas or 0) if status else 0
+            if ready >= d.replicas:
+                break
+            if time.monotonic() > deadline:
+                conditions = "; ".join(f"{c.type}={c.status} {c.reason or ''} {c.message or ''}".strip()
+                                       for c in ((status.conditions if status else None) or []))
+                # Pods still pulling an image or waiting for a GPU node may well be ready on the next try.
+                raise RetryableError(f"Deployment {d.namespace}/{d.workspace_name}: {ready}/{d.replicas} replicas "
+                                     f"ready after {ready_timeout:.0f} s{'; ' + conditions if conditions else ''}")
+            time.sleep(poll)
+    except urllib3.exceptions.HTTPError as exc:  # the client's own retries could not reach the API server
+        raise RetryableError(f"cannot reach the Kubernetes API: {exc}") from None
     return service_url(d.workspace_name, d.namespace)
 
 
@@ -490,11 +511,9 @@ def run(config: DeployConfig) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
-    outputs = args.pop("outputs")
-    config = DeployConfig(**args)
-    url = run(config)
-    write_output(outputs, "service-url", url)
+    args = build_parser().parse_args(argv)
+    url = run(dataclass_from_args(DeployConfig, args))
+    write_output(args.outputs, "service-url", url)
     print(url)
     return 0
 

@@ -13,7 +13,9 @@ Outcomes (outputs ``promote`` and ``current-eval-loss``):
 * a current adapter without the annotation   -> promote=false, current-eval-loss=none: an image
   pushed by hand or by another tool is not replaced automatically (delete the tag or push it with
   the annotation to let the schedule take over); logged as a warning
-* 401/403, unreachable registry, bad kaiflow.json -> the step fails (exit 2), nothing is promoted
+* 401/403, bad kaiflow.json                 -> the step fails (exit 2), nothing is promoted
+* registry unreachable or 5xx after retries -> the step fails with exit 1 (the pipeline retries it),
+  nothing is promoted
 
 The comparison is only meaningful while the held-out split stays comparable between runs; the
 fetch_dataset step draws it with a fixed seed.
@@ -21,6 +23,7 @@ fetch_dataset step draws it with a fixed seed.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -29,14 +32,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from steps.common import StepError, run_step, write_output
+from steps.common import (
+    StepError,
+    add_common_arguments,
+    add_dataclass_arguments,
+    dataclass_from_args,
+    run_step,
+    write_output,
+)
 from steps.oci import (
     ImageRef,
     RegistryClient,
     RegistryNotFoundError,
     RegistryOptions,
-    build_parser,
-    config_from,
 )
 from steps.push_adapter import EVAL_LOSS_ANNOTATION
 
@@ -108,10 +116,13 @@ def decide(config: GateConfig, options: RegistryOptions | None = None) -> GateDe
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser("Promote the candidate adapter if its held-out loss is no worse than the serving one's.",
-                          GateConfig, RegistryOptions)
+    parser = argparse.ArgumentParser(
+        description="Promote the candidate adapter if its held-out loss is no worse than the serving one's.")
+    add_dataclass_arguments(parser, GateConfig)
+    add_dataclass_arguments(parser, RegistryOptions)
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
-    decision = decide(config_from(GateConfig, args), config_from(RegistryOptions, args))
+    decision = decide(dataclass_from_args(GateConfig, args), dataclass_from_args(RegistryOptions, args))
     write_output(args.outputs, "promote", "true" if decision.promote else "false")
     write_output(args.outputs, "current-eval-loss",
                  "none" if decision.current_eval_loss is None else repr(decision.current_eval_loss))

@@ -19,6 +19,10 @@ step here, before any GPU node is spent on training.
 Outputs: ``dataset-digest`` (the sha256 of the one file fetched, or for several files the
 sha256 of their ``sha256:<hex>`` lines in URL order) and ``summary`` (rows, token estimate,
 format per file, digest), also written to ``DIR/summary.json``.
+
+Exit codes: a download that still fails with 5xx/408/429 or a dropped connection after
+``--retries`` exits 1 (``RetryableError``: the pipeline retries the step); another 4xx, an
+oversized or unreadable file and bad rows exit 2.
 """
 
 from __future__ import annotations
@@ -30,11 +34,19 @@ import logging
 import shutil
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steps.common import StepError, add_common_arguments, report_progress, run_step, write_output
+from steps.common import (
+    StepError,
+    add_common_arguments,
+    add_dataclass_arguments,
+    dataclass_from_args,
+    report_progress,
+    run_step,
+    write_output,
+)
 from steps.dataset_download import Fetched, fetch, safe_name
 from steps.dataset_formats import FORMAT_KIND, BadRow, UnknownFormat, detect_format, estimate_tokens, normalise_row
 
@@ -60,31 +72,24 @@ MEDIA_TYPES = {
 class FetchConfig:
     url: list[str] = field(metadata={"help": "dataset URL (http, https or file); repeat for several files"})
     output_dir: Path = field(metadata={"help": "where train.parquet, eval.parquet and summary.json are written"})
-    max_bytes: int = field(default=2 * 1024**3, metadata={"help": "size cap per file in bytes"})
-    max_bad_fraction: float = field(
-        default=0.05, metadata={"help": "fail when more than this share of rows fits no format (0..1)"}
+    max_bytes: int = field(default=2 * 1024**3, metadata={"help": "size cap per file in bytes (default %(default)s)"})
+    max_bad_fraction: float = field(default=0.05, metadata={
+        "help": "fail when more than this share of rows fits no format (0..1) (default %(default)s)"})
+    eval_fraction: float = field(
+        default=0.1, metadata={"help": "share of rows held out for evaluation (0..0.5) (default %(default)s)"}
     )
-    eval_fraction: float = field(default=0.1, metadata={"help": "share of rows held out for evaluation (0..0.5)"})
-    seed: int = field(default=42, metadata={"help": "seed of the train/eval split"})
-    timeout: float = field(default=30.0, metadata={"help": "seconds without progress before an HTTP attempt fails"})
-    retries: int = field(default=4, metadata={"help": "HTTP retries after the first attempt (dropped connection, 5xx)"})
+    seed: int = field(default=42, metadata={"help": "seed of the train/eval split (default %(default)s)"})
+    timeout: float = field(
+        default=30.0, metadata={"help": "seconds without progress before an HTTP attempt fails (default %(default)s)"}
+    )
+    retries: int = field(default=4, metadata={
+        "help": "HTTP retries after the first attempt (dropped connection, 5xx) (default %(default)s)"})
     keep_downloads: bool = field(default=False, metadata={"help": "keep the raw downloaded files in DIR/downloads"})
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m steps.fetch_dataset", description=__doc__.split("\n\n")[0])
-    for f in fields(FetchConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata["help"]
-        if f.name == "url":
-            parser.add_argument(flag, action="append", required=True, help=help_text)
-        elif f.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", help=help_text)
-        elif f.name == "output_dir":
-            parser.add_argument(flag, type=Path, required=True, help=help_text)
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(flag, type=kind, default=f.default, help=f"{help_text} (default {f.default})")
+    add_dataclass_arguments(parser, FetchConfig)
     add_common_arguments(parser)
     return parser
 
@@ -428,7 +433,7 @@ def fetch_dataset(config: FetchConfig) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config = FetchConfig(**{f.name: getattr(args, f.name) for f in fields(FetchConfig)})
+    config = dataclass_from_args(FetchConfig, args)
     summary = fetch_dataset(config)
     brief = {k: v for k, v in summary.items() if k not in ("bad_examples", "files")}
     write_output(args.outputs, "dataset-digest", summary["digest"])

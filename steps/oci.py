@@ -10,6 +10,9 @@ reference plumbing), with four things changed because they do not hold up in a p
   exponential backoff. A blob upload that died half-way is restarted from its POST; a download is
   restarted and re-hashed. 401/403/404 are never retried: they become ``RegistryAuthError`` /
   ``RegistryNotFoundError`` naming the registry and repository. Errors never contain credentials.
+  Exit codes: failures that outlast the retries (``RegistryUnavailableError``) are a
+  ``RetryableError``, exit 1, so the pipeline tries the step again later; 4xx, auth, TLS and
+  corrupt blobs (a digest that is wrong on every attempt) stay exit 2.
 * **Auth.** The registry's own ``/v2/`` challenge picks the scheme: ``Basic`` (htpasswd
   registries; oras-py's "basic" backend, which crashes without credentials, so that case becomes a
   clear error first) or ``Bearer`` (ACR, GHCR, distribution token auth: oras-py's token backend,
@@ -27,9 +30,7 @@ reference plumbing), with four things changed because they do not hold up in a p
 
 from __future__ import annotations
 
-import argparse
 import base64
-import dataclasses
 import hashlib
 import json
 import logging
@@ -47,7 +48,7 @@ import oras.container
 import oras.provider
 import requests
 
-from steps.common import StepError, add_common_arguments
+from steps.common import RetryableError, StepError
 
 log = logging.getLogger("kaiflow.steps.oci")
 
@@ -88,12 +89,17 @@ class RegistryNotFoundError(RegistryError):
     """404: repository, tag, manifest or blob unknown to the registry."""
 
 
-class RegistryUnavailableError(RegistryError):
-    """Connection errors or 5xx answers outlasted every retry."""
+class RegistryUnavailableError(RegistryError, RetryableError):
+    """Connection errors or 5xx answers outlasted every retry: exit 1, the pipeline tries again later."""
 
 
 class TransientError(Exception):
     """A failure worth retrying (connection refused/reset, timeout, 5xx, 429)."""
+
+
+class CorruptTransferError(TransientError):
+    """A blob arrived with the wrong size or digest: retried like a dropped connection, but when
+    every attempt ends so, the registry's copy is corrupt and retrying the step will not help."""
 
 
 # References ---------------------------------------------------------------------------------
@@ -263,8 +269,8 @@ def with_retries(what: str, operation: Callable[[], T], options: RegistryOptions
             return operation()
         except TransientError as exc:
             if attempt == attempts:
-                raise RegistryUnavailableError(
-                    f"{what} failed on registry {registry} after {attempts} attempts: {exc}") from None
+                error = RegistryError if isinstance(exc, CorruptTransferError) else RegistryUnavailableError
+                raise error(f"{what} failed on registry {registry} after {attempts} attempts: {exc}") from None
             delay = min(30.0, options.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
             log.warning("%s: %s; retry %d/%d in %.1f s", what, exc, attempt, attempts - 1, delay)
             time.sleep(delay)
@@ -461,7 +467,7 @@ class RegistryClient(oras.provider.Registry):
             if actual != digest or ("size" in descriptor and size != descriptor["size"]):
                 partial.unlink(missing_ok=True)
                 # A corrupt transfer is retried once more like a dropped connection would be.
-                raise TransientError(f"blob {digest[:19]} arrived with sha256 {actual[:19]} and {size} bytes")
+                raise CorruptTransferError(f"blob {digest[:19]} arrived with sha256 {actual[:19]} and {size} bytes")
             partial.replace(destination)
             return destination
 
@@ -565,35 +571,3 @@ def build_manifest(layers: Sequence[dict], artifact_type: str, annotations: dict
         "annotations": dict(sorted(annotations.items())),
     }
     return json.dumps(manifest, separators=(",", ":")).encode()
-
-
-# CLI from dataclasses -----------------------------------------------------------------------
-def build_parser(description: str, *configs: type) -> argparse.ArgumentParser:
-    """One ``--flag`` per dataclass field; ``metadata`` holds the help and any argparse extras."""
-    parser = argparse.ArgumentParser(description=description)
-    for config in configs:
-        for f in dataclasses.fields(config):
-            meta = dict(f.metadata)
-            kwargs: dict[str, Any] = {"help": meta.pop("help"), "dest": f.name}
-            flag = meta.pop("flag", "--" + f.name.replace("_", "-"))
-            kwargs.update(meta)
-            if f.default is not dataclasses.MISSING:
-                kwargs.setdefault("default", f.default)
-            elif f.default_factory is not dataclasses.MISSING:
-                kwargs.setdefault("default", f.default_factory())
-            else:
-                kwargs.setdefault("required", True)
-            if f.type in ("bool", bool):
-                kwargs["action"] = "store_true"
-            elif "action" not in kwargs and f.type in ("int", int, "float", float):
-                kwargs["type"] = int if f.type in ("int", int) else float
-            parser.add_argument(flag, **kwargs)
-    add_common_arguments(parser)
-    return parser
-
-
-C = TypeVar("C")
-
-
-def config_from(config: type[C], namespace: argparse.Namespace) -> C:
-    return config(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(config)})

@@ -26,10 +26,14 @@ Two layouts are understood:
 
 The default cache is ``<dest>/.oci-cache``: next to the adapters, so it survives exactly as long as
 the volume the service reads (an emptyDir survives container restarts in a pod).
+
+Exit codes: a registry that stays unreachable or answers 5xx after the retries exits 1 (the
+pipeline retries the step); bad input, 4xx, rejected credentials and corrupt blobs exit 2.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -42,7 +46,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from steps.common import StepError, report_progress, run_step, write_output
+from steps.common import (
+    StepError,
+    add_common_arguments,
+    add_dataclass_arguments,
+    dataclass_from_args,
+    report_progress,
+    run_step,
+    write_output,
+)
 from steps.oci import (
     ANNOTATION_TITLE,
     CHUNK_BYTES,
@@ -52,8 +64,6 @@ from steps.oci import (
     RegistryClient,
     RegistryError,
     RegistryOptions,
-    build_parser,
-    config_from,
 )
 
 log = logging.getLogger("kaiflow.steps.pull_adapters")
@@ -75,8 +85,7 @@ IMAGE_DATA_DIR = "data"
 @dataclass
 class PullConfig:
     adapter: list[str] = field(metadata={
-        "help": "NAME=IMAGE, one per inference.adapters[] entry; IMAGE is registry/repo:tag or registry/repo@sha256:...",
-        "action": "append"})
+        "help": "NAME=IMAGE, one per inference.adapters[] entry; IMAGE is registry/repo:tag or registry/repo@sha256:..."})
     dest: str = field(metadata={"help": "directory the service reads; each adapter lands in DEST/NAME/"})
     cache_dir: str | None = field(default=None, metadata={
         "help": "content-addressed blob/manifest cache (default DEST/.oci-cache)"})
@@ -332,10 +341,12 @@ def pull_adapters(config: PullConfig, options: RegistryOptions | None = None) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser("Pull adapters (OCI artifacts or Kaito-style images) into DEST/NAME/.",
-                          PullConfig, RegistryOptions)
+    parser = argparse.ArgumentParser(description="Pull adapters (OCI artifacts or Kaito-style images) into DEST/NAME/.")
+    add_dataclass_arguments(parser, PullConfig)
+    add_dataclass_arguments(parser, RegistryOptions)
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
-    pulled = pull_adapters(config_from(PullConfig, args), config_from(RegistryOptions, args))
+    pulled = pull_adapters(dataclass_from_args(PullConfig, args), dataclass_from_args(RegistryOptions, args))
     write_output(args.outputs, "adapters", [p.output() for p in pulled])
     for p in pulled:
         print(f"{p.name}\t{p.digest}\t{p.path}")

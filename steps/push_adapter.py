@@ -15,10 +15,14 @@ part-way leaves unreferenced blobs (garbage the registry collects) but no tag an
 ``--tag auto`` makes a fresh tag for scheduled retuning: UTC time plus the first 12 hex digits of
 the content digest (sha256 over the layer descriptors), e.g. ``20261125T143000Z-3f2a9c1b7d4e``.
 ``--also-tag latest`` points more tags at the same manifest bytes (same digest) afterwards.
+
+Exit codes: a registry that stays unreachable or answers 5xx after the retries exits 1 (the
+pipeline retries the step); bad input, 4xx and rejected credentials exit 2.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import hashlib
 import json
@@ -29,7 +33,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from steps.common import StepError, report_progress, run_step, write_output
+from steps.common import (
+    StepError,
+    add_common_arguments,
+    add_dataclass_arguments,
+    dataclass_from_args,
+    report_progress,
+    run_step,
+    write_output,
+)
 from steps.oci import (
     ANNOTATION_CREATED,
     ANNOTATION_TITLE,
@@ -40,8 +52,6 @@ from steps.oci import (
     RegistryError,
     RegistryOptions,
     build_manifest,
-    build_parser,
-    config_from,
     empty_config_descriptor,
     file_descriptor,
 )
@@ -84,11 +94,9 @@ class PushConfig:
         "help": "tag to push; 'auto' = UTC timestamp + short content digest (scheduled retuning); "
                 "default: the tag in --image"})
     also_tag: list[str] = field(default_factory=list, metadata={
-        "help": "one more tag for the same manifest, e.g. latest once the eval gate passed (repeatable)",
-        "action": "append"})
+        "help": "one more tag for the same manifest, e.g. latest once the eval gate passed (repeatable)"})
     annotation: list[str] = field(default_factory=list, metadata={
-        "help": "extra manifest annotation key=value (repeatable; overrides values from kaiflow.json)",
-        "action": "append"})
+        "help": "extra manifest annotation key=value (repeatable; overrides values from kaiflow.json)"})
 
 
 @dataclass(frozen=True)
@@ -252,10 +260,13 @@ def verify_pushed(client: RegistryClient, tag: str, digest: str, layers: Sequenc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser("Push a tuned adapter to an OCI registry (one layer per file).", PushConfig, RegistryOptions)
+    parser = argparse.ArgumentParser(description="Push a tuned adapter to an OCI registry (one layer per file).")
+    add_dataclass_arguments(parser, PushConfig)
+    add_dataclass_arguments(parser, RegistryOptions)
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
-    config = config_from(PushConfig, args)
-    options = config_from(RegistryOptions, args)
+    config = dataclass_from_args(PushConfig, args)
+    options = dataclass_from_args(RegistryOptions, args)
     result = push_adapter(config, options)
     write_output(args.outputs, "adapter-digest", result.digest)
     write_output(args.outputs, "image", result.image)

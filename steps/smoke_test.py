@@ -19,7 +19,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from steps.common import StepError, add_common_arguments, run_step, write_output
+from steps.common import (
+    StepError,
+    add_common_arguments,
+    add_dataclass_arguments,
+    dataclass_from_args,
+    run_step,
+    write_output,
+)
 
 log = logging.getLogger("kaiflow.steps.smoke_test")
 
@@ -106,16 +113,11 @@ def smoke_test(config: SmokeTestConfig) -> dict[str, object]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m steps.smoke_test", description=__doc__.splitlines()[0])
-    parser.add_argument("--url", required=True, help=SmokeTestConfig.__dataclass_fields__["url"].metadata["help"])
-    for name in ("api_key_env", "prompt", "max_tokens", "timeout", "ready_timeout"):
-        f = SmokeTestConfig.__dataclass_fields__[name]
-        parser.add_argument("--" + name.replace("_", "-"), type={"int": int, "float": float}.get(f.type, str),
-                            default=f.default, help=f.metadata["help"])
+    add_dataclass_arguments(parser, SmokeTestConfig)
     add_common_arguments(parser)
-    args = vars(parser.parse_args(argv))
-    outputs = args.pop("outputs")
-    report = smoke_test(SmokeTestConfig(**args))
-    write_output(outputs, "smoke-test", report)
+    args = parser.parse_args(argv)
+    report = smoke_test(dataclass_from_args(SmokeTestConfig, args))
+    write_output(args.outputs, "smoke-test", report)
     print(json.dumps(report))
     return 0
 

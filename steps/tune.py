@@ -37,7 +37,6 @@ padding), ``loss.json`` and ``loss.png``, and ``kaiflow.json`` beside the PEFT a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -49,11 +48,19 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steps.common import StepError, add_common_arguments, report_progress, run_step, write_output
+from steps.common import (
+    StepError,
+    add_common_arguments,
+    add_dataclass_arguments,
+    dataclass_from_args,
+    report_progress,
+    run_step,
+    write_output,
+)
 
 log = logging.getLogger("kaiflow.steps.tune")
 
@@ -97,20 +104,7 @@ class TuneConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m steps.tune", description=__doc__.split("\n\n")[0])
-    types = {"int": int, "float": float, "Path": Path}
-    for f in fields(TuneConfig):
-        base = str(f.type).split(" |")[0]
-        kwargs: dict[str, Any] = {"help": f.metadata["help"], "type": types.get(base, str)}
-        if base == "bool":
-            parser.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=f.metadata["help"])
-            continue
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-        if f.default is dataclasses.MISSING:
-            kwargs["required"] = True
-        else:
-            kwargs["default"] = f.default
-        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+    add_dataclass_arguments(parser, TuneConfig)
     add_common_arguments(parser)
     return parser
 
@@ -575,7 +569,7 @@ def build_trainer(cfg: TuneConfig, preset, plan: Plan, train_ds, eval_ds, chat: 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = TuneConfig(**{f.name: getattr(args, f.name) for f in fields(TuneConfig)})
+    cfg = dataclass_from_args(TuneConfig, args)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     info = tune(cfg)
     metrics = info["metrics"]

@@ -5,7 +5,8 @@ module (``local``, ``existing``, ``aks``, ``karpenter``) behind the small ``base
 interface; see docs/provisioning.md.
 """
 
-from steps.provision.base import PROVIDERS, Provider, ProvisionConfig, ProvisionResult, RetryableError
+from steps.common import RetryableError  # re-exported: it lived here before steps.common had it
+from steps.provision.base import PROVIDERS, Provider, ProvisionConfig, ProvisionResult
 
 __all__ = ["PROVIDERS", "Provider", "ProvisionConfig", "ProvisionResult", "RetryableError", "provider_class", "provision"]
 

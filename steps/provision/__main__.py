@@ -3,9 +3,9 @@
 Outputs: ``nodes`` (JSON list of node names) and ``provider``. The full result (with the
 provider's details, e.g. the host report or the agent pool) is printed as one JSON line.
 
-Exit codes: 0 done; 2 bad input or a failure only a person can fix (``StepError``, the
-pipeline does not retry it); 1 a failure that may pass (``RetryableError``: timeout, no
-capacity, API unavailable), which the pipeline's retry strategy retries after a backoff.
+Exit codes (``steps.common.run_step``): 0 done; 2 bad input or a failure only a person can fix
+(``StepError``, the pipeline does not retry it); 1 a failure that may pass (``RetryableError``:
+timeout, no capacity, API unavailable), which the pipeline's retry strategy retries after a backoff.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from steps.common import add_common_arguments, run_step, write_output
-from steps.provision import RetryableError, provision
+from steps.common import add_common_arguments, add_dataclass_arguments, dataclass_from_args, run_step, write_output
+from steps.provision import provision
 from steps.provision.aks import AKS_ENV, AKSOptions
-from steps.provision.base import ProvisionConfig, add_dataclass_arguments, dataclass_from_args
+from steps.provision.base import ProvisionConfig
 from steps.provision.karpenter import KarpenterOptions
 
 OPTIONS = {"aks": AKSOptions, "karpenter": KarpenterOptions}
@@ -40,12 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = dataclass_from_args(ProvisionConfig, args)
     options_class = OPTIONS.get(config.provider)
     options = dataclass_from_args(options_class, args) if options_class else None
-    try:
-        result = provision(config, options)
-    except RetryableError as exc:
-        # Exit 1, not 2: the pipeline's retry strategy retries everything but bad input.
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    result = provision(config, options)
     write_output(args.outputs, "nodes", result.nodes)
     write_output(args.outputs, "provider", result.provider)
     print(result.to_json())

@@ -30,10 +30,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from steps.common import StepError, report_progress
+from steps.common import RetryableError, StepError, report_progress
 from steps.provision.base import (
-    ANNOTATION_OWNER, GPU_TAINT, LABEL_WORKSPACE, LABEL_WORKSPACE_NAMESPACE, Provider, ProvisionResult, RetryableError,
-    api_error,
+    ANNOTATION_OWNER, GPU_TAINT, LABEL_WORKSPACE, LABEL_WORKSPACE_NAMESPACE, Provider, ProvisionResult, api_error,
     kube_api_client, node_is_ready, short_name, wait_until,
 )
 

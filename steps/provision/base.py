@@ -19,7 +19,6 @@ which the providers treat as "reuse".
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -27,14 +26,13 @@ import logging
 import os
 import re
 import time
-import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from steps.common import StepError
+from steps.common import RetryableError, StepError
 
 log = logging.getLogger("kaiflow.steps.provision")
 
@@ -52,14 +50,6 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
-
-
-class RetryableError(StepError):
-    """A failure that may pass: no capacity yet, a timeout, the API unavailable.
-
-    Still one clear line, but exit code 1, not 2: the pipeline's retry strategy retries every
-    exit code except 2 (bad input), so these failures get another attempt after a backoff.
-    """
 
 
 @dataclass(frozen=True)
@@ -166,16 +156,6 @@ def validate_label(key: str, value: str) -> None:
         raise StepError(f"--label {key}={value}: {value!r} is not a valid label value")
 
 
-def parse_labels(items: Iterable[str], flag: str = "--label") -> dict[str, str]:
-    labels: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise StepError(f"{flag}: expected KEY=VALUE, got {item!r}")
-        labels[key.strip()] = value.strip()
-    return labels
-
-
 # -- Kubernetes ---------------------------------------------------------------------------------
 
 
@@ -269,60 +249,3 @@ def wait_until(check: Callable[[], Any], *, timeout: float, interval: float, wha
             state = describe()
             raise RetryableError(f"timed out after {timeout:g} s waiting for {what}" + (f": {state}" if state else ""))
         time.sleep(min(interval, remaining))
-
-
-# -- CLI from dataclasses -----------------------------------------------------------------------
-
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser | Any, cls: type, *, env: dict[str, str] | None = None) -> None:
-    """One option per field: ``--field-name``, the field's help, type and default.
-
-    ``metadata`` may set ``flag`` (another option name), ``choices`` and ``metavar``; ``env``
-    maps field names to environment variables that provide the default.
-    """
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", "")}
-        if "metavar" in f.metadata:
-            kwargs["metavar"] = f.metadata["metavar"]
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-        if env and f.name in env and os.environ.get(env[f.name]):
-            default, required = os.environ[env[f.name]], False
-            kwargs["help"] += f" (default: ${env[f.name]})"
-        elif env and f.name in env:
-            kwargs["help"] += f" (or ${env[f.name]})"
-        origin = typing.get_origin(kind)
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, **kwargs)
-            continue
-        if origin in (dict, tuple, list):
-            parser.add_argument(flag, action="append", default=[], **kwargs)
-            continue
-        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind) if origin else kind
-        if base in (int, float):
-            kwargs["type"] = base
-        parser.add_argument(flag, required=required, default=default, **kwargs)
-
-
-def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
-    hints = typing.get_type_hints(cls)
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        value = getattr(args, f.name)
-        origin = typing.get_origin(hints[f.name])
-        if origin is dict:
-            value = parse_labels(value, f.metadata.get("flag", "--" + f.name.replace("_", "-")))
-        elif origin is tuple:
-            value = tuple(value)
-        elif hints[f.name] in (int, float) and isinstance(value, str):
-            try:
-                value = hints[f.name](value)
-            except ValueError:
-                raise StepError(f"--{f.name.replace('_', '-')}: {value!r} is not a number") from None
-        values[f.name] = value
-    return cls(**values)

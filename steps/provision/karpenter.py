@@ -27,10 +27,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from steps.common import StepError, report_progress
+from steps.common import RetryableError, StepError, report_progress
 from steps.provision.base import (
     ANNOTATION_OWNER, GPU_TAINT, LABEL_INSTANCE_TYPE, LABEL_WORKSPACE, LABEL_WORKSPACE_NAMESPACE, Provider,
-    ProvisionConfig, ProvisionResult, RetryableError, api_error, kube_api_client, ready_preferred_nodes, short_name, wait_until,
+    ProvisionConfig, ProvisionResult, api_error, kube_api_client, ready_preferred_nodes, short_name, wait_until,
 )
 
 log = logging.getLogger("kaiflow.steps.provision.karpenter")

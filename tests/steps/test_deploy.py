@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from steps.common import StepError, run_step
+from steps.common import RetryableError, StepError, run_step
 from steps.deploy import DeployConfig, chat, cluster_deployment, deploy_cluster, local_adapters, main, stop_local
 from steps.deploy_manifests import (
     BENTO_PORT,
@@ -194,7 +194,7 @@ def test_cluster_apply_and_wait_for_readiness(kube_env, tmp_path, capsys):
 def test_cluster_readiness_deadline_is_a_clear_error(kube_env):
     d = ClusterDeployment(workspace_name="never-ready", namespace="default", preset="p", image="i", gpus=0)
     started = time.monotonic()
-    with pytest.raises(StepError, match="0/1 replicas ready after 1 s"):
+    with pytest.raises(RetryableError, match="0/1 replicas ready after 1 s"):  # exit 1: the pipeline retries
         deploy_cluster(d, ready_timeout=1, poll=0.2)
     assert time.monotonic() - started < 10
 
@@ -203,8 +203,9 @@ def test_cluster_without_credentials_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     d = ClusterDeployment(workspace_name="w", namespace="default", preset="p", image="i")
-    with pytest.raises(StepError, match="no Kubernetes credentials"):
+    with pytest.raises(StepError, match="no Kubernetes credentials") as error:
         deploy_cluster(d, ready_timeout=1)
+    assert not isinstance(error.value, RetryableError)
 
 
 # ---------------------------------------------------------------------------- local mode

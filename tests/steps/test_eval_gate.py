@@ -10,7 +10,7 @@ from steps import eval_gate as gate
 from steps import push_adapter as push
 from steps.common import run_step
 from steps.oci import ImageRef, RegistryClient, RegistryOptions, build_manifest
-from tests.fixtures.registry import make_adapter_dir
+from tests.fixtures.registry import free_port, make_adapter_dir
 
 INSECURE = RegistryOptions(insecure=True, attempts=2, backoff_s=0.05, timeout_s=5)
 
@@ -88,6 +88,14 @@ def test_bad_candidate_metadata_exit_2(tmp_path, capsys, kaiflow_json, expected)
         (candidate / "kaiflow.json").write_text(kaiflow_json)
     code, outputs = run_gate(tmp_path, candidate, "127.0.0.1:1/adapters/x:latest")
     assert code == 2 and expected in capsys.readouterr().err and outputs == {}
+
+
+def test_unreachable_registry_exits_1_and_promotes_nothing(tmp_path, capsys):
+    candidate = make_adapter_dir(tmp_path / "c")
+    code, outputs = run_gate(tmp_path, candidate, f"127.0.0.1:{free_port()}/adapters/x:latest",
+                             "--attempts", "2", "--backoff-s", "0.01")
+    assert code == 1 and outputs == {}
+    assert "after 2 attempts" in capsys.readouterr().err
 
 
 def test_wrong_password_fails_the_gate_instead_of_promoting(oci_registry_auth, tmp_path, capsys):

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from steps.common import StepError, read_output, run_step
+from steps.common import RetryableError, StepError, read_output, run_step
 from steps.fetch_dataset import FetchConfig, fetch_dataset, main
 
 QA = [("What is the capital of France?", "Paris."), ("Name a primary colour.", "Red."), ("2 + 2?", "4.")] * 10
@@ -118,9 +118,10 @@ def test_server_errors_are_retried(http_files, tmp_path):
 # --- the corpus of broken inputs: each fails with its own clear message -------------------------
 
 
-def expect_error(tmp_path, url, match, **options):
-    with pytest.raises(StepError, match=match):
+def expect_error(tmp_path, url, match, retryable=False, **options):
+    with pytest.raises(StepError, match=match) as error:
         run(tmp_path, url, **options)
+    assert isinstance(error.value, RetryableError) == retryable, "exit 1 (retried) only for failures that may pass"
     assert not (tmp_path / "out" / "train.parquet").exists()
 
 
@@ -169,12 +170,22 @@ def test_oversized_file_url(tmp_path):
 
 def test_timeout_is_reported(http_files, tmp_path):
     url = http_files.add("slow.parquet", parquet_bytes(FORMAT_ROWS["text"]))
-    expect_error(tmp_path, http_files.url("slow.parquet", "stall"), r"slow\.parquet.*failed after 1 attempts.*ReadTimeout", timeout=0.3, retries=0)
+    expect_error(tmp_path, http_files.url("slow.parquet", "stall"), r"slow\.parquet.*failed after 1 attempts.*ReadTimeout", retryable=True,
+                 timeout=0.3, retries=0)
     assert url
 
 
 def test_persistent_server_error(http_files, tmp_path):
-    expect_error(tmp_path, f"{http_files.base}/status/500", r"failed after 2 attempts, last error: HTTP 500", retries=1)
+    expect_error(tmp_path, f"{http_files.base}/status/500", r"failed after 2 attempts, last error: HTTP 500",
+                 retryable=True, retries=1)
+
+
+def test_cli_exit_codes_tell_retryable_from_bad_input(http_files, tmp_path, capsys):
+    argv = ["--output-dir", str(tmp_path / "out"), "--retries", "0", "--outputs", str(tmp_path / "o")]
+    assert run_step(main, ["--url", f"{http_files.base}/status/503", *argv]) == 1
+    assert "failed after 1 attempts, last error: HTTP 503" in capsys.readouterr().err
+    assert run_step(main, ["--url", http_files.url("missing.parquet"), *argv]) == 2
+    assert "HTTP 404" in capsys.readouterr().err
 
 
 def test_mixed_chat_and_text_files(http_files, tmp_path):

@@ -12,10 +12,12 @@ import time
 import pytest
 
 from steps import push_adapter as push
-from steps.common import StepError
+from steps.common import RetryableError, StepError
 from steps.oci import (
+    CorruptTransferError,
     Credentials,
     ImageRef,
+    RegistryError,
     RegistryOptions,
     RegistryUnavailableError,
     TransientError,
@@ -88,11 +90,21 @@ def test_with_retries_backs_off_then_gives_up():
         calls.append(time.monotonic())
         raise TransientError("connection refused")
 
-    with pytest.raises(RegistryUnavailableError, match="after 4 attempts: connection refused"):
+    with pytest.raises(RegistryUnavailableError, match="after 4 attempts: connection refused") as error:
         with_retries("pinging", always_down, RegistryOptions(attempts=4, backoff_s=0.05), "r.io")
+    assert isinstance(error.value, RetryableError), "exit 1: the pipeline tries the step again later"
     gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
     assert len(calls) == 4
     assert gaps[0] >= 0.04 and gaps[2] >= 0.16  # 0.05, 0.1, 0.2 with ±20 % jitter
+
+
+def test_a_blob_corrupt_on_every_attempt_is_not_retryable():
+    def always_corrupt():
+        raise CorruptTransferError("blob sha256:0123 arrived with sha256 sha256:4567 and 3 bytes")
+
+    with pytest.raises(RegistryError, match="after 2 attempts: blob sha256:0123 arrived") as error:
+        with_retries("downloading", always_corrupt, RegistryOptions(attempts=2, backoff_s=0.01), "r.io")
+    assert not isinstance(error.value, RetryableError), "the registry's copy is corrupt: exit 2"
 
 
 class FlakyProxy:

@@ -13,14 +13,14 @@ import pytest
 
 from steps import pull_adapters as pull
 from steps import push_adapter as push
-from steps.common import run_step
+from steps.common import RetryableError, run_step
 from steps.oci import (
     DOCKER_MANIFEST,
     OCI_INDEX,
     ImageRef,
     RegistryClient,
+    RegistryError,
     RegistryOptions,
-    RegistryUnavailableError,
     build_manifest,
     file_descriptor,
 )
@@ -92,8 +92,9 @@ def test_corrupt_blob_in_registry_storage_is_refused(registry_factory, tmp_path)
     data[-1] ^= 0xFF
     stored.write_bytes(bytes(data))
     dest = tmp_path / "dest"
-    with pytest.raises(RegistryUnavailableError, match="arrived with sha256"):
+    with pytest.raises(RegistryError, match="arrived with sha256") as error:
         pull.pull_adapters(pull.PullConfig([f"t={registry.host}/adapters/tampered:v1"], str(dest)), INSECURE)
+    assert not isinstance(error.value, RetryableError), "corrupt on every attempt: exit 2, a retry would not help"
     assert not (dest / "t").exists()
     assert not list(dest.glob(".oci-cache/blobs/sha256/*.part"))
 

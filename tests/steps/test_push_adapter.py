@@ -13,7 +13,7 @@ import pytest
 from steps import push_adapter as push
 from steps.common import run_step
 from steps.oci import OCI_MANIFEST, RegistryOptions, RegistryUnavailableError
-from tests.fixtures.registry import make_adapter_dir
+from tests.fixtures.registry import free_port, make_adapter_dir
 
 FAST_RETRIES = RegistryOptions(insecure=True, attempts=3, backoff_s=0.05, timeout_s=5)
 
@@ -140,6 +140,17 @@ def test_registry_stopped_mid_push_is_retried_then_fails_and_tags_nothing(regist
     registry.start()  # same storage: the half-pushed blobs are there, the tag must not be
     status, _ = get_manifest(registry, "adapters/broken", "v1")
     assert status == 404
+
+
+def test_unreachable_registry_exits_1_so_the_pipeline_retries(tmp_path, capsys):
+    adapter = make_adapter_dir(tmp_path / "adapter")
+    image = f"127.0.0.1:{free_port()}/adapters/x:v1"  # nothing listens there: connection refused
+    code = run_step(push.main, ["--adapter-dir", str(adapter), "--image", image, "--insecure", "--attempts", "2",
+                                "--backoff-s", "0.01", "--outputs", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "after 2 attempts" in err and err.strip().splitlines()[-1].startswith("error:")
+    assert not (tmp_path / "o").exists()
 
 
 def test_registry_back_within_the_retries_completes_the_push(registry_factory, tmp_path):
