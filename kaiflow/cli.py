@@ -71,23 +71,26 @@ def _crd(args: argparse.Namespace) -> int:
 
 def _render(args: argparse.Namespace) -> int:
     from api import WorkspaceValidationError, load_workspace
-    from pipelines import render
+    from pipelines import PipelineError, render
 
     try:
-        ws = load_workspace(args.file)
+        sys.stdout.write(render(load_workspace(args.file)))
     except WorkspaceValidationError as exc:
         print(exc, file=sys.stderr)
         return 1
-    sys.stdout.write(render(ws))
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
+    """0 every task finished; 1 invalid Workspace or a task failed; 2 the DAG cannot run here."""
     from api import WorkspaceValidationError
-    from pipelines.runner import run
+    from pipelines.runner import run_cli
 
     try:
-        return run(args.file, workdir=args.workdir, resume=args.resume)
+        return run_cli(args.file, args.workdir, resume=args.resume)
     except WorkspaceValidationError as exc:
         print(exc, file=sys.stderr)
         return 1

@@ -1,0 +1,47 @@
+"""The one Hera definition of every kaiflow DAG, its renderings and the local runner.
+
+Public face:
+
+* ``build(workspace, target=None)`` - the Hera ``Workflow``/``CronWorkflow`` for a Workspace.
+* ``render(workspace, target=None)`` - its YAML (what ``kaiflow render`` prints).
+* ``pipelines.runner.run(workspace_path, workdir, resume=False)`` - ``kaiflow run``.
+* ``pipelines.templates`` - ``python -m pipelines.templates workflow_templates/``.
+* ``pipelines.structure.check(manifest)`` - the structural checks Argo's loose schema does not do.
+
+Light to import: hera and pydantic only (no torch), so ``kaiflow validate``/``render`` stay fast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipelines.images import Images
+from pipelines.target import Target
+from pipelines.workspace import PipelineError, build
+
+
+def to_yaml(manifest: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(manifest, sort_keys=False, default_flow_style=False, width=120)
+
+
+def manifest(workspace: Any, target: Target | None = None) -> dict[str, Any]:
+    """The Workflow/CronWorkflow as a plain dict (what Argo receives)."""
+    return build(_as_workspace(workspace), target).to_dict()
+
+
+def render(workspace: Any, target: Target | None = None) -> str:
+    """YAML of the Workflow (or CronWorkflow for a scheduled tuning Workspace)."""
+    return to_yaml(manifest(workspace, target))
+
+
+def _as_workspace(workspace: Any) -> Any:
+    if isinstance(workspace, str | bytes) or hasattr(workspace, "__fspath__") or isinstance(workspace, dict):
+        from api import load_workspace
+
+        return load_workspace(workspace)
+    return workspace
+
+
+__all__ = ["Images", "PipelineError", "Target", "build", "manifest", "render", "to_yaml"]

@@ -17,7 +17,8 @@ def test_passes_against_the_service(bento_tiny, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("KAIFLOW_API_KEY", bento_tiny.api_key)
     assert run_step(main, ["--url", bento_tiny.url, "--outputs", str(tmp_path)]) == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "smoke-test").read_text())
-    assert report["chat"] and report["stream_chunks"] >= 1 and report["first_token_seconds"] >= 0
+    assert isinstance(report["chat"], str) and report["finish_reason"] in ("stop", "length")
+    assert report["stream_chunks"] >= 1 and report["first_token_seconds"] >= 0  # the untrained tiny model talks
     assert bento_tiny.api_key not in capsys.readouterr().out
 
 
@@ -28,13 +29,14 @@ def test_fails_on_a_refused_key(bento_tiny, monkeypatch, tmp_path, capsys):
 
 
 def test_fails_when_nothing_answers(tmp_path, capsys):
+    """Not ready is worth a retry (exit 1): a rollout may just be slow."""
     url = f"http://127.0.0.1:{free_port()}"
-    assert run_step(main, ["--url", url, "--ready-timeout", "1", "--outputs", str(tmp_path)]) == 2
+    assert run_step(main, ["--url", url, "--ready-timeout", "1", "--outputs", str(tmp_path)]) == 1
     assert "not ready after 1 s" in capsys.readouterr().err
 
 
 class BrokenChat(BaseHTTPRequestHandler):
-    """Ready, but /chat returns no text and the stream never ends with [DONE]."""
+    """Ready, but /chat returns no Result, or the stream is broken in the way the test picks."""
 
     def log_message(self, *args):
         pass
@@ -54,13 +56,27 @@ class BrokenChat(BaseHTTPRequestHandler):
         if self.path == "/chat":
             self._send(json.dumps({"Result": self.server.result}).encode())
         else:
-            self._send(b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\n', "text/event-stream")
+            self._send(self.server.stream, "text/event-stream")
 
 
-@pytest.mark.parametrize(("result", "message"), [("", "POST /chat returned no text"), ("ok", "ended without [DONE]")])
-def test_fails_on_a_broken_service(result, message, tmp_path, capsys):
+NO_DONE = b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\n'
+NO_FINISH = b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\ndata: [DONE]\n\n'
+NOT_JSON = b"data: {oops\n\ndata: [DONE]\n\n"
+
+
+@pytest.mark.parametrize(
+    ("result", "stream", "message"),
+    [
+        (None, NO_DONE, "POST /chat returned no Result string"),
+        ("ok", NO_DONE, "ended without [DONE]"),
+        ("ok", NO_FINISH, "never gave a finish_reason"),
+        ("ok", NOT_JSON, "not JSON"),
+    ],
+)
+def test_fails_on_a_broken_service(result, stream, message, tmp_path, capsys):
     server = ThreadingHTTPServer(("127.0.0.1", 0), BrokenChat)
     server.result = result
+    server.stream = stream
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

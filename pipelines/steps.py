@@ -1,0 +1,358 @@
+"""One Hera container template per step: the step's command line and what it needs around it.
+
+Each builder returns a ``hera.workflows.Container`` that runs ``python -m steps.<name> ...`` in the
+pipeline image with the command line fixed by DEVELOPERS.md ("Step command lines"). A value a
+builder receives is either literal (known when the Workspace is rendered) or an Argo expression
+such as ``{{inputs.parameters.dataset-digest}}``; the builders do not care which, so the same
+builders make the per-Workspace Workflow (``pipelines.workspace``) and the reusable
+WorkflowTemplates (``pipelines.templates``).
+
+Around the command line a builder adds what Argo needs: output parameters read from the files a
+step writes (``valueFrom.path``; ``globalName`` for those the controller reads from the workflow
+status), the loss-curve artifacts of ``tune``, a retry strategy with backoff for steps that talk to
+the network (never retrying exit code 2, which is bad input), a deadline, and - in cluster mode
+only - the data volume, secret volumes and the GPU scheduling fields passed in ``Scheduling``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from hera.workflows import Artifact, Container, Env, NoneArchiveStrategy, Parameter, RetryStrategy
+from hera.workflows import models as m
+
+from pipelines.target import Target
+
+DATA_VOLUME = "kaiflow-data"
+TRAINING_CONFIG_VOLUME = "training-config"
+
+# Deadlines per step (seconds). Tuning gets its own from the Workspace size (see workspace.py).
+DEADLINES = {
+    "provision": 3600,  # new GPU nodes on AKS take 5-15 min; quota waits longer
+    "fetch_dataset": 3600,
+    "eval_gate": 1800,
+    "push_adapter": 1800,
+    "pull_adapters": 1800,
+    "deploy": 3600,  # includes pulling the serving image and loading weights
+    "smoke_test": 600,
+}
+
+# The global output names the controller reads from the Workflow status.
+GLOBAL_OUTPUTS = {
+    "dataset-digest": "dataset-digest",
+    "eval-loss": "eval-loss",
+    "promote": "promote",
+    "adapter-digest": "adapter-digest",
+    "image": "adapter-image",
+    "service-url": "service-url",
+}
+
+
+INPUT_REFERENCE = re.compile(r"\{\{inputs\.parameters\.([A-Za-z0-9_-]+)\}\}")
+
+
+def input_ref(name: str) -> str:
+    return f"{{{{inputs.parameters.{name}}}}}"
+
+
+def network_retry() -> RetryStrategy:
+    """Retry transient failures with backoff; exit code 2 is bad input and never retried."""
+    return RetryStrategy(
+        limit=3,
+        retry_policy="Always",
+        expression="asInt(lastRetry.exitCode) != 2",
+        backoff=m.Backoff(duration="30s", factor=2, max_duration="20m"),
+    )
+
+
+@dataclass(frozen=True)
+class Scheduling:
+    """Kubernetes scheduling of a step that needs the GPU nodes (cluster mode only)."""
+
+    gpus: int = field(default=0, metadata={"help": "nvidia.com/gpu requested and limited"})
+    memory_gib: int | None = field(default=None, metadata={"help": "memory request of the container"})
+    cpu: int | None = field(default=None, metadata={"help": "CPU request of the container"})
+    node_selector: dict[str, str] | None = field(default=None, metadata={"help": "from resource.labelSelector.matchLabels"})
+    match_expressions: tuple[m.NodeSelectorRequirement, ...] = field(
+        default=(), metadata={"help": "from resource.labelSelector.matchExpressions, as required node affinity"}
+    )
+
+    def resources(self) -> m.ResourceRequirements | None:
+        requests: dict[str, m.Quantity] = {}
+        limits: dict[str, m.Quantity] = {}
+        if self.memory_gib:
+            requests["memory"] = m.Quantity(f"{self.memory_gib}Gi")
+        if self.cpu:
+            requests["cpu"] = m.Quantity(str(self.cpu))
+        if self.gpus:
+            requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = m.Quantity(str(self.gpus))
+        if not requests:
+            return None
+        return m.ResourceRequirements(requests=requests, limits=limits or None)
+
+    def tolerations(self) -> list[m.Toleration] | None:
+        if not self.gpus:
+            return None
+        # GPU node pools are tainted so only GPU work lands there: the NVIDIA device plugin's
+        # taint and the one Kaito's gpu-provisioner puts on the nodes it creates.
+        return [
+            m.Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule"),
+            m.Toleration(key="sku", operator="Equal", value="gpu", effect="NoSchedule"),
+        ]
+
+    def affinity(self) -> m.Affinity | None:
+        if not self.match_expressions:
+            return None
+        return m.Affinity(
+            node_affinity=m.NodeAffinity(
+                required_during_scheduling_ignored_during_execution=m.NodeSelector(
+                    node_selector_terms=[m.NodeSelectorTerm(match_expressions=list(self.match_expressions))]
+                )
+            )
+        )
+
+
+def _step(
+    target: Target,
+    *,
+    name: str,
+    module: str,
+    args: Sequence[str],
+    inputs: Iterable[str] = (),
+    outputs: Iterable[str] = (),
+    artifacts: Sequence[Artifact] = (),
+    retry: bool = False,
+    deadline: int | None = None,
+    data_volume: bool = True,
+    mounts: Sequence[m.VolumeMount] = (),
+    env: Sequence[Env | m.EnvVar] = (),
+    scheduling: Scheduling | None = None,
+    service_account: str | None = None,
+    labels: dict[str, str] | None = None,
+    description: str = "",
+) -> Container:
+    cluster = target.is_cluster
+    # Every {{inputs.parameters.X}} the command line uses is declared, explicit ones first.
+    declared = list(dict.fromkeys([*inputs, *(r for a in args for r in INPUT_REFERENCE.findall(a))]))
+    volume_mounts = list(mounts) if cluster else []
+    if cluster and data_volume:
+        volume_mounts.insert(0, m.VolumeMount(name=DATA_VOLUME, mount_path=target.data_root))
+    scheduling = scheduling if cluster else None
+    annotations = {"workflows.argoproj.io/description": description} if description else None
+    return Container(
+        name=name,
+        image=target.images.pipeline,
+        image_pull_policy=target.images.pull_policy,
+        command=["python", "-m", f"steps.{module}"],
+        args=[*args, "--outputs", target.outputs_dir] if outputs else list(args),
+        inputs=[Parameter(name=i) for i in declared] or None,
+        outputs=[
+            Parameter(name=o, value_from=m.ValueFrom(path=target.output_path(o)), global_name=GLOBAL_OUTPUTS.get(o))
+            for o in outputs
+        ]
+        + list(artifacts)
+        or None,
+        env=list(env) or None,
+        volume_mounts=volume_mounts or None,
+        retry_strategy=network_retry() if retry else None,
+        active_deadline_seconds=deadline,
+        resources=scheduling.resources() if scheduling else None,
+        node_selector=scheduling.node_selector if scheduling else None,
+        tolerations=scheduling.tolerations() if scheduling else None,
+        affinity=scheduling.affinity() if scheduling else None,
+        service_account_name=service_account if cluster else None,
+        labels=labels if cluster else None,
+        annotations=annotations,
+    )
+
+
+def _flag(flag: str, values: Iterable[str]) -> list[str]:
+    return [part for value in values for part in (flag, value)]
+
+
+def _registry_flags(target: Target, image: str, docker_config: str | None) -> list[str]:
+    flags = ["--docker-config", docker_config] if docker_config else []
+    return flags + (["--insecure"] if target.is_insecure(image) else [])
+
+
+def docker_config_mount(target: Target, secret_name: str | None) -> list[m.VolumeMount]:
+    """The mount of a docker-config Secret volume (the volume itself is declared on the workflow)."""
+    if not target.is_cluster or secret_name is None:
+        return []
+    path = target.docker_config(secret_name).rsplit("/", 1)[0]
+    return [m.VolumeMount(name=docker_config_volume_name(secret_name), mount_path=path, read_only=True)]
+
+
+def docker_config_volume_name(secret_name: str) -> str:
+    return f"docker-config-{secret_name}"[:63].rstrip("-")
+
+
+# -- the steps ----------------------------------------------------------------------------------
+
+
+def provision(target: Target, *, workspace_name: str, namespace: str, instance_type: str | None, count: str,
+              labels: Sequence[str], preferred_nodes: Sequence[str] = (), name: str = "provision-nodes") -> Container:
+    args = ["--provider", target.provider, "--workspace-name", workspace_name, "--namespace", namespace]
+    if instance_type:
+        args += ["--instance-type", instance_type]
+    args += ["--count", count, *_flag("--label", labels)]
+    args += _flag("--preferred-node", preferred_nodes)
+    env: list[Env | m.EnvVar] = []
+    pod_labels = None
+    # A parameterised provider (reusable WorkflowTemplate) may be aks: wire the identity optionally.
+    parameterised = "{{" in target.provider
+    if target.provider == "aks" or parameterised:
+        # Azure access by workload identity: the pod's service account is federated with a
+        # managed identity; which cluster to grow comes from a ConfigMap the install creates.
+        pod_labels = {"azure.workload.identity/use": "true"}
+        env = [
+            m.EnvVar(name=var, value_from=m.EnvVarSource(config_map_key_ref=m.ConfigMapKeySelector(
+                name="kaiflow-azure", key=key, optional=True if parameterised else None)))
+            for var, key in (
+                ("AZURE_SUBSCRIPTION_ID", "subscriptionId"),
+                ("AZURE_RESOURCE_GROUP", "resourceGroup"),
+                ("AZURE_CLUSTER_NAME", "clusterName"),
+            )
+        ]
+    return _step(
+        target, name=name, module="provision", args=args, outputs=["nodes", "provider"], retry=True,
+        deadline=DEADLINES["provision"], data_volume=False, env=env, service_account="kaiflow-provisioner",
+        labels=pod_labels, description="Provision the GPU nodes the Workspace runs on",
+    )
+
+
+def fetch_dataset(target: Target, *, urls: Sequence[str], max_bytes: str | None = None,
+                  eval_fraction: str | None = None, name: str = "fetch-dataset") -> Container:
+    args = [*_flag("--url", [target.dataset_url(u) for u in urls]), "--output-dir", target.data("dataset")]
+    if max_bytes:
+        args += ["--max-bytes", max_bytes]
+    if eval_fraction:
+        args += ["--eval-fraction", eval_fraction]
+    return _step(
+        target, name=name, module="fetch_dataset", args=args, outputs=["dataset-digest", "summary"], retry=True,
+        deadline=DEADLINES["fetch_dataset"], description="Download and check the training data (parquet/jsonl/csv)",
+    )
+
+
+def tune(target: Target, *, preset: str, method: str, adapter_name: str, config: str | None,
+         config_map: str | None, scheduling: Scheduling | None, deadline: int, max_steps: str | None = None,
+         model_access_secret: str | None = None, name: str = "tune") -> Container:
+    adapter_dir = target.data("adapters", adapter_name)
+    args = [
+        "--preset", preset, "--method", method, "--dataset-dir", target.data("dataset"),
+        "--output-dir", adapter_dir, "--checkpoint-dir", target.data("checkpoints"),
+        "--dataset-digest", input_ref("dataset-digest"),
+    ]
+    if config:
+        args += ["--config", config]
+    if max_steps:
+        args += ["--max-steps", max_steps]
+    mounts, env = [], []
+    if target.is_cluster:
+        # Weights are downloaded once per workflow onto the data volume; a retried tune pod
+        # finds them there and resumes from the last checkpoint on the same volume.
+        env.append(Env(name="HF_HOME", value=target.data("hf-cache")))
+        if config_map:
+            mounts.append(m.VolumeMount(name=TRAINING_CONFIG_VOLUME, mount_path=config.rsplit("/", 1)[0], read_only=True))
+        if model_access_secret:
+            env.append(m.EnvVar(name="HF_TOKEN", value_from=m.EnvVarSource(
+                secret_key_ref=m.SecretKeySelector(name=model_access_secret, key="HF_TOKEN"))))
+    loss_curve = [
+        Artifact(name="loss-curve", path=f"{adapter_dir}/loss.png", archive=NoneArchiveStrategy(), optional=True),
+        Artifact(name="loss-history", path=f"{adapter_dir}/loss.json", archive=NoneArchiveStrategy(), optional=True),
+    ]
+    return _step(
+        target, name=name, module="tune", args=args, outputs=["train-loss", "eval-loss"],
+        artifacts=loss_curve, deadline=deadline, mounts=mounts, env=env, scheduling=scheduling,
+        description=f"{method.upper()} fine-tuning of {preset}",
+    )
+
+
+def eval_gate(target: Target, *, adapter_name: str, current_image: str, docker_config: str | None,
+              mounts: Sequence[m.VolumeMount] = (), name: str = "eval-gate") -> Container:
+    args = ["--candidate-dir", target.data("adapters", adapter_name), "--current-image", current_image]
+    args += _registry_flags(target, current_image, docker_config)
+    return _step(
+        target, name=name, module="eval_gate", args=args, outputs=["promote", "current-eval-loss"], retry=True,
+        deadline=DEADLINES["eval_gate"], mounts=mounts,
+        description="Promote the new adapter only if its held-out loss is no worse than the serving one",
+    )
+
+
+def push_adapter(target: Target, *, adapter_name: str, image: str, docker_config: str | None,
+                 tag: str | None = None, also_tag: str | None = None, annotations: dict[str, str] | None = None,
+                 mounts: Sequence[m.VolumeMount] = (), name: str = "push-adapter") -> Container:
+    args = ["--adapter-dir", target.data("adapters", adapter_name), "--image", image]
+    if tag:
+        args += ["--tag", tag]
+    if also_tag:
+        args += ["--also-tag", also_tag]
+    args += _registry_flags(target, image, docker_config)
+    args += _flag("--annotation", [f"{k}={v}" for k, v in (annotations or {}).items()])
+    return _step(
+        target, name=name, module="push_adapter", args=args,
+        outputs=["adapter-digest", "image"], retry=True, deadline=DEADLINES["push_adapter"], mounts=mounts,
+        description=f"Push the adapter to {image} with ORAS",
+    )
+
+
+def pull_adapters(target: Target, *, adapters: Sequence[str], docker_config: str | None,
+                  mounts: Sequence[m.VolumeMount] = (), name: str = "pull-adapters") -> Container:
+    """``adapters`` are ``NAME=IMAGE`` specs, as the step takes them."""
+    args = [*_flag("--adapter", adapters), "--dest", target.data("adapters")]
+    if docker_config:
+        args += ["--docker-config", docker_config]
+    if any(target.is_insecure(spec.split("=", 1)[-1]) for spec in adapters):
+        args.append("--insecure")
+    return _step(
+        target, name=name, module="pull_adapters", args=args, outputs=["adapters"], retry=True,
+        deadline=DEADLINES["pull_adapters"], mounts=mounts, description="Pull the Workspace's adapters with ORAS",
+    )
+
+
+def deploy(target: Target, *, workspace_name: str, namespace: str, preset: str,
+           adapters: Sequence[tuple[str, str]], adapter_images: Sequence[str] = (), gpus: int | None = None,
+           node_labels: Sequence[str] = (), docker_config_secret: str | None = None,
+           workspace_uid: str | None = None, inputs: Iterable[str] = (), name: str = "deploy-inference") -> Container:
+    """``adapters`` are (NAME, STRENGTH); ``adapter_images`` NAME=IMAGE for the cluster's init container.
+
+    Locally the service reads the adapters the earlier tasks left under the data folder; in a
+    cluster the serving pods cannot see the workflow's volume (it is gone when the workflow ends),
+    so they pull the same images themselves.
+    """
+    args = ["--mode", target.mode, "--workspace-name", workspace_name, "--namespace", namespace, "--preset", preset]
+    if target.is_cluster:
+        args += _flag("--adapter", [f"{n}:{s}" for n, s in adapters])
+        args += _flag("--adapter-image", adapter_images)
+        args += ["--image", target.images.serving]
+        if gpus:
+            args += ["--gpus", str(gpus)]
+        args += _flag("--node-label", node_labels)
+        if docker_config_secret:
+            args += ["--docker-config-secret", docker_config_secret]
+        if workspace_uid:
+            args += ["--workspace-uid", workspace_uid]
+        if any(target.is_insecure(spec.split("=", 1)[-1]) for spec in adapter_images):
+            args.append("--insecure")
+    else:
+        if adapters:
+            args += ["--adapters-dir", target.data("adapters"), *_flag("--adapter", [f"{n}:{s}" for n, s in adapters])]
+        args += ["--workdir", f"{target.workdir}/serve"]
+        if target.port:
+            args += ["--port", str(target.port)]
+    return _step(
+        target, name=name, module="deploy", args=args, inputs=inputs, outputs=["service-url"],
+        data_volume=not target.is_cluster,
+        deadline=DEADLINES["deploy"], service_account="kaiflow-deployer",
+        description="Roll out the BentoML chat service",
+    )
+
+
+def smoke_test(target: Target, *, name: str = "smoke-test") -> Container:
+    return _step(
+        target, name=name, module="smoke_test", args=["--url", input_ref("service-url")],
+        deadline=DEADLINES["smoke_test"], data_volume=False, retry=True,
+        description="Ask the service one question and check the answer",
+    )

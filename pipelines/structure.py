@@ -1,0 +1,252 @@
+"""Structural checks of a rendered Workflow, CronWorkflow or WorkflowTemplate.
+
+No Argo binary runs here, and Argo's own schema is loose (Hera's model of it accepts unknown keys
+and nameless templates), so two layers guard what we render:
+
+1. Hera's pydantic models of Argo's types (``hera.workflows.models``): every known field has the
+   right type.
+2. The checks below, which are what Argo's controller would only find at run time:
+
+   * the entrypoint and every task's template exist; template and task names are unique;
+   * every name in a ``depends`` expression is a task of the same DAG, and the DAG has no cycle;
+   * a task passes exactly the input parameters its template declares without a default;
+   * every ``{{...}}`` reference is defined where it is used: ``inputs.parameters.X`` among the
+     template's inputs, ``workflow.parameters.X`` among the workflow's arguments,
+     ``tasks.T.outputs.parameters.X`` an output of a task ``T`` that runs *before* (an ancestor in
+     the DAG) - otherwise Argo fails the task with "unable to resolve";
+   * every volume mount names a volume or a volumeClaimTemplate; output parameters have a path.
+
+``problems(manifest)`` returns every finding as ``"<where>: <what>"``; ``check(manifest)`` raises
+``StructureError`` listing them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+REFERENCE = re.compile(r"\{\{\s*([^{}]+?)\s*\}\}")
+DEPENDS_TOKEN = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z]+)?|&&|\|\||!|\(|\)")
+TASK_RESULTS = {"Succeeded", "Failed", "Errored", "Skipped", "Omitted", "Daemoned", "AnySucceeded", "AllFailed"}
+# Argo globals our templates may use; anything else must be declared.
+GLOBAL_VARIABLES = {"pod.name", "workflow.name", "workflow.namespace", "workflow.uid", "workflow.creationTimestamp",
+                    "retries"}
+
+
+class StructureError(ValueError):
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid pipeline structure:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def workflow_spec(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The spec that holds the templates (a CronWorkflow nests it in ``workflowSpec``)."""
+    spec = manifest.get("spec", {})
+    return spec.get("workflowSpec", spec) if manifest.get("kind") == "CronWorkflow" else spec
+
+
+def depends_names(expression: str) -> list[str]:
+    """Task names in an Argo ``depends`` expression (``a && (b.Succeeded || c.Failed)``)."""
+    names = []
+    for token in DEPENDS_TOKEN.findall(expression):
+        if token in {"&&", "||", "!", "(", ")"}:
+            continue
+        names.append(token.split(".", 1)[0])
+    return names
+
+
+def task_dependencies(task: dict[str, Any]) -> list[str]:
+    if "depends" in task:
+        return depends_names(task["depends"])
+    return list(task.get("dependencies") or [])
+
+
+def topological_order(tasks: list[dict[str, Any]]) -> list[str]:
+    """Task names in dependency order (ties kept in declaration order); ValueError on a cycle."""
+    deps = {t["name"]: [d for d in task_dependencies(t)] for t in tasks}
+    order: list[str] = []
+    state: dict[str, int] = {}
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            raise ValueError("cycle: " + " -> ".join([*path[path.index(name):], name]))
+        state[name] = 1
+        for dep in deps.get(name, []):
+            if dep in deps:
+                visit(dep, [*path, name])
+        state[name] = 2
+        order.append(name)
+
+    for name in deps:
+        visit(name, [])
+    return order
+
+
+def ancestors(tasks: list[dict[str, Any]]) -> dict[str, set[str]]:
+    deps = {t["name"]: [d for d in task_dependencies(t) if d] for t in tasks}
+    result: dict[str, set[str]] = {}
+
+    def collect(name: str) -> set[str]:
+        if name not in result:
+            result[name] = set()
+            for dep in deps.get(name, []):
+                result[name] |= {dep} | collect(dep)
+        return result[name]
+
+    for name in deps:
+        collect(name)
+    return result
+
+
+def _schema_problems(manifest: dict[str, Any]) -> Iterator[str]:
+    from hera.workflows import models
+    from pydantic import ValidationError
+
+    model = {"Workflow": models.Workflow, "CronWorkflow": models.CronWorkflow,
+             "WorkflowTemplate": models.WorkflowTemplate}.get(manifest.get("kind", ""))
+    if model is None:
+        yield f"kind: expected Workflow, CronWorkflow or WorkflowTemplate (got {manifest.get('kind')!r})"
+        return
+    try:
+        model.model_validate(manifest)
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            yield f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+
+
+def _references(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield from REFERENCE.findall(value)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _references(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _references(item)
+
+
+def _check_reference(ref: str, where: str, *, inputs: set[str], workflow_params: set[str],
+                     outputs_of: dict[str, set[str]] | None = None, before: set[str] | None = None) -> Iterator[str]:
+    if ref in GLOBAL_VARIABLES:
+        return
+    parts = ref.split(".")
+    if parts[:2] == ["inputs", "parameters"] and len(parts) == 3:
+        if parts[2] not in inputs:
+            yield f"{where}: {{{{{ref}}}}} is not an input parameter of the template"
+    elif parts[:2] == ["workflow", "parameters"] and len(parts) == 3:
+        if parts[2] not in workflow_params:
+            yield f"{where}: {{{{{ref}}}}} is not a workflow argument"
+    elif parts[0] == "tasks" and len(parts) == 5 and parts[2:4] == ["outputs", "parameters"]:
+        task, output = parts[1], parts[4]
+        if outputs_of is None or task not in outputs_of:
+            yield f"{where}: {{{{{ref}}}}} names no task of this DAG"
+        elif before is not None and task not in before:
+            yield f"{where}: {{{{{ref}}}}} reads task {task!r}, which does not run before it"
+        elif output not in outputs_of[task]:
+            yield f"{where}: {{{{{ref}}}}}: task {task!r} has no output parameter {output!r}"
+    else:
+        yield f"{where}: unknown reference {{{{{ref}}}}}"
+
+
+def problems(manifest: dict[str, Any]) -> list[str]:
+    found = list(_schema_problems(manifest))
+    spec = workflow_spec(manifest)
+    templates = spec.get("templates") or []
+    by_name: dict[str, dict[str, Any]] = {}
+    for i, template in enumerate(templates):
+        name = template.get("name")
+        if not name:
+            found.append(f"templates[{i}]: template has no name")
+        elif name in by_name:
+            found.append(f"templates[{i}]: duplicate template name {name!r}")
+        else:
+            by_name[name] = template
+    if spec.get("entrypoint") and spec["entrypoint"] not in by_name:
+        found.append(f"entrypoint: no template named {spec['entrypoint']!r}")
+    workflow_params = {p["name"] for p in (spec.get("arguments") or {}).get("parameters") or []}
+    volumes = {v["name"] for v in spec.get("volumes") or []}
+    volumes |= {c["metadata"]["name"] for c in spec.get("volumeClaimTemplates") or []}
+
+    def template_inputs(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        return {p["name"]: p for p in (template.get("inputs") or {}).get("parameters") or []}
+
+    def template_outputs(template: dict[str, Any]) -> set[str]:
+        return {p["name"] for p in (template.get("outputs") or {}).get("parameters") or []}
+
+    for ref in _references(spec.get("volumes") or []):
+        found += _check_reference(ref, "volumes", inputs=set(), workflow_params=workflow_params)
+    entry = by_name.get(spec.get("entrypoint"))
+    if entry is not None and "dag" not in entry:
+        # Argo fills the entrypoint's inputs from the workflow's arguments (argo submit -p ...).
+        for param_name, param in template_inputs(entry).items():
+            if param_name not in workflow_params and "value" not in param and "default" not in param:
+                found.append(f"entrypoint {entry['name']}: input {param_name!r} is not a workflow argument")
+
+    for name, template in by_name.items():
+        where = f"template {name}"
+        inputs = set(template_inputs(template))
+        for part in ("container", "script"):
+            if part in template:
+                for ref in _references(template[part]):
+                    found += _check_reference(ref, where, inputs=inputs, workflow_params=workflow_params)
+                for mount in template[part].get("volumeMounts") or []:
+                    if mount["name"] not in volumes | {v["name"] for v in template.get("volumes") or []}:
+                        found.append(f"{where}: volume mount {mount['name']!r} names no volume")
+        for output in (template.get("outputs") or {}).get("parameters") or []:
+            if "valueFrom" in output and not (output["valueFrom"].get("path") or output["valueFrom"].get("expression")
+                                              or output["valueFrom"].get("parameter")):
+                found.append(f"{where}: output {output['name']!r} has no valueFrom.path")
+        for ref in _references(template.get("outputs") or {}):
+            found += _check_reference(ref, f"{where} outputs", inputs=inputs, workflow_params=workflow_params)
+        dag = template.get("dag")
+        if not dag:
+            continue
+        tasks = dag.get("tasks") or []
+        names = [t.get("name") for t in tasks]
+        for dup in {n for n in names if names.count(n) > 1}:
+            found.append(f"{where}: duplicate task name {dup!r}")
+        task_names = set(names)
+        for task in tasks:
+            tw = f"{where} task {task.get('name')}"
+            if "depends" in task:
+                bad = [n for n in depends_names(task["depends"]) if n not in task_names]
+                results = [t.split(".", 1)[1] for t in DEPENDS_TOKEN.findall(task["depends"]) if "." in t]
+                found += [f"{tw}: depends names unknown task {n!r}" for n in bad]
+                found += [f"{tw}: depends uses unknown result {r!r}" for r in results if r not in TASK_RESULTS]
+            for dep in task.get("dependencies") or []:
+                if dep not in task_names:
+                    found.append(f"{tw}: dependencies names unknown task {dep!r}")
+            target = task.get("template")
+            if target not in by_name:
+                found.append(f"{tw}: no template named {target!r}")
+        try:
+            topological_order(tasks)
+        except ValueError as exc:
+            found.append(f"{where}: {exc}")
+            continue
+        before = ancestors(tasks)
+        outputs_of = {t["name"]: template_outputs(by_name.get(t.get("template"), {})) for t in tasks}
+        dag_inputs = set(template_inputs(template))
+        for task in tasks:
+            tw = f"{where} task {task['name']}"
+            target = by_name.get(task.get("template"))
+            given = {p["name"] for p in (task.get("arguments") or {}).get("parameters") or []}
+            if target is not None:
+                declared = template_inputs(target)
+                needed = {n for n, p in declared.items() if "value" not in p and "default" not in p}
+                found += [f"{tw}: missing argument {n!r} for template {target['name']!r}" for n in sorted(needed - given)]
+                found += [f"{tw}: argument {n!r} is not an input of template {target['name']!r}"
+                          for n in sorted(given - set(declared))]
+            for ref in _references({k: task[k] for k in ("arguments", "when") if k in task}):
+                found += _check_reference(ref, tw, inputs=dag_inputs, workflow_params=workflow_params,
+                                          outputs_of=outputs_of, before=before[task["name"]])
+    return found
+
+
+def check(manifest: dict[str, Any]) -> None:
+    found = problems(manifest)
+    if found:
+        raise StructureError(found)

@@ -1,0 +1,133 @@
+"""Where a pipeline runs: the one place where an Argo cluster and this machine differ.
+
+Every DAG is defined once, in ``pipelines.workspace`` and ``pipelines.steps``. The builder takes a
+``Target`` and asks it for everything that is not the same in both places; nothing else in
+``pipelines/`` tests which mode it is in except to leave out Kubernetes-only scheduling fields
+(resources, tolerations, volumes), which the local runner would ignore anyway.
+
+=====================  ==================================  =====================================
+what                   cluster (Argo)                      local (``kaiflow run``)
+=====================  ==================================  =====================================
+provision provider     ``$KAIFLOW_PROVISIONER`` (aks)      ``local`` (reports this host)
+deploy mode            ``--mode cluster``                  ``--mode local`` (bentoml serve)
+data passed on         PVC from volumeClaimTemplates       ``<workdir>/data``
+                       mounted at ``/kaiflow/data``
+output parameters      ``/tmp/kaiflow/outputs/<name>``     ``<workdir>/outputs/<task>/<name>``
+                       (one pod per task)                  (``{{pod.name}}`` = the task)
+docker config          imagePushSecret mounted as a        a file given to the runner (or none)
+                       volume, ``config.json``
+training config        ConfigMap mounted as a volume       a file path, relative to the
+                                                           Workspace file's folder
+``file:`` dataset URLs as written (a path in the pod)      relative paths made absolute against
+                                                           the Workspace file's folder
+insecure registries    ``$KAIFLOW_INSECURE_REGISTRIES``    plus 127.0.0.1 and localhost
+=====================  ==================================  =====================================
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+from pipelines.images import Images
+
+CLUSTER_DATA_ROOT = "/kaiflow/data"
+CLUSTER_OUTPUTS_DIR = "/tmp/kaiflow/outputs"
+CLUSTER_DOCKER_CONFIG_DIR = "/kaiflow/docker-config"
+CLUSTER_TRAINING_CONFIG_DIR = "/kaiflow/training-config"
+TRAINING_CONFIG_KEY = "training_config.yaml"
+LOCAL_REGISTRY_HOSTS = ("127.0.0.1", "localhost")
+
+
+@dataclass(frozen=True)
+class Target:
+    mode: Literal["cluster", "local"] = field(metadata={"help": "cluster: Argo on Kubernetes; local: kaiflow run"})
+    data_root: str = field(metadata={"help": "folder the tasks pass datasets, adapters and checkpoints through"})
+    outputs_dir: str = field(metadata={"help": "folder each task writes its output parameters to"})
+    provider: str = field(metadata={"help": "provision provider (local, aks, karpenter, existing)"})
+    images: Images = field(default_factory=Images, metadata={"help": "pipeline and serving images"})
+    insecure_registries: tuple[str, ...] = field(
+        default=(), metadata={"help": "registry hosts reached over plain http (host or host:port)"}
+    )
+    docker_config_file: str | None = field(
+        default=None, metadata={"help": "local mode: docker config file used for imagePushSecret/imagePullSecrets"}
+    )
+    base_dir: str | None = field(
+        default=None, metadata={"help": "local mode: folder relative file: URLs and tuning.config resolve against"}
+    )
+    workdir: str | None = field(default=None, metadata={"help": "local mode: the runner's work folder"})
+    port: int | None = field(default=None, metadata={"help": "local mode: port the chat service listens on"})
+
+    @classmethod
+    def cluster(cls, images: Images | None = None, provider: str | None = None,
+                insecure_registries: tuple[str, ...] | None = None) -> Target:
+        env_insecure = tuple(h for h in os.environ.get("KAIFLOW_INSECURE_REGISTRIES", "").split(",") if h)
+        return cls(
+            mode="cluster",
+            data_root=CLUSTER_DATA_ROOT,
+            outputs_dir=CLUSTER_OUTPUTS_DIR,
+            provider=provider or os.environ.get("KAIFLOW_PROVISIONER") or "aks",
+            images=images or Images.from_env(),
+            insecure_registries=insecure_registries if insecure_registries is not None else env_insecure,
+        )
+
+    @classmethod
+    def local(cls, workdir: str | os.PathLike[str], *, base_dir: str | os.PathLike[str] | None = None,
+              port: int | None = None, docker_config_file: str | os.PathLike[str] | None = None,
+              images: Images | None = None) -> Target:
+        root = Path(workdir).resolve()
+        return cls(
+            mode="local",
+            data_root=str(root / "data"),
+            outputs_dir=str(root / "outputs" / "{{pod.name}}"),
+            provider="local",
+            images=images or Images(),
+            insecure_registries=LOCAL_REGISTRY_HOSTS,
+            docker_config_file=str(docker_config_file) if docker_config_file else None,
+            base_dir=str(Path(base_dir).resolve()) if base_dir else None,
+            workdir=str(root),
+            port=port,
+        )
+
+    @property
+    def is_cluster(self) -> bool:
+        return self.mode == "cluster"
+
+    # -- what differs -------------------------------------------------------------------------
+
+    def dataset_url(self, url: str) -> str:
+        """Local mode: ``file:data/x.parquet`` becomes an absolute ``file:///.../data/x.parquet``."""
+        parsed = urlparse(url)
+        if self.is_cluster or parsed.scheme != "file" or parsed.netloc or parsed.path.startswith("/"):
+            return url
+        return Path(self.base_dir or ".").resolve().joinpath(parsed.path).as_uri()
+
+    def training_config(self, config: str | None) -> str | None:
+        """The file the tune step reads: a mounted ConfigMap key, or a local file path."""
+        if config is None:
+            return None
+        if self.is_cluster:
+            return f"{CLUSTER_TRAINING_CONFIG_DIR}/{TRAINING_CONFIG_KEY}"
+        path = Path(config)
+        return str(path if path.is_absolute() else Path(self.base_dir or ".").resolve() / path)
+
+    def docker_config(self, secret_name: str | None) -> str | None:
+        """Path of the docker config a registry step reads for ``secret_name`` (None: anonymous)."""
+        if secret_name is None:
+            return None
+        if self.is_cluster:
+            return f"{CLUSTER_DOCKER_CONFIG_DIR}/{secret_name}/config.json"
+        return self.docker_config_file
+
+    def is_insecure(self, image: str) -> bool:
+        host = image.split("/", 1)[0]
+        return host in self.insecure_registries or host.split(":", 1)[0] in self.insecure_registries
+
+    def data(self, *parts: str) -> str:
+        return "/".join([self.data_root.rstrip("/"), *parts])
+
+    def output_path(self, name: str) -> str:
+        return f"{self.outputs_dir}/{name}"

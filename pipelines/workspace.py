@@ -1,0 +1,341 @@
+"""A Workspace becomes one Hera Workflow (or CronWorkflow): the only definition of each DAG.
+
+Tuning::
+
+    provision-nodes -> fetch-dataset -> tune -> push-adapter -> deploy-inference -> smoke-test
+
+Scheduled tuning (``tuning.schedule``, a CronWorkflow with ``concurrencyPolicy: Forbid``)::
+
+    provision-nodes -> fetch-dataset -> tune -> eval-gate -+-> push-adapter   -> deploy-inference -> smoke-test
+                                                           |   (promote == true: new tag + latest)
+                                                           +-> push-candidate    (promote == false: new tag only)
+
+Inference::
+
+    provision-nodes [-> pull-adapters] -> deploy-inference -> smoke-test
+
+Design choices:
+
+* The eval gate exists only for scheduled tuning. A one-off tuning Workspace has nothing serving
+  yet that it could be worse than, so it always promotes (pushes to ``tuning.output.image`` as
+  written and deploys). A scheduled run pushes every candidate under a new tag (``--tag auto``:
+  timestamp + short digest) so nothing is lost, but only a promoted one moves ``latest`` (what the
+  gate compares the next run against) and is rolled out. ``when`` decides between the two push
+  tasks; ``deploy-inference`` depends on ``push-adapter.Succeeded``, so it is omitted (not failed)
+  when the candidate loses, and so is ``smoke-test``.
+* Values known from the Workspace are written into the container arguments; values that flow
+  between tasks (dataset digest, service URL, the gate's verdict) are Argo parameters
+  (``{{tasks.<task>.outputs.parameters.<name>}}``) so the controller and the Argo UI see them.
+* Everything that differs between Argo and ``kaiflow run`` comes from ``pipelines.target.Target``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from hera.workflows import DAG, CronWorkflow, Workflow
+from hera.workflows import models as m
+
+from pipelines import steps
+from pipelines.target import TRAINING_CONFIG_KEY, Target
+
+LABEL_WORKSPACE = "kaito.sh/workspace"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_PIPELINE = "kaiflow.kaito.sh/pipeline"
+ANNOTATION_OWNER = "kaiflow.kaito.sh/owner"
+WORKFLOW_DEADLINE_S = 3 * 24 * 3600
+TTL_AFTER_COMPLETION_S = 7 * 24 * 3600
+
+
+class PipelineError(ValueError):
+    """The Workspace cannot become a pipeline (names the field)."""
+
+
+def build(workspace: Any, target: Target | None = None) -> Workflow | CronWorkflow:
+    """The Hera object for a Workspace: a CronWorkflow for scheduled tuning, else a Workflow."""
+    target = target or Target.cluster()
+    if workspace.tuning is not None:
+        return _tuning(workspace, target)
+    if workspace.inference is not None:
+        return _inference(workspace, target)
+    raise PipelineError("a Workspace needs tuning or inference")
+
+
+# -- sizing -------------------------------------------------------------------------------------
+
+
+def _tuning_scheduling(workspace: Any, preset: Any) -> tuple[steps.Scheduling, str | None]:
+    """GPU count and memory for the tune pod, and the instance type to provision."""
+    from presets.gpus import get_sku, pick_instance
+
+    method = workspace.tuning.method if workspace.tuning else None
+    instance_type = workspace.resource.instance_type
+    sku = get_sku(instance_type) if instance_type else pick_instance(preset, method)
+    selector = workspace.resource.label_selector
+    expressions = tuple(
+        m.NodeSelectorRequirement(key=e.key, operator=e.operator, values=e.values)
+        for e in selector.match_expressions or []
+    )
+    # Leave room for the kubelet, the daemonsets and the Argo executor sidecar on the node.
+    memory = max(4, math.floor(sku.memory_gib * 0.8))
+    cpu = max(1, sku.vcpus - 2)
+    scheduling = steps.Scheduling(
+        gpus=sku.gpus, memory_gib=memory, cpu=cpu,
+        node_selector=dict(selector.match_labels) if selector.match_labels else None,
+        match_expressions=expressions,
+    )
+    return scheduling, sku.name
+
+
+def _tune_deadline(preset: Any) -> int:
+    # Hours, growing with the model: 6 h for the small presets, up to 48 h.
+    return int(min(48, max(6, preset.params_b * 2)) * 3600)
+
+
+def _data_volume_gib(preset: Any) -> int:
+    # Weights (bf16) + checkpoints + dataset, with headroom.
+    return int(max(20, math.ceil(preset.params_b * 2 * 1.5) + 20))
+
+
+# -- shared parts -------------------------------------------------------------------------------
+
+
+def _metadata(workspace: Any, kind: str) -> dict[str, Any]:
+    name, namespace = workspace.metadata.name, workspace.metadata.namespace or "default"
+    labels = {LABEL_WORKSPACE: name, LABEL_MANAGED_BY: "kaiflow", LABEL_PIPELINE: kind}
+    annotations = {
+        ANNOTATION_OWNER: f"kaito.sh/Workspace/{namespace}/{name}",
+        "workflows.argoproj.io/title": f"{name} ({kind})",
+        "workflows.argoproj.io/description": _description(workspace, kind),
+    }
+    owner_references = None
+    uid = getattr(workspace.metadata, "uid", None)
+    if uid:
+        owner_references = [m.OwnerReference(api_version=workspace.api_version, kind="Workspace", name=name, uid=uid,
+                                             controller=True, block_owner_deletion=True)]
+    return dict(
+        generate_name=f"{name}-{kind}-", namespace=namespace, labels=labels, annotations=annotations,
+        owner_references=owner_references,
+    )
+
+
+def _description(workspace: Any, kind: str) -> str:
+    spec = workspace.tuning or workspace.inference
+    preset = spec.preset.name if spec.preset else "?"
+    if kind == "inference":
+        return f"serve {preset}" + (f" with {len(spec.adapters)} adapter(s)" if spec.adapters else "")
+    return f"{spec.method} tuning of {preset}" + (f" on schedule {spec.schedule}" if spec.schedule else "")
+
+
+def _workflow_spec(workspace: Any, target: Target, kind: str, volume_gib: int, secrets: list[str],
+                   config_map: str | None) -> dict[str, Any]:
+    spec: dict[str, Any] = dict(entrypoint=kind)
+    if not target.is_cluster:
+        return spec
+    volumes: list[Any] = [
+        m.Volume(name=steps.docker_config_volume_name(s), secret=m.SecretVolumeSource(
+            secret_name=s, items=[m.KeyToPath(key=".dockerconfigjson", path="config.json")]))
+        for s in dict.fromkeys(secrets)
+    ]
+    if config_map:
+        volumes.append(m.Volume(name=steps.TRAINING_CONFIG_VOLUME, config_map=m.ConfigMapVolumeSource(
+            name=config_map, items=[m.KeyToPath(key=TRAINING_CONFIG_KEY, path=TRAINING_CONFIG_KEY)])))
+    pod_labels = {LABEL_WORKSPACE: workspace.metadata.name, LABEL_MANAGED_BY: "kaiflow", LABEL_PIPELINE: kind}
+    spec.update(
+        volumes=volumes or None,
+        volume_claim_templates=[
+            m.PersistentVolumeClaim(
+                metadata=m.ObjectMeta(name=steps.DATA_VOLUME, labels=pod_labels),
+                spec=m.PersistentVolumeClaimSpec(
+                    access_modes=["ReadWriteOnce"],
+                    resources=m.VolumeResourceRequirements(requests={"storage": m.Quantity(f"{volume_gib}Gi")}),
+                ),
+            )
+        ],
+        pod_metadata=m.Metadata(labels=pod_labels),
+        active_deadline_seconds=WORKFLOW_DEADLINE_S,
+        ttl_strategy=m.TTLStrategy(seconds_after_completion=TTL_AFTER_COMPLETION_S),
+        pod_gc=m.PodGC(strategy="OnPodSuccess"),
+        volume_claim_gc=m.VolumeClaimGC(strategy="OnWorkflowCompletion"),
+        service_account_name="kaiflow-workflow",
+    )
+    return spec
+
+
+def _provision_template(workspace: Any, target: Target, instance_type: str | None):
+    resource = workspace.resource
+    return steps.provision(
+        target, workspace_name=workspace.metadata.name, namespace=workspace.metadata.namespace or "default",
+        instance_type=instance_type, count=str(resource.count), labels=_node_labels(workspace),
+        preferred_nodes=resource.preferred_nodes or (),
+    )
+
+
+def _node_labels(workspace: Any) -> list[str]:
+    return [f"{k}={v}" for k, v in (workspace.resource.label_selector.match_labels or {}).items()]
+
+
+def _repository(image: str) -> str:
+    """``registry/repo:tag`` -> ``registry/repo`` (a port in the registry host is kept)."""
+    name = image.split("@", 1)[0]
+    last = name.rsplit("/", 1)
+    if ":" in last[-1]:
+        name = name[: name.rfind(":")]
+    return name
+
+
+# -- tuning -------------------------------------------------------------------------------------
+
+
+def _tuning(workspace: Any, target: Target) -> Workflow | CronWorkflow:
+    from presets import get_preset
+
+    tuning = workspace.tuning
+    preset = get_preset(tuning.preset.name)
+    name = workspace.metadata.name
+    namespace = workspace.metadata.namespace or "default"
+    output = tuning.output
+    if output.image is None:
+        raise PipelineError("tuning.output.volumeSource is not supported by the pipeline yet: set tuning.output.image")
+    if tuning.input.urls is None:
+        given = "tuning.input.volumeSource" if tuning.input.volume_source is not None else "tuning.input.image"
+        raise PipelineError(f"{given} is not supported by the pipeline yet: give the dataset as tuning.input.urls")
+    scheduled = tuning.schedule is not None
+    scheduling, instance_type = _tuning_scheduling(workspace, preset)
+    push_secret = output.image_push_secret
+    docker_config = target.docker_config(push_secret)
+    config_file = target.training_config(tuning.config)
+    model_secret = getattr(getattr(tuning.preset, "preset_options", None), "model_access_secret", None)
+
+    metadata = _metadata(workspace, "tuning")
+    spec = _workflow_spec(workspace, target, "tuning", _data_volume_gib(preset),
+                          [push_secret] if push_secret else [], tuning.config)
+    if scheduled:
+        # Each run the CronWorkflow starts carries the same labels and owner annotation.
+        run_metadata = m.WorkflowMetadata(labels=metadata["labels"], annotations={
+            ANNOTATION_OWNER: metadata["annotations"][ANNOTATION_OWNER]})
+        workflow: Workflow | CronWorkflow = CronWorkflow(
+            **metadata, **spec, workflow_metadata=run_metadata, schedules=[tuning.schedule], timezone="Etc/UTC", concurrency_policy="Forbid",
+            starting_deadline_seconds=3600, successful_jobs_history_limit=3, failed_jobs_history_limit=3,
+        )
+        # A CronWorkflow has a name, not a generateName; its runs get <name>-<timestamp>.
+        workflow.name, workflow.generate_name = f"{name}-tuning", None
+    else:
+        workflow = Workflow(**metadata, **spec)
+
+    mounts = steps.docker_config_mount(target, push_secret)
+    annotations = {
+        "kaito.sh/workspace": f"{namespace}/{name}",
+        "kaito.sh/preset": preset.name,
+        "kaiflow.kaito.sh/method": tuning.method,
+        "kaiflow.kaito.sh/dataset-digest": steps.input_ref("dataset-digest"),
+    }
+    with workflow:
+        provision_t = _provision_template(workspace, target, instance_type)
+        fetch_t = steps.fetch_dataset(target, urls=tuning.input.urls)
+        tune_t = steps.tune(
+            target, preset=preset.name, method=tuning.method, adapter_name=name, config=config_file,
+            config_map=tuning.config, scheduling=scheduling, deadline=_tune_deadline(preset),
+            model_access_secret=model_secret,
+        )
+        deploy_t = steps.deploy(
+            target, workspace_name=name, namespace=namespace, preset=preset.name, adapters=[(name, "1.0")],
+            # the reference push-adapter actually pushed (with --tag auto it is only known then)
+            adapter_images=[f"{name}={steps.input_ref('adapter-image')}"], inputs=["adapter-image"],
+            gpus=scheduling.gpus, node_labels=_node_labels(workspace), docker_config_secret=push_secret,
+            workspace_uid=getattr(workspace.metadata, "uid", None),
+        )
+        smoke_t = steps.smoke_test(target)
+        if scheduled:
+            repository = _repository(output.image)
+            gate_t = steps.eval_gate(target, adapter_name=name, current_image=f"{repository}:latest",
+                                     docker_config=docker_config, mounts=mounts)
+            push_t = steps.push_adapter(target, adapter_name=name, image=repository, tag="auto", also_tag="latest",
+                                        docker_config=docker_config, annotations=annotations, mounts=mounts)
+            candidate_t = steps.push_adapter(target, adapter_name=name, image=repository, tag="auto",
+                                             docker_config=docker_config, annotations=annotations, mounts=mounts,
+                                             name="push-candidate")
+        else:
+            push_t = steps.push_adapter(target, adapter_name=name, image=output.image, docker_config=docker_config,
+                                        annotations=annotations, mounts=mounts)
+
+        with DAG(name="tuning"):
+            digest = {"dataset-digest": "{{tasks.fetch-dataset.outputs.parameters.dataset-digest}}"}
+            pushed = {"adapter-image": "{{tasks.push-adapter.outputs.parameters.image}}"}
+            provision = provision_t(name="provision-nodes")
+            fetch_dataset_task = fetch_t(name="fetch-dataset")
+            train = tune_t(name="tune", arguments=digest)
+            provision >> fetch_dataset_task >> train
+            if scheduled:
+                promoted = "{{tasks.eval-gate.outputs.parameters.promote}}"
+                gate = gate_t(name="eval-gate")
+                push = push_t(name="push-adapter", arguments=digest, when=f"{promoted} == true")
+                candidate = candidate_t(name="push-candidate", arguments=digest, when=f"{promoted} != true")
+                train >> gate >> [push, candidate]
+                deploy = deploy_t(name="deploy-inference", depends="push-adapter.Succeeded", arguments=pushed)
+            else:
+                push = push_t(name="push-adapter", arguments=digest)
+                train >> push
+                deploy = deploy_t(name="deploy-inference", arguments=pushed)
+                push >> deploy
+            smoke_t(name="smoke-test", depends="deploy-inference.Succeeded",
+                    arguments={"service-url": "{{tasks.deploy-inference.outputs.parameters.service-url}}"})
+    return workflow
+
+
+# -- inference ----------------------------------------------------------------------------------
+
+
+def _inference(workspace: Any, target: Target) -> Workflow:
+    from presets import get_preset
+
+    inference = workspace.inference
+    if inference.preset is None:
+        raise PipelineError("inference.template is not supported: use inference.preset")
+    preset = get_preset(inference.preset.name)
+    name = workspace.metadata.name
+    namespace = workspace.metadata.namespace or "default"
+    adapters = list(inference.adapters or [])
+    pull_secrets = [s for a in adapters for s in (a.source.image_pull_secrets or [])]
+    # pull_adapters reads one docker config; the first secret named is used for every adapter.
+    pull_secret = pull_secrets[0] if pull_secrets else None
+    sku, instance_type = _inference_instance(workspace, preset)
+
+    workflow = Workflow(**_metadata(workspace, "inference"),
+                        **_workflow_spec(workspace, target, "inference", 10, [pull_secret] if pull_secret else [], None))
+    with workflow:
+        provision_t = _provision_template(workspace, target, instance_type)
+        pull_t = None
+        if adapters:
+            pull_t = steps.pull_adapters(
+                target, adapters=[f"{a.source.name}={a.source.image}" for a in adapters],
+                docker_config=target.docker_config(pull_secret), mounts=steps.docker_config_mount(target, pull_secret),
+            )
+        deploy_t = steps.deploy(
+            target, workspace_name=name, namespace=namespace, preset=preset.name,
+            adapters=[(a.source.name, a.strength or "1.0") for a in adapters],
+            adapter_images=[f"{a.source.name}={a.source.image}" for a in adapters], gpus=sku.gpus,
+            node_labels=_node_labels(workspace), docker_config_secret=pull_secret,
+            workspace_uid=getattr(workspace.metadata, "uid", None),
+        )
+        smoke_t = steps.smoke_test(target)
+        with DAG(name="inference"):
+            provision = provision_t(name="provision-nodes")
+            pull = pull_t(name="pull-adapters") if pull_t is not None else None
+            deploy = deploy_t(name="deploy-inference")
+            if pull is not None:
+                provision >> pull >> deploy
+            else:
+                provision >> deploy
+            smoke_t(name="smoke-test", depends="deploy-inference.Succeeded",
+                    arguments={"service-url": "{{tasks.deploy-inference.outputs.parameters.service-url}}"})
+    return workflow
+
+
+def _inference_instance(workspace: Any, preset: Any) -> tuple[Any, str | None]:
+    from presets.gpus import get_sku, pick_instance
+
+    instance_type = workspace.resource.instance_type
+    sku = get_sku(instance_type) if instance_type else pick_instance(preset, None)
+    return sku, sku.name

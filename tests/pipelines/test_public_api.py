@@ -1,0 +1,29 @@
+"""The surface the CLI and the controller use, and the import rule that keeps `render` light."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+
+import pipelines
+from pipelines import runner, templates
+
+
+def test_public_names():
+    assert set(pipelines.__all__) == {"Images", "PipelineError", "Target", "build", "manifest", "render", "to_yaml"}
+    assert list(inspect.signature(pipelines.render).parameters) == ["workspace", "target"]
+    assert list(inspect.signature(runner.run).parameters)[:3] == ["workspace_path", "workdir", "resume"]
+    assert list(inspect.signature(runner.run_cli).parameters)[:3] == ["workspace_path", "workdir", "resume"]
+    assert callable(templates.main)
+
+
+def test_rendering_imports_no_ml_library():
+    code = (
+        "import sys, pipelines, pipelines.runner, pipelines.templates; "
+        "pipelines.render('examples/kaito_workspace_tuning_phi_3.yaml'); "
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'trl', 'bentoml') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=pipelines.__file__.rsplit("/pipelines/", 1)[0])
+    assert out.stdout.strip() == "[]"
