@@ -35,7 +35,8 @@ for key, value in {
 
 WORKSPACE = ROOT / "examples" / "local_tuning_smollm2.yaml"
 REGISTRY_PORT = 5000
-QUESTIONS = ["What does Kaito do?", "What is a LoRA adapter?"]
+# In the domain of examples/data/demo_chat.parquet, so the tuned adapter shows what it learned.
+QUESTIONS = ["What is Argo Workflows?", "What is a LoRA adapter?", "What is the capital of Norway?"]
 
 
 def _port_open(port: int) -> bool:

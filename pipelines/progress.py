@@ -42,6 +42,8 @@ class ProgressDisplay:
     def __exit__(self, *exc_info: object) -> None:
         if self.live is not None:
             self.live.__exit__(*exc_info)
+            if not self.live.console.is_terminal:  # rich leaves the last frame unterminated there
+                self.live.console.line()
 
     def update(self, run: Any) -> None:
         self._run = run
