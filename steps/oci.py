@@ -38,7 +38,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -442,6 +442,37 @@ class RegistryClient(oras.provider.Registry):
 
         with_retries(f"uploading {name}", attempt, self.options, self.image.registry)
 
+    def upload_streamed(self, path: str | os.PathLike[str], media_type: str, title: str) -> dict:
+        """Upload a file in one pass and return its descriptor: hashed while it streams.
+
+        A monolithic PUT needs the digest in its URL before the first byte, which costs a whole
+        read of the file first; a chunked upload (POST, one streamed PATCH, PUT ?digest=) learns
+        the digest as the bytes go out. The registry checks the digest at the PUT, so a changed
+        or corrupt file is refused there, never stored under a wrong name. Retried as a whole.
+        """
+        body = HashingFileBody(path)
+
+        def attempt() -> dict:
+            started = self.check(self.do_request(f"{self.base_url}/blobs/uploads/", "POST",
+                                                 headers={"Content-Length": "0"}), "starting a blob upload")
+            location = self._location(started)
+            patched = self.check(self.do_request(location, "PATCH", data=body,
+                                                 headers={"Content-Type": "application/octet-stream"}),
+                                 f"uploading {title}", ok=(202,))
+            url = oras.utils.append_url_params(self._location(patched), {"digest": body.digest})
+            self.check(self.do_request(url, "PUT", headers={"Content-Length": "0"}), f"committing {title}",
+                       ok=(201, 204))
+            return {"mediaType": media_type, "digest": body.digest, "size": body.size,
+                    "annotations": {ANNOTATION_TITLE: title}}
+
+        return with_retries(f"uploading {title}", attempt, self.options, self.image.registry)
+
+    def _location(self, response: requests.Response) -> str:
+        location = self._get_location(response, self.container)
+        if not location:
+            raise RegistryError(f"{self._where()} answered the upload without a Location header")
+        return location
+
     def download_blob_verified(self, descriptor: dict, destination: Path) -> Path:
         """Stream a blob to ``destination``; it appears there only if size and sha256 match."""
         digest = descriptor["digest"]
@@ -538,6 +569,32 @@ class RegistryClient(oras.provider.Registry):
             raise RegistryError(f"{self._where()}: manifest {reference} is not a JSON object")
         manifest.setdefault("mediaType", content_type.split(";")[0].strip())
         return manifest, digest, raw
+
+
+class HashingFileBody:
+    """A request body that streams a file and hashes what it sent; iterating again starts over."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self.hasher = hashlib.sha256()
+        self.size = 0
+
+    def __len__(self) -> int:
+        # requests then sends a Content-Length instead of chunked encoding, which every registry
+        # and proxy accepts for a PATCH
+        return self.path.stat().st_size
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.hasher, self.size = hashlib.sha256(), 0
+        with open(self.path, "rb") as handle:
+            while chunk := handle.read(CHUNK_BYTES):
+                self.hasher.update(chunk)
+                self.size += len(chunk)
+                yield chunk
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self.hasher.hexdigest()
 
 
 # Manifest building --------------------------------------------------------------------------

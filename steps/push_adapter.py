@@ -53,7 +53,6 @@ from steps.oci import (
     RegistryOptions,
     build_manifest,
     empty_config_descriptor,
-    file_descriptor,
 )
 
 log = logging.getLogger("kaiflow.steps.push_adapter")
@@ -208,18 +207,21 @@ def push_adapter(config: PushConfig, options: RegistryOptions | None = None,
     now = now or dt.datetime.now(dt.UTC)
     annotations = annotations_from(read_adapter_metadata(adapter_dir), config.annotation, now)
 
-    layers = [file_descriptor(path, MEDIA_TYPES.get(path.name, DEFAULT_MEDIA_TYPE), path.name) for path in files]
-    tag = resolve_tag(image, config.tag, layers, now)
-    target = image.with_tag(tag)
-    client = RegistryClient(target, options)
-    total = len(layers)
-    log.info("pushing %d files (%.1f MiB) to %s", total, sum(layer["size"] for layer in layers) / 2**20, target)
+    tag = resolve_tag(image, config.tag, [], now)  # a bad tag fails before any upload
+    client = RegistryClient(image, options)
+    total = len(files)
+    log.info("pushing %d files (%.1f MiB) to %s", total, sum(p.stat().st_size for p in files) / 2**20, image.repo)
 
-    for done, (path, layer) in enumerate(zip(files, layers, strict=True), start=1):
-        client.upload_file(path, layer)
+    layers = []
+    for done, path in enumerate(files, start=1):
+        layers.append(client.upload_streamed(path, MEDIA_TYPES.get(path.name, DEFAULT_MEDIA_TYPE), path.name))
         report_progress(done, total + 1)
         if on_layer:
             on_layer(done, total)
+    if config.tag == "auto":  # the tag names the content, known once every file was hashed
+        tag = resolve_tag(image, config.tag, layers, now)
+    target = image.with_tag(tag)
+    client.image = target
     config_descriptor = build_config_blob(client)
 
     manifest_bytes = build_manifest(layers, ARTIFACT_TYPE, annotations, config_descriptor)
