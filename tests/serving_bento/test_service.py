@@ -71,7 +71,10 @@ def test_openai_client_streams_chat_and_completions(client, bento_tiny):
                                             temperature=0, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) >= 2
+    # >= 1, not more: the random tiny model's byte-level pieces may only decode to whole characters
+    # at the end, and its near-flat logits make the exact tokens sensitive to batch composition.
+    # Token-by-token streaming is asserted on SmolLM2 (test_smollm2.py).
+    assert [c for c in chunks if c.choices and c.choices[0].delta.content]
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 12
     whole = client.chat.completions.create(model=bento_tiny.served_model, messages=messages, max_tokens=12,
                                            temperature=0)
