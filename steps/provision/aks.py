@@ -19,6 +19,10 @@ exponential backoff and ``Retry-After``; what still fails that way, or for lack 
 pipeline retries the step; quota, invalid settings and refused changes exit with 2. With ``--wait-for-nodes`` (default) the step then waits
 for the pool's nodes (label ``agentpool=<pool>``) to be Ready in Kubernetes and reports their
 names; without it the node list is empty and only the pool is reported.
+
+``release()`` deletes the pool (``agent_pools.begin_delete``, followed to its end under
+``--timeout``) after checking its owner tag names this Workspace: a pool of the same name that
+kaiflow did not make for it is refused (exit 2), a pool already gone is fine.
 """
 
 from __future__ import annotations
@@ -28,18 +32,19 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
+from api.labels import ANNOTATION_OWNER, GPU_TAINT, LABEL_WORKSPACE, LABEL_WORKSPACE_NAMESPACE
+from steps import kube
 from steps.common import RetryableError, StepError, report_progress
-from steps.provision.base import (
-    ANNOTATION_OWNER, GPU_TAINT, LABEL_WORKSPACE, LABEL_WORKSPACE_NAMESPACE, Provider, ProvisionResult, api_error,
-    kube_api_client, node_is_ready, short_name, wait_until,
-)
+from steps.provision.base import Provider, ProvisionResult, node_is_ready, short_name, wait_until
 
 log = logging.getLogger("kaiflow.steps.provision.aks")
 
 _POOL_NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+# ARM tag names may not contain "/".
+OWNER_TAG = ANNOTATION_OWNER.replace("/", "_")
 AKS_ENV = {
     "subscription_id": "AZURE_SUBSCRIPTION_ID",
     "resource_group": "AZURE_RESOURCE_GROUP",
@@ -65,6 +70,8 @@ class AKSOptions:
     )
     os_disk_size_gb: int = field(default=128, metadata={"help": "OS disk size of each node in GB"})
 
+    ENV: ClassVar[dict[str, str]] = AKS_ENV  # environment variables that supply defaults
+
 
 def agent_pool_spec(provider: AKSProvider, pool: str) -> dict[str, Any]:
     config = provider.config
@@ -77,7 +84,7 @@ def agent_pool_spec(provider: AKSProvider, pool: str) -> dict[str, Any]:
         enable_auto_scaling=False,
         node_labels={LABEL_WORKSPACE: config.workspace_name, LABEL_WORKSPACE_NAMESPACE: config.namespace, **config.labels},
         node_taints=[f"{GPU_TAINT['key']}={GPU_TAINT['value']}:{GPU_TAINT['effect']}"],
-        tags={ANNOTATION_OWNER.replace("/", "_"): config.owner},
+        tags={OWNER_TAG: config.owner},
     )
 
 
@@ -89,9 +96,9 @@ class AKSProvider(Provider):
     def opts(self) -> AKSOptions:
         return self.options or AKSOptions()
 
-    def _validate(self) -> str:
+    def _validate(self, *, need_instance_type: bool = True) -> str:
         config, opts = self.config, self.opts
-        if not config.instance_type:
+        if need_instance_type and not config.instance_type:
             raise StepError("--instance-type is required for provider aks (the agent pool's VM size)")
         for name, env in (("subscription_id", "AZURE_SUBSCRIPTION_ID"), ("resource_group", "AZURE_RESOURCE_GROUP"),
                           ("cluster_name", "AZURE_CLUSTER_NAME")):
@@ -130,9 +137,7 @@ class AKSProvider(Provider):
         from azure.mgmt.containerservice.models import AgentPool
 
         pool_name = self._validate()
-        if not os.environ.get("KAIFLOW_DEBUG"):
-            # azure-core logs every request and response header at INFO; keep the step's log readable.
-            logging.getLogger("azure").setLevel(logging.WARNING)
+        _quiet_azure_logs()
         config, opts = self.config, self.opts
         where = f"{opts.resource_group}/{opts.cluster_name}"
         deadline = time.monotonic() + config.timeout
@@ -152,11 +157,7 @@ class AKSProvider(Provider):
                                     f"(status {poller.status()})")
                 pool = poller.result()
         except ClientAuthenticationError as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise StepError(
-                "Azure credentials: no usable credential (in a pod: workload identity needs the "
-                f"azure.workload.identity/use label and a federated service account): {first_line}"
-            ) from None
+            raise _credential_error(exc) from None
         except ResourceNotFoundError as exc:
             raise StepError(
                 f"--cluster-name/--resource-group/--subscription-id: AKS cluster {where} not found: {_arm_message(exc)}"
@@ -183,14 +184,14 @@ class AKSProvider(Provider):
         config = self.config
         selector = f"agentpool={pool_name}"
         seen: dict[str, list[str]] = {"ready": [], "all": []}
-        with kube_api_client(config.kubeconfig) as api_client:
-            core = client.CoreV1Api(api_client)
+        with kube.api_client(config.kubeconfig) as api:
+            core = client.CoreV1Api(api)
 
             def ready() -> list[str]:
                 try:
                     nodes = core.list_node(label_selector=selector).items
                 except client.ApiException as exc:
-                    raise api_error(exc, f"listing nodes of agent pool {pool_name}") from None
+                    raise kube.api_error(exc, f"listing nodes of agent pool {pool_name}") from None
                 seen["all"] = sorted(n.metadata.name for n in nodes)
                 seen["ready"] = sorted(n.metadata.name for n in nodes if node_is_ready(n))
                 report_progress(min(len(seen["ready"]), config.count), config.count)
@@ -200,6 +201,72 @@ class AKSProvider(Provider):
                 ready, timeout=timeout, interval=config.poll_interval, what=f"{config.count} Ready node(s) with {selector}",
                 describe=lambda: f"{len(seen['ready'])} Ready of {len(seen['all'])} registered",
             )
+
+
+    def release(self) -> list[str]:
+        from azure.core.exceptions import (
+            ClientAuthenticationError, HttpResponseError, ResourceNotFoundError, ServiceRequestError,
+        )
+
+        pool_name = self._validate(need_instance_type=False)
+        _quiet_azure_logs()
+        config, opts = self.config, self.opts
+        where = f"{opts.resource_group}/{opts.cluster_name}"
+        try:
+            with self._client() as aks:
+                try:
+                    pool = aks.agent_pools.get(opts.resource_group, opts.cluster_name, pool_name)
+                except ResourceNotFoundError as exc:
+                    # AKS answers a missing pool with code NotFound; a missing cluster or resource
+                    # group has codes of their own and is an error.
+                    if _arm_code(exc) == "NotFound":
+                        log.info("agent pool %s in %s is already gone", pool_name, where)
+                        return []
+                    raise
+                owner = (pool.tags or {}).get(OWNER_TAG)
+                if owner != config.owner:
+                    raise StepError(
+                        f"--pool-name: agent pool {pool_name} in {where} is not the one kaiflow made for "
+                        f"{config.owner} (its {OWNER_TAG} tag is {owner!r}); not deleting it"
+                    )
+                log.info("deleting agent pool %s in %s", pool_name, where)
+                poller = aks.agent_pools.begin_delete(opts.resource_group, opts.cluster_name, pool_name,
+                                                      polling_interval=config.poll_interval)
+                poller.wait(timeout=config.timeout)
+                if not poller.done():
+                    raise RetryableError(f"timed out after {config.timeout:g} s waiting for agent pool {pool_name} "
+                                         f"in {where} to be deleted (status {poller.status()})")
+                poller.result()
+        except ClientAuthenticationError as exc:
+            raise _credential_error(exc) from None
+        except ResourceNotFoundError as exc:
+            raise StepError(
+                f"--cluster-name/--resource-group/--subscription-id: AKS cluster {where} not found: {_arm_message(exc)}"
+            ) from None
+        except HttpResponseError as exc:
+            message = f"deleting agent pool {pool_name} in {where}: {_arm_message(exc)}"
+            raise (RetryableError if _transient(exc) else StepError)(message) from None
+        except ServiceRequestError as exc:
+            raise RetryableError(f"--arm-endpoint: cannot reach Azure Resource Manager: {exc}") from None
+        return [pool_name]
+
+
+def _quiet_azure_logs() -> None:
+    if not os.environ.get("KAIFLOW_DEBUG"):
+        # azure-core logs every request and response header at INFO; keep the step's log readable.
+        logging.getLogger("azure").setLevel(logging.WARNING)
+
+
+def _credential_error(exc: Exception) -> StepError:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return StepError(
+        "Azure credentials: no usable credential (in a pod: workload identity needs the "
+        f"azure.workload.identity/use label and a federated service account): {first_line}"
+    )
+
+
+def _arm_code(exc: Any) -> str:
+    return str(getattr(getattr(exc, "error", None), "code", "") or "")
 
 
 def _transient(exc: Any) -> bool:

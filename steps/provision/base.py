@@ -10,11 +10,13 @@ NodeClaims and agent pools are named ``<6 chars of the workspace><4 hex of sha25
 plus the node index for claims: readable, stable across retries (idempotent) and unique per
 namespace/name.
 
-Kubernetes access (``kube_api_client``) follows the usual order: ``--kubeconfig``, then
-``$KUBECONFIG``, then ``~/.kube/config``, then the pod's service account. Transient API errors
-(connection resets, 429, 5xx) are retried by urllib3 with exponential backoff, honouring
-``Retry-After``; creates stay safe because a retried create that already happened answers 409,
-which the providers treat as "reuse".
+Kubernetes access, retries and the meaning of an API error are :mod:`steps.kube`'s (the steps'
+one Kubernetes layer); Kaito's labels, taints and the owner annotation are :mod:`api.labels`'.
+
+Deleting: ``Provider.release()`` removes what ``provision()`` made for a Workspace (the
+controller's finalizer and a Workflow's ``onExit`` handler call it through
+:func:`steps.provision.release`). It finds its objects by the Workspace's labels and owner
+annotation, never by name alone, is idempotent (already gone is fine) and waits under a deadline.
 """
 
 from __future__ import annotations
@@ -23,27 +25,21 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
+from api.labels import owner_annotation
 from steps.common import RetryableError, StepError
+from steps.kube import api_error
 
 log = logging.getLogger("kaiflow.steps.provision")
 
 PROVIDERS = ("local", "aks", "karpenter", "existing")
 
-# Kaito's conventions for the nodes it provisions.
-LABEL_WORKSPACE = "kaito.sh/workspace"
-LABEL_WORKSPACE_NAMESPACE = "kaito.sh/workspacenamespace"
-ANNOTATION_OWNER = "kaiflow.kaito.sh/owner"
-LABEL_INSTANCE_TYPE = "node.kubernetes.io/instance-type"
-GPU_TAINT = {"key": "sku", "value": "gpu", "effect": "NoSchedule"}
 MAX_COUNT = 100  # node indexes stay within the 12-character AKS pool name
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -104,7 +100,7 @@ class ProvisionConfig:
 
     @property
     def owner(self) -> str:
-        return f"kaito.sh/Workspace/{self.namespace}/{self.workspace_name}"
+        return owner_annotation(self.namespace, self.workspace_name)
 
 
 @dataclass(frozen=True)
@@ -133,6 +129,14 @@ class Provider(ABC):
     def provision(self) -> ProvisionResult:
         """Make ``config.count`` nodes Ready (creating them if this provider does) and name them."""
 
+    def release(self) -> list[str]:
+        """Delete what :meth:`provision` made for the Workspace; the names released ([] if nothing).
+
+        Waits until it is gone, at most ``config.timeout`` s. Providers that create nothing
+        (local, existing) release nothing: the nodes were there before and stay.
+        """
+        return []
+
 
 # -- names and labels ---------------------------------------------------------------------------
 
@@ -157,51 +161,6 @@ def validate_label(key: str, value: str) -> None:
 
 
 # -- Kubernetes ---------------------------------------------------------------------------------
-
-
-def kube_api_client(kubeconfig: str | None = None) -> Any:
-    """A ``kubernetes.client.ApiClient`` with retries on transient errors (see module doc)."""
-    from kubernetes import client, config
-    from urllib3.util.retry import Retry
-
-    configuration = client.Configuration()
-    path = kubeconfig or os.environ.get("KUBECONFIG")
-    if not path and Path("~/.kube/config").expanduser().exists():
-        path = str(Path("~/.kube/config").expanduser())
-    try:
-        if path:
-            config.load_kube_config(config_file=path, client_configuration=configuration)
-        else:
-            config.load_incluster_config(client_configuration=configuration)
-    except (config.ConfigException, OSError) as exc:
-        where = f"kubeconfig {path}" if path else "the in-cluster service account"
-        raise StepError(f"--kubeconfig: cannot load Kubernetes credentials from {where}: {exc}") from None
-    configuration.retries = Retry(
-        total=6, connect=6, read=3, status=6, backoff_factor=0.5,
-        status_forcelist=(429, 500, 502, 503, 504), allowed_methods=None, raise_on_status=False,
-    )
-    return client.ApiClient(configuration)
-
-
-def api_error(exc: Exception, what: str) -> StepError:
-    """A one-line StepError from a kubernetes-client exception (status and the server's message)."""
-    status = getattr(exc, "status", None)
-    body = getattr(exc, "body", None)
-    message = ""
-    if body:
-        try:
-            message = json.loads(body).get("message", "")
-        except (ValueError, AttributeError):
-            message = str(body)[:300]
-    if status == 403:
-        hint = " (does the step's service account have RBAC for it?)"
-    elif status == 404 and "nodeclaim" in what.lower():
-        hint = " (is Karpenter / Kaito's gpu-provisioner installed?)"
-    else:
-        hint = ""
-    detail = f"HTTP {status} {message}".strip() if status else f"{type(exc).__name__}: {exc}"
-    transient = status is None or status == 429 or status >= 500
-    return (RetryableError if transient else StepError)(f"{what}: {detail}{hint}")
 
 
 def node_is_ready(node: Any) -> bool:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 
 from steps.common import StepError, report_progress
-from steps.provision.base import Provider, ProvisionResult, api_error, kube_api_client, node_is_ready, node_matches, wait_until
+from steps.kube import api_client, api_error
+from steps.provision.base import Provider, ProvisionResult, node_is_ready, node_matches, wait_until
 
 log = logging.getLogger("kaiflow.steps.provision.existing")
 
@@ -25,8 +26,8 @@ class ExistingProvider(Provider):
         config = self.config
         if not config.labels and not config.preferred_nodes:
             raise StepError("provider existing: give --label (the Workspace's labelSelector) or --preferred-node")
-        with kube_api_client(config.kubeconfig) as api_client:
-            core = client.CoreV1Api(api_client)
+        with api_client(config.kubeconfig) as kube:
+            core = client.CoreV1Api(kube)
             last: dict[str, list[str]] = {"ready": [], "not_ready": []}
 
             def usable() -> list[str]:

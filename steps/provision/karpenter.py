@@ -12,13 +12,19 @@ reports back in the claim's status. The claim carries:
 * an owner annotation (NodeClaims are cluster-scoped, so no ownerReference to the namespaced
   Workspace is possible) and ``karpenter.sh/do-not-disrupt`` so a training job is not consolidated.
 
-Idempotent: claim names are stable (``base.short_name``), a 409 on create means "reuse" — after
-checking the existing claim asks for the same instance type. Then it waits with a deadline until
+Idempotent: claim names are stable (``base.short_name``); an existing claim is reused after
+checking it asks for the same instance type (Karpenter treats a claim's spec as immutable), and
+every claim is written with server-side apply (field manager ``kaiflow``), so a retried step
+converges on the same claims. Then it waits with a deadline until
 every claim has ``Ready=True`` and reports ``status.nodeName``. A claim that reports
 ``Launched=False`` (e.g. no capacity or quota) is deleted before failing (exit code 1, which the
 pipeline retries), so the retry asks afresh instead of finding the failed claim again.
 
 Preferred nodes that exist, are Ready and carry the labels count towards ``--count`` (as in Kaito).
+
+``release()`` deletes the Workspace's claims — those labelled with its name and namespace *and*
+carrying its owner annotation, so a claim Kaito's own controller made is never touched — and
+waits until Karpenter's termination finalizer has let them go (the node drained and the VM gone).
 """
 
 from __future__ import annotations
@@ -27,15 +33,17 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from steps.common import RetryableError, StepError, report_progress
-from steps.provision.base import (
-    ANNOTATION_OWNER, GPU_TAINT, LABEL_INSTANCE_TYPE, LABEL_WORKSPACE, LABEL_WORKSPACE_NAMESPACE, Provider,
-    ProvisionConfig, ProvisionResult, api_error, kube_api_client, ready_preferred_nodes, short_name, wait_until,
+from api.labels import (
+    ANNOTATION_OWNER, GPU_TAINT, LABEL_INSTANCE_TYPE, LABEL_MANAGED_BY, LABEL_WORKSPACE, LABEL_WORKSPACE_NAMESPACE,
+    MANAGED_BY,
 )
+from steps import kube
+from steps.common import RetryableError, StepError, report_progress
+from steps.provision.base import Provider, ProvisionConfig, ProvisionResult, ready_preferred_nodes, short_name, wait_until
 
 log = logging.getLogger("kaiflow.steps.provision.karpenter")
 
-GROUP, VERSION, PLURAL = "karpenter.sh", "v1", "nodeclaims"
+API_VERSION, KIND = "karpenter.sh/v1", "NodeClaim"
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,7 @@ def nodeclaim_body(config: ProvisionConfig, options: KarpenterOptions, name: str
     labels = {
         LABEL_WORKSPACE: config.workspace_name,
         LABEL_WORKSPACE_NAMESPACE: config.namespace,
+        LABEL_MANAGED_BY: MANAGED_BY,
         "karpenter.sh/nodepool": options.node_pool,
         **config.labels,
     }
@@ -60,8 +69,8 @@ def nodeclaim_body(config: ProvisionConfig, options: KarpenterOptions, name: str
         {"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]},
     ] + [{"key": k, "operator": "In", "values": [v]} for k, v in sorted(config.labels.items())]
     return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "NodeClaim",
+        "apiVersion": API_VERSION,
+        "kind": KIND,
         "metadata": {
             "name": name,
             "labels": labels,
@@ -100,19 +109,18 @@ class KarpenterProvider(Provider):
         config, options = self.config, self.options or KarpenterOptions()
         if not config.instance_type:
             raise StepError("--instance-type is required for provider karpenter (the VM size each NodeClaim asks for)")
-        with kube_api_client(config.kubeconfig) as api_client:
-            core, custom = client.CoreV1Api(api_client), client.CustomObjectsApi(api_client)
-            reused = ready_preferred_nodes(core, config)
+        with kube.api_client(config.kubeconfig) as api:
+            reused = ready_preferred_nodes(client.CoreV1Api(api), config)
             claims = [short_name(config.workspace_name, config.namespace, i) for i in range(config.count - len(reused))]
             for name in claims:
-                self._create_or_reuse(custom, nodeclaim_body(config, options, name))
+                self._apply(api, nodeclaim_body(config, options, name))
 
             states: dict[str, str] = {}
 
             def all_ready() -> list[str]:
                 nodes = []
                 for name in claims:
-                    node = self._check(custom, name, states)
+                    node = self._check(api, name, states)
                     if node:
                         nodes.append(node)
                 report_progress(len(reused) + len(nodes), config.count)
@@ -127,49 +135,35 @@ class KarpenterProvider(Provider):
         return ProvisionResult(provider=self.name, nodes=reused + nodes,
                                details={"nodeclaims": claims, "preferred_nodes_used": reused})
 
-    def _create_or_reuse(self, custom: Any, body: dict[str, Any]) -> None:
-        from kubernetes import client
-
+    def _apply(self, api: Any, body: dict[str, Any]) -> None:
+        """Server-side apply the claim; an existing one must ask for the same instance type."""
         name = body["metadata"]["name"]
-        try:
-            custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, body)
-            log.info("created NodeClaim %s (%s)", name, self.config.instance_type)
-            return
-        except client.ApiException as exc:
-            if exc.status != 409:
-                raise api_error(exc, f"creating NodeClaim {name}") from None
-        try:
-            existing = custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
-        except client.ApiException as exc:
-            raise api_error(exc, f"reading existing NodeClaim {name}") from None
-        if (existing.get("metadata") or {}).get("deletionTimestamp"):
-            raise RetryableError(f"NodeClaim {name} is being deleted; retry once it is gone")
-        found = _instance_type_of(existing)
-        if found != self.config.instance_type:
-            raise StepError(
-                f"--instance-type: NodeClaim {name} already exists with instance type {found}, not "
-                f"{self.config.instance_type}; delete it (kubectl delete nodeclaim {name}) to change the size"
-            )
-        log.info("reusing NodeClaim %s", name)
+        existing = kube.get(api, API_VERSION, KIND, name)
+        if existing is not None:
+            if (existing.get("metadata") or {}).get("deletionTimestamp"):
+                raise RetryableError(f"NodeClaim {name} is being deleted; retry once it is gone")
+            found = _instance_type_of(existing)
+            if found != self.config.instance_type:
+                raise StepError(
+                    f"--instance-type: NodeClaim {name} already exists with instance type {found}, not "
+                    f"{self.config.instance_type}; delete it (kubectl delete nodeclaim {name}) to change the size"
+                )
+        kube.server_side_apply(api, body)
+        log.info("%s NodeClaim %s (%s)", "reusing" if existing else "created", name, self.config.instance_type)
 
-    def _check(self, custom: Any, name: str, states: dict[str, str]) -> str | None:
+    def _check(self, api: Any, name: str, states: dict[str, str]) -> str | None:
         """The node name once the claim is Ready; fails for a claim that cannot launch."""
-        from kubernetes import client
-
-        try:
-            claim = custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
-        except client.ApiException as exc:
-            if exc.status == 404:
-                raise RetryableError(f"NodeClaim {name} disappeared while waiting (deleted by Karpenter or a user)") from None
-            raise api_error(exc, f"reading NodeClaim {name}") from None
+        claim = kube.get(api, API_VERSION, KIND, name)
+        if claim is None:
+            raise RetryableError(f"NodeClaim {name} disappeared while waiting (deleted by Karpenter or a user)")
         launched, ready = _condition(claim, "Launched"), _condition(claim, "Ready")
         if launched.get("status") == "False":
             reason = launched.get("reason") or "unknown reason"
             message = launched.get("message") or ""
             try:
-                custom.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
-            except client.ApiException as exc:
-                log.warning("could not delete failed NodeClaim %s: %s", name, exc.status)
+                kube.delete(api, API_VERSION, KIND, name)
+            except StepError as exc:
+                log.warning("could not delete failed NodeClaim %s: %s", name, exc)
             raise RetryableError(f"NodeClaim {name} failed to launch a {self.config.instance_type} node: {reason} {message}".rstrip())
         node = (claim.get("status") or {}).get("nodeName")
         if ready.get("status") == "True" and node:
@@ -178,3 +172,39 @@ class KarpenterProvider(Provider):
         pending = [c for c in ("Launched", "Registered", "Initialized", "Ready") if _condition(claim, c).get("status") != "True"]
         states[name] = f"waiting for {', '.join(pending)}"
         return None
+
+    def release(self) -> list[str]:
+        config = self.config
+        with kube.api_client(config.kubeconfig) as api:
+            claims = self._owned_claims(api)
+            for name in claims:
+                if kube.delete(api, API_VERSION, KIND, name):
+                    log.info("deleting NodeClaim %s", name)
+            remaining: list[str] = []
+
+            def gone() -> bool:
+                remaining[:] = self._owned_claims(api)
+                return not remaining
+
+            if claims:
+                wait_until(gone, timeout=config.timeout, interval=config.poll_interval,
+                           what=f"NodeClaims {', '.join(claims)} to be deleted",
+                           describe=lambda: f"still there: {', '.join(remaining)} (Karpenter drains the node first)")
+        return claims
+
+    def _owned_claims(self, api: Any) -> list[str]:
+        """Names of this Workspace's NodeClaims: its labels, and kaiflow's owner annotation."""
+        from kubernetes.client.exceptions import ApiException
+
+        config = self.config
+        selector = f"{LABEL_WORKSPACE}={config.workspace_name},{LABEL_WORKSPACE_NAMESPACE}={config.namespace}"
+        try:
+            found = kube.request(api, "GET", kube.resource_path(API_VERSION, KIND), query=[("labelSelector", selector)])
+        except ApiException as exc:
+            if exc.status == 404:  # no NodeClaim CRD: nothing of ours can exist
+                return []
+            raise kube.api_error(exc, f"listing NodeClaims with {selector}") from None
+        return sorted(
+            item["metadata"]["name"] for item in (found or {}).get("items") or []
+            if ((item.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_OWNER) == config.owner
+        )

@@ -30,6 +30,7 @@ def test_creates_nodeclaims_like_kaito_and_reports_the_nodes(kube, tmp_path):
     claim = kube.get(f"{CLAIMS}/{names[0]}")
     assert claim["metadata"]["labels"] == {
         "apps": "phi-3", "kaito.sh/workspace": "phi-3", "kaito.sh/workspacenamespace": "team-a", "karpenter.sh/nodepool": "kaito",
+        "app.kubernetes.io/managed-by": "kaiflow",
     }
     assert claim["metadata"]["annotations"]["kaiflow.kaito.sh/owner"] == "kaito.sh/Workspace/team-a/phi-3"
     requirements = {r["key"]: r["values"] for r in claim["spec"]["requirements"]}
@@ -83,4 +84,4 @@ def test_missing_nodeclaim_crd_names_karpenter(kube, tmp_path, capsys):
     del kube.emulator.resources["karpenter.sh/v1/nodeclaims"]
     assert run_step(main, argv(kube, tmp_path)) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "creating NodeClaim" in err and "HTTP 404" in err and "Karpenter" in err
+    assert "applying NodeClaim" in err and "HTTP 404" in err and "Karpenter" in err
