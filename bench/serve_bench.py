@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the raw figures here")
     args = parser.parse_args(argv)
 
-    from steps.deploy import start_local, stop_local
+    from steps.local_service import start_local, stop_local
 
     # Both servers run side by side (an idle one costs no CPU) and each level is measured on one
     # right after the other, so a busy neighbour on a shared machine skews both alike.

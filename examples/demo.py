@@ -55,7 +55,8 @@ def main() -> int:
     from rich.console import Console
 
     from pipelines.runner import run_cli
-    from steps.deploy import chat, stop_local
+    from serving_bento.client import chat
+    from steps.local_service import resolve_url, stop_local
     from tests.fixtures.registry import RegistryProcess
 
     console = Console(stderr=True)
@@ -72,7 +73,7 @@ def main() -> int:
         serve_dir = args.workdir / "serve"
         console.rule("chat over HTTP (Kaito's POST /chat)")
         for question in QUESTIONS:
-            answer = chat(serve_dir, question, max_new_tokens=48, temperature=0.0)
+            answer = chat(resolve_url(serve_dir), question, max_new_tokens=48, temperature=0.0)
             console.print(f"[bold]> {question}[/]\n{answer}\n", highlight=False)
         report = _tune_report(args.workdir)
         if report:

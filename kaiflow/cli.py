@@ -101,17 +101,18 @@ SERVE_SUBDIR = "serve"
 
 
 def _chat(args: argparse.Namespace) -> int:
+    from serving_bento.client import ChatError, chat
     from steps.common import StepError
-    from steps.deploy import chat
+    from steps.local_service import resolve_url
 
     try:
         answer = chat(
-            args.url or args.workdir / SERVE_SUBDIR,
+            resolve_url(args.url or args.workdir / SERVE_SUBDIR),
             args.prompt,
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
         )
-    except StepError as exc:
+    except (StepError, ChatError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(answer)
@@ -119,7 +120,7 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    from steps.deploy import stop_local
+    from steps.local_service import stop_local
 
     stopped = stop_local(args.workdir / SERVE_SUBDIR)
     print("stopped the local service" if stopped else f"no local service was running from {args.workdir}")

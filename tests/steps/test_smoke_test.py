@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from steps.common import run_step
-from steps.deploy import free_port
+from steps.local_service import free_port
 from steps.smoke_test import main
 
 
