@@ -176,3 +176,14 @@ def test_owner_reference():
             "apiVersion": "kaito.sh/v1beta1", "kind": "Workspace", "name": "ws-phi", "uid": UID,
             "controller": True, "blockOwnerDeletion": True}]
     assert "ownerReferences" not in render_deployment(make(workspace_uid=""))["metadata"]
+
+
+@pytest.mark.parametrize("render", [render_deployment, render_service])
+def test_every_field_is_a_kubernetes_field(render):
+    """Round trip through the kubernetes client's typed models: a misspelled field would be dropped."""
+    from kubernetes.client import ApiClient
+
+    manifest = render(make(model_access_secret="hf-token", insecure_registry=True))
+    api = ApiClient()
+    typed = api.deserialize(json.dumps(manifest), f"V1{manifest['kind']}", "application/json")
+    assert api.sanitize_for_serialization(typed) == manifest
