@@ -129,3 +129,23 @@ def test_aks_delete_cli_with_an_unknown_cluster_is_exit_2(arm, tmp_path, capsys)
             "--cluster-name", "nope", "--outputs", str(tmp_path), *arm.cli_args]
     assert run_step(main, argv) == 2
     assert "AKS cluster kaiflow-rg/nope not found" in capsys.readouterr().err
+
+
+def test_delete_from_the_command_line_as_an_onexit_handler_runs_it(kube, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with kube.simulate_karpenter():
+        assert run_step(main, provision_argv("karpenter", tmp_path / "a", "--kubeconfig", str(kube.kubeconfig))) == 0
+    proc = subprocess.run(
+        [sys.executable, "-m", "steps.provision", "--delete", "--provider", "karpenter", "--workspace-name", "phi-3",
+         "--namespace", "team-a", "--poll-interval", "0.05", "--outputs", str(tmp_path / "b")],
+        cwd=Path(__file__).resolve().parents[3], capture_output=True, text=True, timeout=60,
+        env={**os.environ, **kube.env},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
+        "provider": "karpenter", "released": [short_name("phi-3", "team-a", 0)]}
+    assert kube.list(CLAIMS) == []
