@@ -35,7 +35,7 @@ class DeployConfig:
     mode: str = field(default="local", metadata={"help": "local: bentoml serve here; cluster: Deployment + Service",
                                                  "choices": ("local", "cluster")})
     workspace_name: str = field(default="", metadata={"help": "the Workspace's name (names the Service)"})
-    preset: str = field(default="", metadata={"help": "model preset name (local mode: or a model folder)"})
+    preset: str = field(default="", metadata={"help": "model preset name (run locally, a model folder works too)"})
     adapter: tuple[str, ...] = field(default=(), metadata={
         "help": "NAME:STRENGTH of an adapter to serve (repeat; strength defaults to 1)", "metavar": "NAME:STRENGTH"})
     ready_timeout: float = field(default=600.0, metadata={"help": "seconds to wait for readiness"})
