@@ -4,8 +4,8 @@ The manifests come from :mod:`steps.deploy_manifests`. Before writing, the step 
 Deployment or Service of the same name is its own — labelled ``app.kubernetes.io/managed-by:
 kaiflow`` and ``kaito.sh/workspace: <workspace>`` — and refuses (exit 2, naming the object) to
 overwrite anything else. Both are written with server-side apply (field manager ``kaiflow``):
-one idempotent request, and fields kaiflow does not set (an admin's annotation, another controller's label) stay.
-Then it waits, under ``--ready-timeout``, for the rollout to finish as ``kubectl rollout
+one idempotent request, and fields kaiflow does not set (an admin's annotation, another
+controller's label) stay. Then it waits, under ``--ready-timeout``, for the rollout to finish as ``kubectl rollout
 status`` judges it: the new generation observed, every replica updated and ready, no old pod
 left. The pods' readiness probe is the service's ``/readyz``, so ready means model and adapters
 loaded.
