@@ -149,6 +149,36 @@ def rollout_state(deployment: dict[str, Any], replicas: int) -> tuple[bool, str]
     return True, f"{ready}/{replicas} replicas ready"
 
 
+def pod_problems(api: Any, d: ClusterDeployment) -> str:
+    """Why the Workspace's pods are not ready, in a line: unschedulable, image pulls, crash loops."""
+    import urllib3.exceptions
+    from kubernetes.client.exceptions import ApiException
+
+    selector = ",".join(f"{k}={v}" for k, v in d.selector.items())
+    try:
+        pods = kube.request(api, "GET", kube.resource_path("v1", "Pod", None, d.namespace),
+                            query=[("labelSelector", selector)]).get("items") or []
+    except (ApiException, urllib3.exceptions.HTTPError) as exc:
+        # This only decorates the deadline error being raised: never replace it with another.
+        log.debug("cannot list the pods of %s: %s", d.workspace_name, exc)
+        return ""
+    found = []
+    for pod in pods:
+        status = pod.get("status") or {}
+        reasons = [
+            f"{c.get('reason')}: {c.get('message', '')}".rstrip(": ")
+            for c in status.get("conditions") or [] if c.get("type") == "PodScheduled" and c.get("status") == "False"
+        ]
+        for container in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") and waiting["reason"] not in ("ContainerCreating", "PodInitializing"):
+                message = (waiting.get("message") or "")[:200]
+                reasons.append(f"{container.get('name')} {waiting['reason']}" + (f" ({message})" if message else ""))
+        if reasons:
+            found.append(f"{pod['metadata']['name']} {'; '.join(reasons)}")
+    return ", ".join(found[:3])
+
+
 def deploy_cluster(d: ClusterDeployment, ready_timeout: float, *, kubeconfig: str | None = None,
                    poll: float = 1.0) -> str:
     """Apply the Deployment and Service, wait for the rollout; the Service's in-cluster URL."""
@@ -172,8 +202,9 @@ def deploy_cluster(d: ClusterDeployment, ready_timeout: float, *, kubeconfig: st
                     break
                 if time.monotonic() > deadline:
                     # Pods still pulling an image or waiting for a GPU node may well be ready on the next try.
+                    problems = pod_problems(api, d)
                     raise RetryableError(f"Deployment {d.namespace}/{d.workspace_name}: {state} after "
-                                         f"{ready_timeout:.0f} s")
+                                         f"{ready_timeout:.0f} s" + (f"; pods: {problems}" if problems else ""))
                 time.sleep(poll)
     except urllib3.exceptions.HTTPError as exc:  # the client's own retries could not reach the API server
         raise RetryableError(f"cannot reach the Kubernetes API: {exc}") from None

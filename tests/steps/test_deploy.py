@@ -191,3 +191,22 @@ def test_cluster_without_credentials_is_a_clear_error(monkeypatch, tmp_path, cap
     assert run_step(main, argv) == 2
     assert "--kubeconfig: cannot load Kubernetes credentials" in capsys.readouterr().err
 
+
+
+def test_the_deadline_names_what_holds_the_pods(kube):
+    pods = "/api/v1/namespaces/default/pods"
+    labels = {"kaito.sh/workspace": "stuck"}
+    kube.create(pods, {"metadata": {"name": "stuck-1", "labels": labels}, "spec": {"containers": []}})
+    kube.patch(f"{pods}/stuck-1/status", {"status": {"phase": "Pending", "initContainerStatuses": [{
+        "name": "pull-adapters", "state": {"waiting": {"reason": "ImagePullBackOff",
+                                                       "message": 'Back-off pulling image "kaiflow:nope"'}}}]}})
+    kube.create(pods, {"metadata": {"name": "stuck-2", "labels": labels}, "spec": {"containers": []}})
+    kube.patch(f"{pods}/stuck-2/status", {"status": {"phase": "Pending", "conditions": [{
+        "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+        "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]}})
+    d = ClusterDeployment(workspace_name="stuck", namespace="default", preset=PRESET, image="i")
+    with pytest.raises(RetryableError) as error:
+        deploy_cluster(d, ready_timeout=0.5, kubeconfig=str(kube.kubeconfig), poll=0.1)
+    message = str(error.value)
+    assert 'stuck-1 pull-adapters ImagePullBackOff (Back-off pulling image "kaiflow:nope")' in message
+    assert "stuck-2 Unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu." in message
