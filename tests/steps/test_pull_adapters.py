@@ -23,6 +23,7 @@ from steps.oci import (
     RegistryOptions,
     build_manifest,
     file_descriptor,
+    upload_empty_config,
 )
 from tests.fixtures.registry import make_adapter_dir
 
@@ -169,7 +170,7 @@ def test_unsafe_layer_title_is_refused(oci_registry, tmp_path, capsys):
     client = RegistryClient(ImageRef.parse(f"{oci_registry.host}/adapters/evil:v1"), INSECURE)
     layer = file_descriptor(evil, "application/octet-stream", "../../escaped")
     client.upload_file(evil, layer)
-    config = push.build_config_blob(client)
+    config = upload_empty_config(client)
     client.put_manifest(build_manifest([layer], push.ARTIFACT_TYPE, {}, config), "v1")
     dest = tmp_path / "dest"
     code = run_step(pull.main, ["--adapter", f"e={oci_registry.host}/adapters/evil:v1", "--dest", str(dest),
@@ -208,9 +209,10 @@ def test_pull_with_basic_auth_and_wrong_password(oci_registry_auth, tune_output_
 
 
 @pytest.mark.parametrize(("adapter", "expected"), [
-    ("noequals", "expected NAME=IMAGE"),
+    ("noequals", "--adapter: expected KEY=VALUE, got 'noequals'"),
     ("../x=127.0.0.1:1/a/b:v1", "adapter name '../x'"),
-    ("a=not a ref", "not an image reference"),
+    ("a=not a ref", "--adapter a=: 'not a ref' is not an OCI image reference"),
+    ("a=", "is empty"),
 ])
 def test_bad_adapter_arguments(adapter, expected, tmp_path, capsys):
     code = run_step(pull.main, ["--adapter", adapter, "--dest", str(tmp_path), "--outputs", str(tmp_path / "o")])
