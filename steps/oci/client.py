@@ -236,7 +236,7 @@ class RegistryClient(oras.provider.Registry):
                 headers.update(self._auth_header())
                 response.close()
                 response = self._send(method, url, headers, data, json)
-        if not stream and response.status_code < 300:
+        if not stream and method != "HEAD" and response.status_code < 300:  # a HEAD's length is the blob's
             body = read_capped(response, MAX_BODY_BYTES, f"{method} {url.split('?')[0]}")
             # requests' own idiom for a body already read (Response.content fills these two)
             response._content, response._content_consumed = body, True

@@ -83,6 +83,14 @@ def test_cache_means_no_download_after_restart(registry_factory, tmp_path):
     assert_same_files(dest / "a", adapter)
 
 
+def test_blobs_larger_than_the_answer_cap_round_trip(oci_registry, tmp_path):
+    """A HEAD of a blob declares the blob's length: only bodies actually read are capped at 4 MiB."""
+    adapter = make_adapter_dir(tmp_path / "adapter", weights_bytes=6 << 20, seed=3)
+    push_dir(oci_registry, adapter, "adapters/large")
+    pull.pull_adapters(pull.PullConfig([f"l={oci_registry.host}/adapters/large:v1"], str(tmp_path / "d")), INSECURE)
+    assert_same_files(tmp_path / "d" / "l", adapter)
+
+
 def test_corrupt_blob_in_registry_storage_is_refused(registry_factory, tmp_path):
     registry = registry_factory()
     adapter = make_adapter_dir(tmp_path / "adapter", seed=7)
