@@ -289,6 +289,16 @@ def test_gzip_bomb_stops_at_max_bytes(hostile, tmp_path):
     assert_refused(world, f"{hostile.host}/{REPO}:v1", "goes past --max-bytes 16777216", "--max-bytes", str(16 << 20))
 
 
+def test_layer_with_too_many_entries(hostile, tmp_path):
+    world = World(tmp_path)
+    buffer = io.BytesIO()
+    with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as zipped, tarfile.open(fileobj=zipped, mode="w") as archive:
+        for index in range(pull.MAX_LAYER_ENTRIES + 1):
+            archive.addfile(tarfile.TarInfo(f"etc/f{index}"))
+    image_with_layer(hostile, buffer.getvalue())
+    assert_refused(world, f"{hostile.host}/{REPO}:v1", f"has more than {pull.MAX_LAYER_ENTRIES} entries")
+
+
 def test_blob_longer_than_declared_is_cut_off(hostile, tmp_path):
     world = World(tmp_path)
     data = b'{"r": 4}'
@@ -408,7 +418,10 @@ def test_token_request_times_out_and_is_retried_then_exit_1(hostile, tmp_path):
 
 
 # -- atomic placement ---------------------------------------------------------------------------
-def test_adapter_directory_is_swapped_whole(tmp_path):
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+def test_adapter_directory_is_swapped_whole(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(pull, "_exchange", lambda first, second: False)
     final = tmp_path / "a"
     final.mkdir()
     (final / "old.bin").write_text("old")
