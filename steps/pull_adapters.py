@@ -139,9 +139,10 @@ class PulledAdapter:
 
 
 def _inside(root: Path, path: Path) -> bool:
-    """``path`` (made absolute, ``..`` folded, symlinks resolved) lies under ``root``."""
-    root_text = os.path.realpath(root)
-    return os.path.commonpath([root_text, os.path.realpath(path)]) == root_text
+    """``path`` (made absolute, ``..`` folded) lies under ``root``. Lexical on purpose: the
+    directories checked are ours (cache, staging) and hold no links a layer could have made."""
+    root_text = os.path.abspath(root)
+    return os.path.commonpath([root_text, os.path.abspath(path)]) == root_text
 
 
 class BlobCache:

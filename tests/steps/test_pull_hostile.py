@@ -230,6 +230,17 @@ def test_index_entry_digest_that_climbs_out_of_the_cache(hostile, tmp_path):
     assert_refused(world, f"{hostile.host}/{REPO}:v1", "the image index names manifest digest")
 
 
+@pytest.mark.parametrize("digest", ["/etc/passwd", "sha256:../../x", "sha256:" + "a" * 64 + "/../../x",
+                                    "sha256:" + "A" * 64, "sha256:" + "a" * 64 + "\n", "../" + "a" * 64, None])
+def test_cache_paths_come_only_from_digests(tmp_path, digest):
+    cache = pull.BlobCache(tmp_path / "cache")
+    for path_of in (cache.blob_path, cache.manifest_path):
+        with pytest.raises(pull.RegistryError, match="is not sha256:<64 lower-case hex>"):
+            path_of(digest)
+    good = "sha256:" + "a" * 64
+    assert cache.blob_path(good) == tmp_path / "cache" / "blobs" / "sha256" / ("a" * 64)
+
+
 # -- names --------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("member", "expected"), [
     ("data/.wh...", "whiteout of '..'"),
