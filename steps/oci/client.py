@@ -236,9 +236,11 @@ class RegistryClient(oras.provider.Registry):
                 headers.update(self._auth_header())
                 response.close()
                 response = self._send(method, url, headers, data, json)
-        if not stream and method != "HEAD" and response.status_code < 300:  # a HEAD's length is the blob's
-            body = read_capped(response, MAX_BODY_BYTES, f"{method} {url.split('?')[0]}")
-            # requests' own idiom for a body already read (Response.content fills these two)
+        if not stream and response.status_code < 300:
+            # A HEAD has no body (its Content-Length is the blob's); marking it read keeps the
+            # connection in the pool. requests' own idiom for a body already read: Response.content
+            # fills these two attributes.
+            body = b"" if method == "HEAD" else read_capped(response, MAX_BODY_BYTES, f"{method} {url.split('?')[0]}")
             response._content, response._content_consumed = body, True
         return response
 
