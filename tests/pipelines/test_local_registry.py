@@ -105,3 +105,10 @@ def test_kaiflow_registry_command_with_htpasswd(tmp_path):
     assert f"registry 127.0.0.1:{port}" in out
     assert "local-secret-123" not in out
     assert not registry_answers(f"127.0.0.1:{port}")
+
+
+def test_kaiflow_registry_username_needs_a_password_file(capsys):
+    from kaiflow.cli import main
+
+    assert main(["registry", "--username", "me"]) == 2
+    assert "--username needs --password-file" in capsys.readouterr().err
