@@ -19,17 +19,12 @@ from urllib.parse import urlparse
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from api.image_ref import ImageRef
 from api.workspace_types import API_VERSIONS, Workspace
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 STRENGTH = re.compile(r"^(0(\.\d+)?|1(\.0+)?|\.\d+)$")
 URL_SCHEMES = ("http", "https", "file")
-# registry/repo[:tag][@sha256:...]. Upper case is let through in repository names (registries
-# refuse it at push time) because Kaito's own examples carry placeholders like ADAPTER_HERE.
-IMAGE_REF = re.compile(
-    r"^(?P<name>[a-zA-Z0-9][a-zA-Z0-9._-]*(?::[0-9]+)?(?:/[a-zA-Z0-9]+(?:(?:[._]|__|-+)[a-zA-Z0-9]+)*)+)"
-    r"(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>sha256:[a-f0-9]{64}))?$"
-)
 
 
 @dataclass(frozen=True)
@@ -116,8 +111,11 @@ def _check_url(url: str, path: str) -> Iterator[FieldError]:
 
 
 def _check_image(ref: str, path: str) -> Iterator[FieldError]:
-    if not IMAGE_REF.match(ref):
-        yield FieldError(path, f"not an OCI image reference of the form registry/repository[:tag] (got {ref!r})")
+    # Placeholders pass: Kaito's own examples carry ACR_REPO_HERE.azurecr.io/ADAPTER_HERE:0.0.1.
+    try:
+        ImageRef.parse(ref, allow_placeholders=True)
+    except ValueError as exc:
+        yield FieldError(path, str(exc))
 
 
 def _check_volume(volume: dict[str, Any], path: str) -> Iterator[FieldError]:

@@ -17,12 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # tests.fixtures.registry: the one definition of a local registry
 
 for key, value in {
     "HF_HUB_OFFLINE": "1",
@@ -39,12 +37,6 @@ REGISTRY_PORT = 5000
 QUESTIONS = ["What is Argo Workflows?", "What is a LoRA adapter?", "What is the capital of Norway?"]
 
 
-def _port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=ROOT / ".kaiflow" / "demo")
@@ -54,17 +46,16 @@ def main() -> int:
 
     from rich.console import Console
 
+    from pipelines.local_registry import ensure_local_registry
     from pipelines.runner import run_cli
     from serving_bento.client import chat
     from steps.local_service import resolve_url, stop_local
-    from tests.fixtures.registry import RegistryProcess
 
     console = Console(stderr=True)
-    registry = None
-    if _port_open(REGISTRY_PORT):
-        console.print(f"using the registry already listening on 127.0.0.1:{REGISTRY_PORT}")
+    registry = ensure_local_registry(f"127.0.0.1:{REGISTRY_PORT}", args.workdir / "registry")
+    if registry is None:
+        console.print(f"using the registry already answering on 127.0.0.1:{REGISTRY_PORT}")
     else:
-        registry = RegistryProcess(args.workdir / "registry", port=REGISTRY_PORT).start()
         console.print(f"started an OCI registry on {registry.url} (storage {registry.storage})")
     try:
         code = run_cli(WORKSPACE, args.workdir, resume=args.resume, console=console)

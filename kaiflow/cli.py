@@ -127,6 +127,22 @@ def _stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry(args: argparse.Namespace) -> int:
+    from pipelines.local_registry import LocalRegistryError, serve
+
+    password = None
+    if args.username:
+        if args.password_file is None:
+            print("error: --username needs --password-file", file=sys.stderr)
+            return 2
+        password = args.password_file.read_text().strip()
+    try:
+        return serve(args.port, args.root, username=args.username, password=password)
+    except LocalRegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kaiflow", description="Kaito Workspaces on Argo Workflows, or on this machine.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stop", help="stop the service started by `kaiflow run`")
     p.add_argument("--workdir", type=Path, default=Path(".kaiflow"))
     p.set_defaults(func=_stop)
+
+    p = sub.add_parser("registry", help="run a local OCI registry on 127.0.0.1 in the foreground (Ctrl-C stops it)")
+    p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000, where the local examples push)")
+    p.add_argument("--root", type=Path, default=Path(".kaiflow") / "registry", help="config and storage directory")
+    p.add_argument("--username", help="require this user (htpasswd); steps then need --docker-config")
+    p.add_argument("--password-file", type=Path, help="file holding the password for --username")
+    p.set_defaults(func=_registry)
     return parser
 
 

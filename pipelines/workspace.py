@@ -37,6 +37,7 @@ from typing import Any
 from hera.workflows import DAG, CronWorkflow, Workflow
 from hera.workflows import models as m
 
+from api.image_ref import ImageRef
 from pipelines import steps
 from pipelines.target import TRAINING_CONFIG_KEY, Target
 
@@ -177,12 +178,11 @@ def _node_labels(workspace: Any) -> list[str]:
 
 
 def _repository(image: str) -> str:
-    """``registry/repo:tag`` -> ``registry/repo`` (a port in the registry host is kept)."""
-    name = image.split("@", 1)[0]
-    last = name.rsplit("/", 1)
-    if ":" in last[-1]:
-        name = name[: name.rfind(":")]
-    return name
+    """``registry/repo:tag`` -> ``registry/repo``, normalised as Docker does (``x:1`` -> ``docker.io/library/x``)."""
+    try:
+        return ImageRef.parse(image, allow_placeholders=True).repo
+    except ValueError as exc:
+        raise PipelineError(f"tuning.output.image: {exc}") from None
 
 
 # -- tuning -------------------------------------------------------------------------------------

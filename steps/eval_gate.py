@@ -41,10 +41,10 @@ from steps.common import (
     write_output,
 )
 from steps.oci import (
-    ImageRef,
     RegistryClient,
     RegistryNotFoundError,
     RegistryOptions,
+    parse_image,
 )
 from steps.push_adapter import EVAL_LOSS_ANNOTATION
 
@@ -92,7 +92,7 @@ def parse_loss(text: str | None) -> float | None:
 
 def decide(config: GateConfig, options: RegistryOptions | None = None) -> GateDecision:
     candidate = candidate_eval_loss(Path(config.candidate_dir))
-    image = ImageRef.parse(config.current_image, "--current-image")
+    image = parse_image(config.current_image, "--current-image")
     if not image.tag and not image.digest:
         image = image.with_tag("latest")
     if math.isnan(candidate):

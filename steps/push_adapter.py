@@ -27,7 +27,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import tempfile
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from steps.common import (
     add_common_arguments,
     add_dataclass_arguments,
     dataclass_from_args,
+    parse_key_values,
     report_progress,
     run_step,
     write_output,
@@ -45,14 +45,14 @@ from steps.common import (
 from steps.oci import (
     ANNOTATION_CREATED,
     ANNOTATION_TITLE,
-    EMPTY_CONFIG_BYTES,
     TAG_RE,
     ImageRef,
     RegistryClient,
     RegistryError,
     RegistryOptions,
     build_manifest,
-    empty_config_descriptor,
+    parse_image,
+    upload_empty_config,
 )
 
 log = logging.getLogger("kaiflow.steps.push_adapter")
@@ -143,11 +143,7 @@ def annotations_from(metadata: dict, extra: Sequence[str], created: dt.datetime)
                 value = json.dumps(value, sort_keys=True)
             annotations[key] = str(value)
             break
-    for item in extra:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise StepError(f"--annotation {item!r}: expected key=value")
-        annotations[key.strip()] = value
+    annotations.update(parse_key_values(extra, "--annotation"))
     return annotations
 
 
@@ -199,7 +195,7 @@ def push_adapter(config: PushConfig, options: RegistryOptions | None = None,
     """Push the adapter directory; returns only after the manifest was read back and checked."""
     options = options or RegistryOptions()
     adapter_dir = Path(config.adapter_dir)
-    image = ImageRef.parse(config.image, "--image")
+    image = parse_image(config.image, "--image")
     for extra in config.also_tag:
         if not TAG_RE.match(extra):
             raise StepError(f"--also-tag {extra!r} is not a valid tag")
@@ -222,7 +218,7 @@ def push_adapter(config: PushConfig, options: RegistryOptions | None = None,
         tag = resolve_tag(image, config.tag, layers, now)
     target = image.with_tag(tag)
     client.image = target
-    config_descriptor = build_config_blob(client)
+    config_descriptor = upload_empty_config(client)
 
     manifest_bytes = build_manifest(layers, ARTIFACT_TYPE, annotations, config_descriptor)
     digest = client.put_manifest(manifest_bytes, tag)
@@ -237,16 +233,6 @@ def push_adapter(config: PushConfig, options: RegistryOptions | None = None,
     report_progress(total + 1, total + 1)
     log.info("pushed %s@%s (tags: %s)", target.repo, digest, ", ".join(tags))
     return PushResult(str(target), digest, tuple(tags), annotations, tuple(layers))
-
-
-def build_config_blob(client: RegistryClient) -> dict:
-    """Upload the OCI empty config blob ``{}`` (registries check the config blob exists)."""
-    descriptor = empty_config_descriptor()
-    with tempfile.NamedTemporaryFile(suffix=".json") as handle:
-        handle.write(EMPTY_CONFIG_BYTES)
-        handle.flush()
-        client.upload_file(handle.name, descriptor, name="config")
-    return descriptor
 
 
 def verify_pushed(client: RegistryClient, tag: str, digest: str, layers: Sequence[dict]) -> None:

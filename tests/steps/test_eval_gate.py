@@ -9,7 +9,7 @@ import pytest
 from steps import eval_gate as gate
 from steps import push_adapter as push
 from steps.common import run_step
-from steps.oci import ImageRef, RegistryClient, RegistryOptions, build_manifest
+from steps.oci import ImageRef, RegistryClient, RegistryOptions, build_manifest, upload_empty_config
 from tests.fixtures.registry import free_port, make_adapter_dir
 
 INSECURE = RegistryOptions(insecure=True, attempts=2, backoff_s=0.05, timeout_s=5)
@@ -67,7 +67,7 @@ def test_unannotated_current_image_is_kept(oci_registry, tmp_path, caplog):
 
     layer = file_descriptor(blob, "application/json", "adapter_config.json")
     client.upload_file(blob, layer)
-    client.put_manifest(build_manifest([layer], push.ARTIFACT_TYPE, {}, push.build_config_blob(client)), "latest")
+    client.put_manifest(build_manifest([layer], push.ARTIFACT_TYPE, {}, upload_empty_config(client)), "latest")
     candidate = make_adapter_dir(tmp_path / "c", eval_loss=0.1)
     code, outputs = run_gate(tmp_path, candidate, f"{oci_registry.host}/adapters/gate-manual:latest")
     assert code == 0 and outputs == {"promote": "false", "current-eval-loss": "none"}

@@ -23,6 +23,7 @@ from steps.oci import (
     RegistryOptions,
     build_manifest,
     file_descriptor,
+    upload_empty_config,
 )
 from tests.fixtures.registry import make_adapter_dir
 
@@ -80,6 +81,14 @@ def test_cache_means_no_download_after_restart(registry_factory, tmp_path):
     repaired = pull.pull_adapters(config, INSECURE)[0]
     assert repaired.downloaded_bytes == (adapter / "loss.json").stat().st_size
     assert_same_files(dest / "a", adapter)
+
+
+def test_blobs_larger_than_the_answer_cap_round_trip(oci_registry, tmp_path):
+    """A HEAD of a blob declares the blob's length: only bodies actually read are capped at 4 MiB."""
+    adapter = make_adapter_dir(tmp_path / "adapter", weights_bytes=6 << 20, seed=3)
+    push_dir(oci_registry, adapter, "adapters/large")
+    pull.pull_adapters(pull.PullConfig([f"l={oci_registry.host}/adapters/large:v1"], str(tmp_path / "d")), INSECURE)
+    assert_same_files(tmp_path / "d" / "l", adapter)
 
 
 def test_corrupt_blob_in_registry_storage_is_refused(registry_factory, tmp_path):
@@ -169,7 +178,7 @@ def test_unsafe_layer_title_is_refused(oci_registry, tmp_path, capsys):
     client = RegistryClient(ImageRef.parse(f"{oci_registry.host}/adapters/evil:v1"), INSECURE)
     layer = file_descriptor(evil, "application/octet-stream", "../../escaped")
     client.upload_file(evil, layer)
-    config = push.build_config_blob(client)
+    config = upload_empty_config(client)
     client.put_manifest(build_manifest([layer], push.ARTIFACT_TYPE, {}, config), "v1")
     dest = tmp_path / "dest"
     code = run_step(pull.main, ["--adapter", f"e={oci_registry.host}/adapters/evil:v1", "--dest", str(dest),
@@ -208,9 +217,10 @@ def test_pull_with_basic_auth_and_wrong_password(oci_registry_auth, tune_output_
 
 
 @pytest.mark.parametrize(("adapter", "expected"), [
-    ("noequals", "expected NAME=IMAGE"),
+    ("noequals", "--adapter: expected KEY=VALUE, got 'noequals'"),
     ("../x=127.0.0.1:1/a/b:v1", "adapter name '../x'"),
-    ("a=not a ref", "not an image reference"),
+    ("a=not a ref", "--adapter a=: 'not a ref' is not an OCI image reference"),
+    ("a=", "is empty"),
 ])
 def test_bad_adapter_arguments(adapter, expected, tmp_path, capsys):
     code = run_step(pull.main, ["--adapter", adapter, "--dest", str(tmp_path), "--outputs", str(tmp_path / "o")])

@@ -176,10 +176,10 @@ def test_registry_back_within_the_retries_completes_the_push(registry_factory, t
 
 @pytest.mark.parametrize(("args", "expected"), [
     (["--image", "127.0.0.1:9/adapters/x:v1"], "adapter_config.json is missing"),
-    (["--image", "adapters/x:v1"], "registry host"),
-    (["--image", "127.0.0.1:9/Adapters/X:v1"], "not an image reference"),
+    (["--image", "127.0.0.1:9/adapters//x:v1"], "path component ''"),
+    (["--image", "127.0.0.1:9/Adapters/X:v1"], "--image: '127.0.0.1:9/Adapters/X:v1' is not an OCI image reference"),
     (["--image", "127.0.0.1:9/adapters/x"], "has no tag"),
-    (["--image", "127.0.0.1:9/adapters/x:v1", "--annotation", "novalue"], "--annotation 'novalue'"),
+    (["--image", "127.0.0.1:9/adapters/x:v1", "--annotation", "novalue"], "--annotation: expected KEY=VALUE, got 'novalue'"),
     (["--image", "127.0.0.1:9/adapters/x:v1", "--also-tag", "bad tag"], "--also-tag 'bad tag'"),
 ])
 def test_bad_input_is_one_line_exit_2(args, expected, tmp_path, capsys):
