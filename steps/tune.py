@@ -477,7 +477,7 @@ def build_trainer(cfg: TuneConfig, preset, plan: Plan, train_ds, eval_ds, chat: 
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from presets.local import CHATML_TEMPLATE, resolve_model
+    from presets.materialize import CHATML_TEMPLATE, resolve_model
     from steps.tune_chat import load_template_setting, training_template
 
     model_kwargs = dict(plan.model_kwargs)

@@ -134,7 +134,7 @@ def test_adapter_loads_with_peft_and_changes_the_output(tiny_lora):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from presets.local import resolve_model
+    from presets.materialize import resolve_model
 
     base_path = resolve_model(TINY)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
