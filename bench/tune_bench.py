@@ -69,7 +69,7 @@ def worker(kind: str, preset_name: str, method: str, data_dir: Path, max_length:
     from trl import SFTConfig, SFTTrainer
 
     from presets.catalog import get_preset
-    from presets.local import resolve_model
+    from presets.materialize import resolve_model
 
     preset = get_preset(preset_name)
     path = resolve_model(preset)
@@ -143,7 +143,7 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.preset, args.method, args.data_dir, args.max_length)))
         return
 
-    from presets.local import resolve_model
+    from presets.materialize import resolve_model
     from steps.fetch_dataset import FetchConfig, fetch_dataset
 
     resolve_model(args.preset)  # build/convert once, outside any timing

@@ -271,12 +271,21 @@ def tune(target: Target, *, preset: str, method: str, adapter_name: str, config:
 
 
 def eval_gate(target: Target, *, adapter_name: str, current_image: str, docker_config: str | None,
-              mounts: Sequence[m.VolumeMount] = (), name: str = "eval-gate") -> Container:
+              mounts: Sequence[m.VolumeMount] = (), same_rows: bool = False, scheduling: Scheduling | None = None,
+              name: str = "eval-gate") -> Container:
     args = ["--candidate-dir", target.data("adapters", adapter_name), "--current-image", current_image]
+    env = []
+    if same_rows:
+        # both adapters are scored on the candidate's held-out rows: the base model loads here too,
+        # from the weights the tune step left on the data volume, on the tune's GPU scheduling
+        args += ["--dataset-dir", target.data("dataset")]
+        if target.is_cluster:
+            env.append(Env(name="HF_HOME", value=target.data("hf-cache")))
     args += _registry_flags(target, current_image, docker_config)
     return _step(
-        target, name=name, module="eval_gate", args=args, outputs=["promote", "current-eval-loss"], retry=True,
-        deadline=DEADLINES["eval_gate"], mounts=mounts,
+        target, name=name, module="eval_gate", args=args,
+        outputs=["promote", "current-eval-loss", "candidate-eval-loss", "gate-basis"], retry=True,
+        deadline=DEADLINES["eval_gate"], mounts=mounts, env=env, scheduling=scheduling if same_rows else None,
         description="Promote the new adapter only if its held-out loss is no worse than the serving one",
     )
 

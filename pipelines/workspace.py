@@ -250,7 +250,8 @@ def _tuning(workspace: Any, target: Target) -> Workflow | CronWorkflow:
         if scheduled:
             repository = _repository(output.image)
             gate_t = steps.eval_gate(target, adapter_name=name, current_image=f"{repository}:latest",
-                                     docker_config=docker_config, mounts=mounts)
+                                     docker_config=docker_config, mounts=mounts, same_rows=True,
+                                     scheduling=scheduling)
             push_t = steps.push_adapter(target, adapter_name=name, image=repository, tag="auto", also_tag="latest",
                                         docker_config=docker_config, annotations=annotations, mounts=mounts)
             candidate_t = steps.push_adapter(target, adapter_name=name, image=repository, tag="auto",

@@ -1,7 +1,7 @@
 """Model presets and the GPU catalog: data plus a small interface.
 
-Light to import (no torch): `kaiflow validate` uses it. Loading weights lives in
-`presets.local`, which imports transformers only when called.
+Light to import (no torch): `kaiflow validate` uses it. Building weight folders for the CPU
+presets lives in `presets.materialize`, which imports transformers only when called.
 """
 
 from presets.catalog import KaitoFigures, Preset, UnknownPresetError, closest_presets, get_preset, list_presets, preset_names

@@ -47,7 +47,7 @@ class LoadedModel:
 def resolve_base(config: ServiceConfig) -> tuple[str, int | None, str]:
     """(what from_pretrained takes, the preset's context length or None, chat template mode)."""
     from presets.catalog import UnknownPresetError, get_preset
-    from presets.local import resolve_model
+    from presets.materialize import resolve_model
 
     if Path(config.model).is_dir():
         return config.model, None, "native"
@@ -73,7 +73,7 @@ def load_model(config: ServiceConfig) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from presets.local import CHATML_TEMPLATE
+    from presets.materialize import CHATML_TEMPLATE
 
     check_adapter_folders(config.adapters)
     source, preset_context, template_mode = resolve_base(config)

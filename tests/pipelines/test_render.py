@@ -115,6 +115,10 @@ def test_scheduled_tuning_is_a_forbid_cronworkflow_with_an_eval_gate():
     assert "--also-tag" not in templates["push-candidate"]["container"]["args"]
     gate_args = templates["eval-gate"]["container"]["args"]
     assert gate_args[gate_args.index("--current-image") + 1] == "myregistry.azurecr.io/adapters/phi-3-weekly:latest"
+    # the gate scores both adapters on the candidate's held-out rows, on the tune's GPU nodes
+    assert gate_args[gate_args.index("--dataset-dir") + 1] == templates["tune"]["container"]["args"][
+        templates["tune"]["container"]["args"].index("--dataset-dir") + 1]
+    assert templates["eval-gate"]["nodeSelector"] == templates["tune"]["nodeSelector"]
 
 
 def test_inference_with_adapters_pulls_then_deploys_with_strengths():

@@ -240,7 +240,7 @@ def test_real_peft_adapter_round_trip_loads_and_generates_the_same(oci_registry,
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from presets.local import resolve_model
+    from presets.materialize import resolve_model
 
     torch.manual_seed(0)
     base_path = resolve_model("kaiflow-tiny-test")

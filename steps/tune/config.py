@@ -19,7 +19,7 @@ closest valid names: ``training_config.LoraConfig.rank: unknown key (did you mea
 The file may be the bare YAML, or a whole ConfigMap manifest (its ``data.training_config.yaml``
 is used), so ``kubectl get configmap -o yaml`` output works locally as it is.
 
-What kaiflow does with each section is decided in ``steps.tune`` (``apply_*`` helpers): the
+What kaiflow does with each section is decided in ``steps.tune.plan`` (one function per layer): the
 workflow owns paths, checkpointing and the dataset split, so keys that would fight those are
 reported as ignored rather than silently dropped.
 """

@@ -16,7 +16,7 @@ import pytest
 from steps.common import StepError, read_output, run_step
 from steps.fetch_dataset import FetchConfig, fetch_dataset
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TINY = "kaiflow-tiny-test"
 SMOL = "smollm2-135m-instruct"
 
@@ -134,7 +134,7 @@ def test_adapter_loads_with_peft_and_changes_the_output(tiny_lora):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from presets.local import resolve_model
+    from presets.materialize import resolve_model
 
     base_path = resolve_model(TINY)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
@@ -201,7 +201,7 @@ def test_tiny_qlora_with_kaitos_default_configmap(tmp_path, tiny_data):
     ],
 )
 def test_training_config_errors_name_the_key(tmp_path, body, message):
-    from steps.tune_config import read_training_config
+    from steps.tune.config import read_training_config
 
     path = tmp_path / "training_config.yaml"
     path.write_text(body)
@@ -231,6 +231,38 @@ def test_plain_text_rows_train_as_causal_lm(tmp_path):
     assert run_step(main, tune_argv(tmp_path, TINY, "lora", tmp_path / "data", "--max-steps", "1", "--max-length", "64")) == 0
     info = json.loads((tmp_path / "adapter" / "kaiflow.json").read_text())
     assert info["data_kind"] == "text" and info["assistant_only_loss"] is False
+
+
+def test_adapter_folder_appears_whole_or_not_at_all(tmp_path, tiny_data, monkeypatch):
+    """A tune stopped while writing its adapter leaves the previous folder (or none), never half of one."""
+    from steps.tune import main, report
+
+    argv = tune_argv(tmp_path, TINY, "lora", tiny_data, "--max-steps", "1", "--max-length", "64", "--skip-initial-eval")
+    adapter = tmp_path / "adapter"
+    stale = tmp_path / ".adapter.partial-4242"  # what a killed run leaves behind
+    stale.mkdir()
+    (stale / "adapter_model.safetensors").write_bytes(b"half an adapter")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(report, "write_reports", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            main(argv)
+    assert not adapter.exists() and sorted(p.name for p in tmp_path.glob(".adapter*")) == []
+
+    assert main(argv) == 0
+    first = (adapter / "kaiflow.json").read_text()
+    assert {p.name for p in adapter.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "kaiflow.json",
+                                                   "loss.json", "loss.png", "README.md"}
+
+    with monkeypatch.context() as patch:
+        patch.setattr(report, "write_reports", disk_full)
+        with pytest.raises(OSError):
+            main(argv)
+    assert (adapter / "kaiflow.json").read_text() == first and (adapter / "adapter_model.safetensors").stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.glob(".adapter*")) == []
 
 
 # --- slow: the real small model -------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Where a preset's weights come from on this machine; heavy imports only when called.
+"""Materialise a preset's weights as a folder `from_pretrained` reads; heavy imports only when called.
 
 * Hub presets resolve to their HF repo id (loaded from the local HF cache or a mounted model
   volume in a cluster).

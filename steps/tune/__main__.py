@@ -1,0 +1,9 @@
+"""``python -m steps.tune``: see DEVELOPERS.md ("Step command lines") and ``steps.tune``."""
+
+import sys
+
+from steps.common import run_step
+from steps.tune.run import main
+
+if __name__ == "__main__":
+    sys.exit(run_step(main))

@@ -1,0 +1,123 @@
+"""Loading what a plan names: the tokenizer (with a training chat template), the base model, the trainer.
+
+Shared by the tune itself and by ``steps.tune.evaluate`` (the eval gate), so that an adapter is
+scored with exactly the tokenisation, template, packing and precision it was trained with.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from steps.common import StepError, report_progress
+from steps.tune.checkpoints import COMPLETE_MARKER
+from steps.tune.plan import Plan
+
+log = logging.getLogger("kaiflow.steps.tune")
+
+TOKENIZER_KEYS = ("revision", "trust_remote_code", "local_files_only", "cache_dir")
+
+
+def model_source(preset, plan: Plan) -> str:
+    """Where the weights load from: the config's explicit source, else the preset's (materialised)."""
+    if plan.source:
+        return plan.source
+    from presets.materialize import resolve_model
+
+    return resolve_model(preset)
+
+
+def load_split(path: Path):
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    table = pq.read_table(path)
+    columns = [c for c in ("messages", "text") if c in table.column_names]
+    if not columns:
+        raise StepError(f"{path}: expected a 'messages' or 'text' column (from fetch_dataset), found {table.column_names}")
+    return Dataset(table.select(columns[:1]))
+
+
+def load_tokenizer(preset, plan: Plan, source: str, chat: bool):
+    from transformers import AutoTokenizer
+
+    from presets.materialize import CHATML_TEMPLATE
+    from steps.tune.chat import load_template_setting, training_template
+
+    kwargs = {k: v for k, v in plan.model_kwargs.items() if k in TOKENIZER_KEYS}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except OSError as exc:  # not in the local cache / model volume, no network, gated without a token
+        raise StepError(f"--preset {preset.name}: cannot load the tokenizer from {source}: {exc}") from None
+    if plan.chat_template:
+        tokenizer.chat_template = load_template_setting(plan.chat_template)
+    elif tokenizer.chat_template is None and preset.chat_template == "chatml":
+        tokenizer.chat_template = CHATML_TEMPLATE
+    if chat:
+        tokenizer.chat_template = training_template(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(preset, plan: Plan, source: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {k: v for k, v in plan.model_kwargs.items() if k != "pretrained_model_name_or_path"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=getattr(torch, plan.dtype), quantization_config=plan.quantization, **kwargs
+        )
+    except OSError as exc:
+        raise StepError(f"--preset {preset.name}: cannot load the model from {source}: {exc}") from None
+    model.config.use_cache = False
+    return model
+
+
+def adapters_to_fp32_on_cpu(model, plan: Plan) -> None:
+    # trl stores QLoRA adapters in bf16 (the paper's GPU recipe); on CPU that puts the adapter
+    # matmuls and AdamW updates in bf16, which is both slower and lossier than fp32.
+    if plan.quantization is None or plan.device != "cpu":
+        return
+    for name, param in model.named_parameters():
+        if "lora_" in name or param.requires_grad:
+            param.data = param.data.float()
+
+
+def progress_callback():
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            report_progress(state.global_step, state.max_steps)
+
+        def on_save(self, args, state, control, **kwargs):
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if checkpoint.is_dir():
+                (checkpoint / COMPLETE_MARKER).write_text(f"{state.global_step}\n")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                log.info("step %d/%d loss %.4f", state.global_step, state.max_steps, logs["loss"])
+
+    return Progress()
+
+
+def build_trainer(plan: Plan, model, tokenizer, train_ds, eval_ds, *, peft_config=None, callbacks=()):
+    from trl import SFTTrainer
+
+    try:
+        trainer = SFTTrainer(
+            model=model,
+            args=plan.training,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=list(callbacks),
+        )
+    except ValueError as exc:
+        raise StepError(f"cannot set up training: {exc}") from None
+    adapters_to_fp32_on_cpu(trainer.model, plan)
+    return trainer

@@ -1,0 +1,243 @@
+"""The tune itself: data in, trainer run (resuming), adapter folder out, atomically.
+
+The adapter folder (``--output-dir``) is built as a hidden sibling, ``.<name>.partial-<pid>``, and
+renamed into place only after the adapter, ``kaiflow.json``, ``loss.json`` and ``loss.png`` are all
+written, so a run killed at any moment leaves either the previous complete folder or none: never
+half an adapter that ``push_adapter`` would upload. Leftover partial siblings of a killed run are
+removed on the next start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from steps.common import (
+    StepError,
+    add_common_arguments,
+    add_dataclass_arguments,
+    dataclass_from_args,
+    write_output,
+)
+from steps.tune.checkpoints import (
+    check_run_record,
+    checkpoint_step,
+    complete_checkpoints,
+    dataset_digest,
+    run_identity,
+    tokens_at,
+    write_run_record,
+)
+from steps.tune.options import TuneConfig
+from steps.tune.plan import Plan, detect_device, empty_sections, make_plan
+
+log = logging.getLogger("kaiflow.steps.tune")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m steps.tune",
+        description="LoRA / QLoRA fine-tuning with trl's SFTTrainer that resumes, measures and reports.",
+    )
+    add_dataclass_arguments(parser, TuneConfig)
+    add_common_arguments(parser)
+    return parser
+
+
+def check_inputs(cfg: TuneConfig):
+    """The preset, checked; StepError names the flag that is wrong."""
+    from presets.catalog import UnknownPresetError, get_preset
+
+    try:
+        preset = get_preset(cfg.preset)
+    except UnknownPresetError as exc:
+        raise StepError(f"--preset: {exc}") from None
+    if not preset.tuning:
+        raise StepError(f"--preset {cfg.preset}: this preset does not support tuning")
+    if cfg.method not in ("lora", "qlora"):
+        raise StepError(f"--method must be lora or qlora, got {cfg.method!r}")
+    if not (cfg.dataset_dir / "train.parquet").is_file():
+        raise StepError(f"--dataset-dir {cfg.dataset_dir}: no train.parquet (run fetch_dataset first)")
+    return preset
+
+
+def read_sections(cfg: TuneConfig) -> dict[str, dict[str, Any]]:
+    if not cfg.config:
+        return empty_sections()
+    from steps.tune.config import read_training_config
+
+    return read_training_config(cfg.config)
+
+
+def peak_memory_bytes(device: str) -> int:
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def partial_dir(output_dir: Path) -> Path:
+    return output_dir.parent / f".{output_dir.name}.partial-{os.getpid()}"
+
+
+def remove_stale_partials(output_dir: Path) -> None:
+    for stale in output_dir.parent.glob(f".{output_dir.name}.partial-*"):
+        log.warning("removing %s, left by a tune that was stopped while writing its adapter", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def publish(staging: Path, output_dir: Path) -> None:
+    """Put the finished folder at ``output_dir``, replacing an older one; never a mix of both."""
+    old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
+    if output_dir.exists():
+        output_dir.rename(old)
+    staging.rename(output_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def tune(cfg: TuneConfig) -> dict[str, Any]:
+    preset = check_inputs(cfg)
+    sections = read_sections(cfg)
+
+    from steps.tune.model import build_trainer, load_base_model, load_split, load_tokenizer, model_source, progress_callback
+
+    train_path, eval_path = cfg.dataset_dir / "train.parquet", cfg.dataset_dir / "eval.parquet"
+    train_ds = load_split(train_path)
+    eval_ds = load_split(eval_path) if eval_path.is_file() else None
+    if eval_ds is not None and len(eval_ds) == 0:
+        eval_ds = None
+    if len(train_ds) == 0:
+        raise StepError(f"{train_path}: no training rows")
+    chat = "messages" in train_ds.column_names
+
+    import torch
+
+    device = detect_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    plan = make_plan(cfg, preset, sections, device, chat=chat)
+    for note in plan.notes:
+        log.warning("config: %s", note)
+
+    cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    cfg.output_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(cfg.output_dir)
+    digest = dataset_digest(cfg)
+    checkpoints = complete_checkpoints(cfg.checkpoint_dir)
+    record = check_run_record(cfg.checkpoint_dir, run_identity(cfg, plan, digest), bool(checkpoints))
+    resume_from = checkpoints[-1] if checkpoints else None
+
+    from presets.sizing import estimate_tuning
+
+    estimate = estimate_tuning(
+        preset,
+        cfg.method,
+        batch_size=int(plan.training.per_device_train_batch_size),
+        seq_len=int(plan.training.max_length),
+        lora_r=int(plan.lora.r),
+        gradient_checkpointing=bool(plan.training.gradient_checkpointing),
+    )
+    log.info("memory estimate (GPU sizing, presets.sizing): %s", estimate.describe())
+
+    source = model_source(preset, plan)
+    tokenizer = load_tokenizer(preset, plan, source, chat)
+    model = load_base_model(preset, plan, source)
+    trainer = build_trainer(plan, model, tokenizer, train_ds, eval_ds, peft_config=plan.lora,
+                            callbacks=[progress_callback()])
+
+    if eval_ds is not None and "eval_loss_initial" not in record and not cfg.skip_initial_eval:
+        record["eval_loss_initial"] = float(trainer.evaluate()["eval_loss"])
+        write_run_record(cfg.checkpoint_dir, record)
+        log.info("held-out loss before training: %.4f", record["eval_loss_initial"])
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+
+    # read now: checkpoint rotation may delete the resumed checkpoint during training
+    tokens_before = tokens_at(resume_from) if resume_from else 0
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    train_seconds = time.perf_counter() - started
+    tokens = trainer.state.num_input_tokens_seen - tokens_before
+
+    eval_loss = float(trainer.evaluate()["eval_loss"]) if eval_ds is not None else math.nan
+    peak = peak_memory_bytes(device)
+
+    history = trainer.state.log_history
+    losses = [{"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate"), "epoch": e.get("epoch")}
+              for e in history if "loss" in e]
+    metrics = {
+        "train_loss": losses[-1]["loss"] if losses else math.nan,
+        "train_loss_first": losses[0]["loss"] if losses else math.nan,
+        "eval_loss": eval_loss,
+        "eval_loss_initial": record.get("eval_loss_initial", math.nan),
+        "tokens_per_s": tokens / train_seconds if train_seconds > 0 else math.nan,
+        "tokens": int(tokens),
+        "train_seconds": round(train_seconds, 3),
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": "cuda_max_allocated" if device == "cuda" else "process_max_rss",
+        "steps": int(trainer.state.global_step),
+        "resumed_from_step": checkpoint_step(resume_from) if resume_from else None,
+        "memory_estimate": {"total_bytes": estimate.total_bytes, "total_gib": round(estimate.total_gib, 3),
+                            "parts": estimate.parts, "settings": estimate.settings},
+    }
+    log.info(
+        "peak memory measured: %.2f GiB (%s); estimate for a GPU: %.2f GiB",
+        peak / 1024**3, metrics["peak_memory_kind"], estimate.total_gib,
+    )
+    info = {
+        "base_model": plan.source or preset.source,
+        "preset": preset.name,
+        "method": cfg.method,
+        "dataset_digest": digest,
+        "device": device,
+        "dtype": plan.dtype,
+        "data_kind": "chat" if chat else "text",
+        "assistant_only_loss": chat,
+        **plan.record,
+        "config_notes": plan.notes,
+        "metrics": metrics,
+    }
+    write_adapter_folder(cfg.output_dir, trainer.model, losses, [e for e in history if "eval_loss" in e], info)
+    return info
+
+
+def write_adapter_folder(output_dir: Path, model, losses: list[dict], evals: list[dict], info: dict[str, Any]) -> None:
+    from steps.tune.report import write_reports
+
+    staging = partial_dir(output_dir)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        model.save_pretrained(staging)
+        write_reports(staging, losses, evals, info["metrics"])
+        (staging / "kaiflow.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+        publish(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = dataclass_from_args(TuneConfig, args)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    info = tune(cfg)
+    metrics = info["metrics"]
+    write_output(args.outputs, "train-loss", f"{metrics['train_loss']:.6f}")
+    write_output(args.outputs, "eval-loss", f"{metrics['eval_loss']:.6f}")
+    log.info(
+        "adapter written to %s: train loss %.4f, held-out loss %.4f (was %.4f), %.1f tokens/s, %d steps",
+        cfg.output_dir, metrics["train_loss"], metrics["eval_loss"], metrics["eval_loss_initial"],
+        metrics["tokens_per_s"], metrics["steps"],
+    )
+    return 0
