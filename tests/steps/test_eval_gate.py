@@ -213,7 +213,7 @@ def test_unpullable_serving_adapter_falls_back_to_the_annotation(oci_registry, t
     layer = file_descriptor(blob, "application/json")
     client.upload_file(blob, layer)
     client.put_manifest(build_manifest([layer], push.ARTIFACT_TYPE, {push.EVAL_LOSS_ANNOTATION: "9.5"},
-                                       push.build_config_blob(client)), "latest")
+                                       upload_empty_config(client)), "latest")
     with caplog.at_level("WARNING"):
         code, outputs = run_gate(tmp_path, rounds["new_adapter"], image, "--dataset-dir", str(rounds["new_data"]))
     assert code == 0 and (outputs["gate-basis"], outputs["promote"], outputs["current-eval-loss"]) == (
