@@ -21,6 +21,8 @@ MASK = "***"
 
 # scheme://[userinfo@]host...: up to the first character that cannot be part of a URL in prose.
 _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>`]+")
+# name=value after "?" (or after "&" inside such a query), wherever it stands; masked values stay masked.
+_QUERY_PAIR = re.compile(r"(?<=[?&])([\w.~%-]+)=(?!\*\*\*(?:[&\s'\"#]|$))[^&\s'\"<>`#]*")
 
 
 def redact_url(url: str) -> str:
@@ -45,8 +47,10 @@ def redact_url(url: str) -> str:
 
 
 def redact_text(text: str) -> str:
-    """Every URL inside ``text`` redacted (see ``redact_url``)."""
-    return _URL.sub(lambda m: redact_url(m.group(0)), text)
+    """Every URL inside ``text`` redacted (see ``redact_url``), and any other ``?name=value`` query
+    (a relative ``Location``, a path with a query) masked the same way."""
+    text = _URL.sub(lambda m: redact_url(m.group(0)), text)
+    return _QUERY_PAIR.sub(lambda m: f"{m.group(1)}={MASK}", text)
 
 
 class RedactingFilter(logging.Filter):
@@ -66,7 +70,12 @@ class RedactingFilter(logging.Filter):
 
 
 def install_log_redaction() -> None:
-    """Redact every record that reaches the root handlers (idempotent)."""
+    """Redact every record that reaches the root handlers (idempotent).
+
+    httpcore's debug log dumps raw request and response headers (``Authorization``, signed
+    ``Location``s) that no pattern can redact reliably: it is held at INFO, where it is silent.
+    """
+    logging.getLogger("httpcore").setLevel(max(logging.INFO, logging.getLogger("httpcore").level))
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(RedactingFilter())
