@@ -452,7 +452,7 @@ def iter_json_array(path: Path, max_element_chars: int, fail: Callable[[str], St
                 raise fail("invalid or truncated JSON array (no closing ']')")
             try:
                 value, end = decoder.raw_decode(buf, pos)
-                complete = end < len(buf) or eof  # a number may continue in the next read
+                complete = eof or not _is_number(value) or _delimited(buf, end)
             except json.JSONDecodeError as exc:
                 if eof:
                     raise fail(f"row {index}: invalid or truncated JSON array ({exc.msg})") from None
@@ -468,3 +468,15 @@ def iter_json_array(path: Path, max_element_chars: int, fail: Callable[[str], St
                            "characters (--max-row-bytes)")
             yield value, end - pos
             pos, index = end, index + 1
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _delimited(buf: str, end: int) -> bool:
+    """Whether a number decoded up to ``end`` is followed by ``,`` or ``]``: "1.5e" cut by a read
+    decodes as 1.5, and only the next delimiter proves the number ended there."""
+    while end < len(buf) and buf[end] in " \t\r\n":
+        end += 1
+    return end < len(buf) and buf[end] in ",]"

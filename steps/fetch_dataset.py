@@ -227,6 +227,15 @@ def _open(item: Fetched, settings: DatasetSettings, budget: DecodedBudget) -> tu
 
 def fetch_dataset(config: FetchConfig) -> dict[str, Any]:
     _check(config)
+    downloads = Path(config.output_dir) / "downloads"
+    try:
+        return _fetch_dataset(config, downloads)
+    finally:
+        if not config.keep_downloads:
+            shutil.rmtree(downloads, ignore_errors=True)
+
+
+def _fetch_dataset(config: FetchConfig, downloads: Path) -> dict[str, Any]:
     settings = read_dataset_config(config.config) if config.config else DatasetSettings()
     for note in settings.notes:
         log.info("%s", note)
@@ -234,7 +243,6 @@ def fetch_dataset(config: FetchConfig) -> dict[str, Any]:
     seed = config.seed if settings.seed is None else settings.seed
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    downloads = out / "downloads"
 
     fetched: list[Fetched] = []
     for i, url in enumerate(config.url):
@@ -323,8 +331,6 @@ def fetch_dataset(config: FetchConfig) -> dict[str, Any]:
         write_atomically(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     finally:
         writer.discard()
-    if not config.keep_downloads:
-        shutil.rmtree(downloads, ignore_errors=True)
     return summary
 
 
