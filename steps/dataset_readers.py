@@ -247,7 +247,9 @@ class Reader:
         import pyarrow.parquet as pq
 
         try:
-            parquet = pq.ParquetFile(self.fetched.path)
+            # buffer_size: pages are read as they are decoded, not a whole column chunk at once (a
+            # writer's default row group holds a million rows)
+            parquet = pq.ParquetFile(self.fetched.path, buffer_size=BATCH_BYTES, pre_buffer=False)
         except (pa.ArrowInvalid, OSError) as exc:
             raise self._fail(f"not a readable parquet file (truncated or corrupt?): {exc}") from None
         self.columns = parquet.schema_arrow.names
