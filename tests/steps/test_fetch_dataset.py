@@ -329,3 +329,19 @@ def test_json_array_reader_across_tiny_reads(tmp_path, monkeypatch):
     path.write_text('[{"text": "x"}, {"text": ')
     with pytest.raises(StepError, match="row 1: invalid or truncated JSON array"):
         list(readers.iter_json_array(path, 1 << 20, StepError))
+
+
+def test_an_unforeseen_exception_exits_2_once_without_traceback(http_files, tmp_path, capsys, monkeypatch):
+    import steps.fetch_dataset as step
+
+    def broken(fmt, row):
+        raise RuntimeError("bug near https://host/x.parquet?sig=SECRET")
+
+    monkeypatch.setattr(step, "normalise_row", broken)
+    url = http_files.add("unforeseen.parquet", parquet_bytes(FORMAT_ROWS["prompt"]))
+    out = tmp_path / "out"
+    assert run_step(main, ["--url", url, "--output-dir", str(out), "--outputs", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "error: unexpected RuntimeError: bug near https://host/x.parquet?sig=***" in err
+    assert "Traceback" not in err and "SECRET" not in err
+    assert not out.exists() or not list(out.iterdir())
