@@ -114,6 +114,18 @@ class DecodedBudget:
         return file_decoded + added
 
 
+    def charge_row(self, size: int, row: int, file_size: int, file_decoded: int, where: str) -> int:
+        """``charge`` for one row (the JSON readers), without numpy's per-call cost."""
+        limits = self.limits
+        if (size > limits.max_row_bytes or self.total + size > limits.max_decoded_bytes
+                or file_decoded + size > max(EXPANSION_FLOOR, limits.max_expansion * max(file_size, 1))):
+            import numpy as np
+
+            return self.charge(np.array([size], dtype=np.int64), row, file_size, file_decoded, where)
+        self.total += size
+        return file_decoded + size
+
+
 def file_type(fetched: Fetched, hint: str | None = None) -> str:
     """The file's type: URL extension, then Kaito's dataset_extension, content type, first bytes."""
     suffix = Path(urlsplit(fetched.url).path).suffix.lower()
@@ -226,6 +238,9 @@ class Reader:
 
     def _charge(self, sizes, first_row: int) -> None:
         self.decoded = self.budget.charge(sizes, first_row, self.fetched.size, self.decoded, self.where)
+
+    def _charge_row(self, size: int, row: int) -> None:
+        self.decoded = self.budget.charge_row(size, row, self.fetched.size, self.decoded, self.where)
 
     def _arrow_rows(self, batches: Iterator[Any], errors: tuple[type[BaseException], ...], what: str,
                     ) -> Iterator[dict[str, Any]]:
@@ -354,8 +369,6 @@ class Reader:
     # -- JSON lines ---------------------------------------------------------------------------
 
     def _open_jsonl(self):
-        import numpy as np
-
         cap = self.budget.limits.max_row_bytes
         first = self._first_jsonl_record()
         self.columns = list(first) if first else []
@@ -372,7 +385,7 @@ class Reader:
 
         def rows(columns: Sequence[str] | None) -> Iterator[dict[str, Any]]:
             for index, line in enumerate(lines()):
-                self._charge(np.array([len(line)], dtype=np.int64), index)
+                self._charge_row(len(line), index)
                 try:
                     record = json.loads(line.decode("utf-8", errors="replace"))
                 except json.JSONDecodeError as exc:
@@ -401,8 +414,6 @@ class Reader:
     # -- JSON array ---------------------------------------------------------------------------
 
     def _open_json(self):
-        import numpy as np
-
         elements = iter_json_array(self.fetched.path, self.budget.limits.max_row_bytes, self._fail)
         try:
             first = next(elements)
@@ -414,7 +425,7 @@ class Reader:
 
         def rows(columns: Sequence[str] | None) -> Iterator[dict[str, Any]]:
             for index, (record, size) in enumerate(_chain(first, elements)):
-                self._charge(np.array([size], dtype=np.int64), index)
+                self._charge_row(size, index)
                 yield record if isinstance(record, dict) else {"__bad__": "array element is not a JSON object"}
 
         return rows
