@@ -219,7 +219,8 @@ def _slices(sizes) -> Iterator[tuple[int, int]]:
 class Reader:
     """One file's rows as ``(row index, dict)``; ``columns`` is known before any row is read.
 
-    Rows that are not JSON objects come as ``{"__bad__": reason}`` for the caller to count.
+    Rows that are not JSON objects come as ``{"__bad__": reason}`` for the caller to count. Files
+    read through Arrow (parquet, Arrow IPC, CSV) also offer their ``batches``, already charged.
     """
 
     def __init__(self, fetched: Fetched, kind: str, budget: DecodedBudget):
@@ -227,11 +228,21 @@ class Reader:
         self.where = f"url {redact_url(fetched.url)!r}"
         self.columns: list[str] = []
         self.decoded = 0
-        self._rows: Callable[[Sequence[str] | None], Iterator[dict[str, Any]]] = getattr(self, f"_open_{kind}")()
+        self.arrow = kind in ("parquet", "arrow", "csv")
+        opened = getattr(self, f"_open_{kind}")()
+        self._batches: Callable[[Sequence[str] | None], Iterator[tuple[int, Any, Any]]] | None = opened if self.arrow else None
+        self._rows: Callable[[Sequence[str] | None], Iterator[dict[str, Any]]] = (
+            (lambda columns: _rows_of(self.batches(columns))) if self.arrow else opened)
 
     def rows(self, columns: Sequence[str] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
         """The rows, with only ``columns`` (when given and the format can skip the others)."""
         return enumerate(self._rows(columns))
+
+    def batches(self, columns: Sequence[str] | None = None) -> Iterator[tuple[int, Any, Any]]:
+        """``(index of the first row, RecordBatch, per-row decoded sizes)``, each batch within the caps."""
+        if self._batches is None:
+            raise TypeError(f"{self.kind} files are not read through Arrow")
+        return self._batches(columns)
 
     def _fail(self, what: str) -> StepError:
         return StepError(f"{self.where}: {what}")
@@ -242,18 +253,17 @@ class Reader:
     def _charge_row(self, size: int, row: int) -> None:
         self.decoded = self.budget.charge_row(size, row, self.fetched.size, self.decoded, self.where)
 
-    def _arrow_rows(self, batches: Iterator[Any], errors: tuple[type[BaseException], ...], what: str,
-                    ) -> Iterator[dict[str, Any]]:
+    def _charged(self, batches: Iterator[Any], errors: tuple[type[BaseException], ...],
+                 fail: Callable[[BaseException, int], StepError]) -> Iterator[tuple[int, Any, Any]]:
         row = 0
         try:
             for batch in batches:
                 sizes = batch_row_sizes(batch)
                 self._charge(sizes, row)
-                for start, stop in _slices(sizes):
-                    yield from batch.slice(start, stop - start).to_pylist()
+                yield row, batch, sizes
                 row += batch.num_rows
         except errors as exc:
-            raise self._fail(f"{what} (after row {row}): {exc}") from None
+            raise fail(exc, row) from None
 
     # -- parquet ------------------------------------------------------------------------------
 
@@ -269,12 +279,12 @@ class Reader:
             raise self._fail(f"not a readable parquet file (truncated or corrupt?): {exc}") from None
         self.columns = parquet.schema_arrow.names
 
-        def rows(columns: Sequence[str] | None) -> Iterator[dict[str, Any]]:
+        def batches(columns: Sequence[str] | None) -> Iterator[tuple[int, Any, Any]]:
             used = list(columns) if columns is not None else self.columns
-            yield from self._arrow_rows(self._parquet_batches(parquet, used), (pa.ArrowException, OSError),
-                                        "parquet data is corrupt")
+            yield from self._charged(self._parquet_batches(parquet, used), (pa.ArrowException, OSError),
+                                     lambda exc, row: self._fail(f"parquet data is corrupt (after row {row}): {exc}"))
 
-        return rows
+        return batches
 
     def _parquet_batches(self, parquet, columns: list[str]) -> Iterator[Any]:
         limits = self.budget.limits
@@ -313,7 +323,7 @@ class Reader:
             raise self._fail(f"not a readable Arrow IPC file or stream: {exc}") from None
         self.columns = reader.schema.names
 
-        def batches(columns: Sequence[str] | None) -> Iterator[Any]:
+        def read(columns: Sequence[str] | None) -> Iterator[Any]:
             if isinstance(reader, pa.ipc.RecordBatchFileReader):
                 chunks = (reader.get_batch(i) for i in range(reader.num_record_batches))
             else:
@@ -321,10 +331,11 @@ class Reader:
             for batch in chunks:
                 yield batch.select(list(columns)) if columns is not None else batch
 
-        def rows(columns: Sequence[str] | None) -> Iterator[dict[str, Any]]:
-            yield from self._arrow_rows(batches(columns), (pa.ArrowException, OSError), "Arrow data is corrupt")
+        def batches(columns: Sequence[str] | None) -> Iterator[tuple[int, Any, Any]]:
+            yield from self._charged(read(columns), (pa.ArrowException, OSError),
+                                     lambda exc, row: self._fail(f"Arrow data is corrupt (after row {row}): {exc}"))
 
-        return rows
+        return batches
 
     # -- CSV ----------------------------------------------------------------------------------
 
@@ -346,19 +357,15 @@ class Reader:
             raise self._fail(f"not a readable CSV file: {self._csv_reason(exc, 0)}") from None
         self.columns = reader.schema.names
 
-        def batches(columns: Sequence[str] | None) -> Iterator[Any]:
+        def read(columns: Sequence[str] | None) -> Iterator[Any]:
             for batch in reader:
                 yield batch.select(list(columns)) if columns is not None else batch
 
-        def rows(columns: Sequence[str] | None) -> Iterator[dict[str, Any]]:
-            row = 0
-            try:
-                for row, value in enumerate(self._arrow_rows(batches(columns), (), "")):
-                    yield value
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise self._fail(f"CSV data is malformed: {self._csv_reason(exc, row + 1)}") from None
+        def batches(columns: Sequence[str] | None) -> Iterator[tuple[int, Any, Any]]:
+            yield from self._charged(read(columns), (pa.ArrowInvalid, OSError),
+                                     lambda exc, row: self._fail(f"CSV data is malformed: {self._csv_reason(exc, row)}"))
 
-        return rows
+        return batches
 
     def _csv_reason(self, exc: BaseException, row: int) -> str:
         if "straddling" in str(exc):
@@ -429,6 +436,12 @@ class Reader:
                 yield record if isinstance(record, dict) else {"__bad__": "array element is not a JSON object"}
 
         return rows
+
+
+def _rows_of(batches: Iterator[tuple[int, Any, Any]]) -> Iterator[dict[str, Any]]:
+    for _, batch, sizes in batches:
+        for start, stop in _slices(sizes):
+            yield from batch.slice(start, stop - start).to_pylist()
 
 
 def _chain(first, rest):
