@@ -201,7 +201,7 @@ def batch_row_sizes(batch) -> Any:
     return total
 
 
-def _slices(sizes) -> Iterator[tuple[int, int]]:
+def byte_slices(sizes) -> Iterator[tuple[int, int]]:
     """(start, stop) row ranges of about BATCH_BYTES decoded bytes each, at most BATCH_ROWS rows."""
     start, acc = 0, 0
     for i, size in enumerate(sizes.tolist()):
@@ -440,7 +440,7 @@ class Reader:
 
 def _rows_of(batches: Iterator[tuple[int, Any, Any]]) -> Iterator[dict[str, Any]]:
     for _, batch, sizes in batches:
-        for start, stop in _slices(sizes):
+        for start, stop in byte_slices(sizes):
             yield from batch.slice(start, stop - start).to_pylist()
 
 

@@ -54,10 +54,11 @@ from steps.common import (
     run_step,
     write_output,
 )
+from steps.dataset_arrow import canonical
 from steps.dataset_config import DatasetSettings, read_dataset_config
 from steps.dataset_download import Fetched, fetch, safe_name
 from steps.dataset_formats import FORMAT_COLUMNS, FORMAT_KIND, BadRow, UnknownFormat, detect_format, estimate_tokens, normalise_row
-from steps.dataset_readers import BATCH_BYTES, BATCH_ROWS, DecodedBudget, Limits, Reader, file_type
+from steps.dataset_readers import BATCH_BYTES, BATCH_ROWS, DecodedBudget, Limits, Reader, byte_slices, file_type
 from steps.redaction import install_log_redaction, redact_text, redact_url
 
 log = logging.getLogger("kaiflow.steps.fetch_dataset")
@@ -110,7 +111,11 @@ def _temporary(path: Path) -> Path:
 
 
 class SplitWriter:
-    """Writes to temporary names in the output dir; ``commit`` renames them into place."""
+    """Writes to temporary names in the output dir; ``commit`` renames them into place.
+
+    Rows come one at a time as Python values (``add``) or as runs of Arrow values already in the
+    output type (``add_run``); each split keeps them in order and writes a row group per ~8 MiB.
+    """
 
     def __init__(self, output_dir: Path, kind: str, eval_fraction: float, seed: int):
         import pyarrow as pa
@@ -125,10 +130,13 @@ class SplitWriter:
         self.paths = {"train": output_dir / "train.parquet", "eval": output_dir / "eval.parquet"}
         self.temporary = {s: _temporary(p) for s, p in self.paths.items()}
         self._writers = {s: pq.ParquetWriter(p, self.schema) for s, p in self.temporary.items()}
-        self._buffers: dict[str, list[Any]] = {"train": [], "eval": []}
+        self._chunks: dict[str, list[Any]] = {"train": [], "eval": []}  # Arrow arrays, in row order
+        self._pending: dict[str, list[Any]] = {"train": [], "eval": []}  # Python values after them
+        self._buffered_rows = {"train": 0, "eval": 0}
         self._buffered_bytes = {"train": 0, "eval": 0}
         self.counts = {"train": 0, "eval": 0}
-        self._held: tuple[Any, int] | None = None  # the latest train row and its size, written one row late
+        # the latest train row (a Python value or a one-row array) and its size, written one row late
+        self._held: tuple[Any, int] | None = None
 
     def _to_eval(self, file_index: int, row_index: int) -> bool:
         h = hashlib.blake2b(f"{self.seed}:{file_index}:{row_index}".encode(), digest_size=8).digest()
@@ -142,18 +150,46 @@ class SplitWriter:
             self._append("train", *self._held)
         self._held = (value, size)
 
+    def add_run(self, values: Any, sizes: Any, file_index: int, first_row: int) -> None:
+        """Consecutive good rows ``first_row, first_row + 1, ...`` as an Arrow array of the output type."""
+        to_eval = [self._to_eval(file_index, first_row + i) for i in range(len(values))]
+        train = [i for i, e in enumerate(to_eval) if not e]
+        evaluation = [i for i, e in enumerate(to_eval) if e]
+        if evaluation:
+            self._append("eval", values.take(evaluation), int(sizes[evaluation].sum()))
+        if train:
+            if self._held is not None:
+                self._append("train", *self._held)
+            if len(train) > 1:
+                self._append("train", values.take(train[:-1]), int(sizes[train[:-1]].sum()))
+            self._held = (values.slice(train[-1], 1), int(sizes[train[-1]]))
+
     def _append(self, split: str, value: Any, size: int) -> None:
-        self._buffers[split].append(value)
+        if isinstance(value, self._pa.Array):
+            self._seal(split)
+            self._chunks[split].append(value)
+            rows = len(value)
+        else:
+            self._pending[split].append(value)
+            rows = 1
+        self._buffered_rows[split] += rows
         self._buffered_bytes[split] += size
-        self.counts[split] += 1
-        if len(self._buffers[split]) >= BATCH_ROWS or self._buffered_bytes[split] >= BATCH_BYTES:
+        self.counts[split] += rows
+        if self._buffered_rows[split] >= BATCH_ROWS or self._buffered_bytes[split] >= BATCH_BYTES:
             self._flush(split)
 
+    def _seal(self, split: str) -> None:
+        if self._pending[split]:
+            self._chunks[split].append(self._pa.array(self._pending[split], type=self.schema.field(0).type))
+            self._pending[split] = []
+
     def _flush(self, split: str) -> None:
-        if self._buffers[split]:
-            table = self._pa.table({self.column: self._buffers[split]}, schema=self.schema)
+        self._seal(split)
+        if self._chunks[split]:
+            table = self._pa.table({self.column: self._pa.concat_arrays(self._chunks[split])}, schema=self.schema)
             self._writers[split].write_table(table)
-            self._buffers[split] = []
+            self._chunks[split] = []
+            self._buffered_rows[split] = 0
             self._buffered_bytes[split] = 0
 
     def close(self) -> None:
@@ -190,6 +226,29 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _arrow_batch(writer: SplitWriter, fmt: str, batch, sizes, file_index: int, first_row: int, python_row) -> int:
+    """Write a batch's certainly-good rows as Arrow runs, the others through ``python_row``; the
+    good runs' token estimate."""
+    import numpy as np
+
+    checked = canonical(fmt, batch.column(fmt))
+    good = checked[0] if checked else np.zeros(batch.num_rows, dtype=bool)
+    tokens = 0
+    bounds = [0, *(np.flatnonzero(np.diff(good.astype(np.int8))) + 1).tolist(), batch.num_rows]
+    for start, stop in zip(bounds, bounds[1:]):
+        if start == stop:
+            continue
+        if good[start]:
+            _, values, estimates = checked
+            writer.add_run(values.slice(start, stop - start), 4 * estimates[start:stop], file_index, first_row + start)
+            tokens += int(estimates[start:stop].sum())
+            continue
+        for offset, end in byte_slices(sizes[start:stop]):
+            for i, row in enumerate(batch.slice(start + offset, end - offset).to_pylist()):
+                python_row(row, first_row + start + offset + i)
+    return tokens
 
 
 def _check(config: FetchConfig) -> None:
@@ -266,8 +325,9 @@ def _fetch_dataset(config: FetchConfig, downloads: Path) -> dict[str, Any]:
         for file_index, (item, reader, fmt, columns) in enumerate(readers):
             shown = redact_url(item.url)
             rows = bad = 0
-            for row_index, row in reader.rows(columns):
-                rows += 1
+
+            def python_row(row: dict[str, Any], row_index: int) -> None:
+                nonlocal bad, tokens
                 try:
                     if "__bad__" in row:
                         raise BadRow(row["__bad__"])
@@ -278,10 +338,21 @@ def _fetch_dataset(config: FetchConfig, downloads: Path) -> dict[str, Any]:
                     bad += 1
                     if len(bad_examples) < MAX_REPORTED_BAD_ROWS:
                         bad_examples.append(f"{shown} row {row_index}: {exc}")
-                    continue
+                    return
                 estimate = estimate_tokens(value)
                 tokens += estimate
                 writer.add(value, 4 * estimate, file_index, row_index)
+
+            if reader.arrow and settings.mapping is None and fmt in ("messages", "text"):
+                for first_row, batch, sizes in reader.batches(columns):
+                    rows += batch.num_rows
+                    # python_row adds to tokens too: read it only after the batch is done
+                    good_tokens = _arrow_batch(writer, fmt, batch, sizes, file_index, first_row, python_row)
+                    tokens += good_tokens
+            else:
+                for row_index, row in reader.rows(columns):
+                    rows += 1
+                    python_row(row, row_index)
             files.append({"url": shown, "sha256": f"sha256:{item.sha256}", "bytes": item.size,
                           "decoded_bytes": reader.decoded, "format": fmt, "rows": rows, "bad_rows": bad})
             total_rows += rows

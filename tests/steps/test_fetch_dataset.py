@@ -345,3 +345,60 @@ def test_an_unforeseen_exception_exits_2_once_without_traceback(http_files, tmp_
     assert "error: unexpected RuntimeError: bug near https://host/x.parquet?sig=***" in err
     assert "Traceback" not in err and "SECRET" not in err
     assert not out.exists() or not list(out.iterdir())
+
+
+# --- the Arrow path agrees with the Python path --------------------------------------------------
+
+
+def _messages_rows() -> list:
+    def m(role, content, **extra):
+        return {"role": role, "content": content, **extra}
+
+    good = [m("system", "Be brief."), m("user", "hi"), m("assistant", "hello")]
+    return [
+        good, good,
+        [m("user", "q"), m("assistant", "   ")],  # blank assistant turn
+        [m("user", "\u3000\x1c"), m("assistant", "a")],  # blank user turn (Unicode and \x1c whitespace)
+        [m("wizard", "q"), m("assistant", "a")],  # unknown role
+        [m("system", None), m("user", "q"), m("assistant", "a")],  # null system content: "" in Python
+        [m("user", "q"), None, m("assistant", "a")],  # a null message
+        [],  # no messages
+        None,  # a null row
+        [m("user", "only a question")],  # no assistant turn
+        [m("system", "  "), m("user", "é\u200b"), m("assistant", "ünïcode ✓")],
+        good,
+    ] * 40
+
+
+@pytest.mark.parametrize("fmt", ["messages", "text"])
+def test_arrow_path_matches_the_python_path(tmp_path, monkeypatch, fmt):
+    import steps.fetch_dataset as step
+
+    if fmt == "messages":
+        message = pa.struct([("role", pa.string()), ("content", pa.string()), ("weight", pa.float32())])
+        rows = [None if r is None else [None if x is None else {**x, "weight": 1.0} for x in r] for r in _messages_rows()]
+        table = pa.table({"messages": pa.array(rows, type=pa.list_(message)), "id": pa.array(range(len(rows)))})
+    else:
+        texts = ["a sentence.", "", "  \t", None, "\x1f", "é", "\u3000x", "ok"] * 60
+        table = pa.table({"text": pa.array(texts, type=pa.large_string())})
+    path = tmp_path / f"{fmt}.parquet"
+    pq.write_table(table, path, row_group_size=97)  # several batches, runs crossing them
+
+    def fetch(out, arrow: bool):
+        if not arrow:
+            monkeypatch.setattr(step, "canonical", lambda fmt, column: None)
+        summary = fetch_dataset(FetchConfig(url=[path.as_uri()], output_dir=tmp_path / out, max_bad_fraction=1.0,
+                                            eval_fraction=0.3))
+        monkeypatch.undo()
+        splits = {s: pq.read_table(tmp_path / out / f"{s}.parquet") for s in ("train", "eval")}
+        return summary, splits
+
+    fast, fast_splits = fetch("fast", arrow=True)
+    slow, slow_splits = fetch("slow", arrow=False)
+    assert fast == slow
+    for split in ("train", "eval"):
+        assert fast_splits[split].schema == slow_splits[split].schema
+        assert fast_splits[split].to_pylist() == slow_splits[split].to_pylist()
+    assert 0 < fast["bad_rows"] < fast["rows"] + fast["bad_rows"]
+    certainly_good = step.canonical(fmt, table.column(fmt).combine_chunks())[0]
+    assert 0 < certainly_good.sum() <= fast["rows"], "the Arrow path took part"
