@@ -7,8 +7,9 @@ capped, hashed, one retry policy). Its file type comes from the URL's extension,
 ``DatasetConfig.dataset_extension``, else the response's content type, else the first bytes.
 ``steps.dataset_readers`` then streams the rows in batches with the decoded bytes capped per row,
 in total and per byte of file (``--max-row-bytes``, ``--max-decoded-bytes``, ``--max-expansion``),
-so neither a large file nor a decompression bomb is ever held in memory. Rows are written the same
-way with two ``ParquetWriter``s, to temporary names that replace ``train.parquet``,
+so neither a large file nor a decompression bomb is ever held in memory. Batches already in the
+output layout are checked and passed on as Arrow arrays (``steps.dataset_arrow``); other rows are
+normalised one by one in Python. Rows are written the same way with two ``ParquetWriter``s, to temporary names that replace ``train.parquet``,
 ``eval.parquet`` and ``summary.json`` only when the whole dataset passed: a failed run leaves
 whatever was in ``--output-dir`` as it was.
 
@@ -272,9 +273,9 @@ def _open(item: Fetched, settings: DatasetSettings, budget: DecodedBudget) -> tu
         raise StepError(f"{where}: the file holds no rows")
     mapping = settings.mapping
     if mapping:
-        for canonical, source in mapping.columns.items():
+        for name, source in mapping.columns.items():
             if source not in reader.columns:
-                raise StepError(f"{where}: DatasetConfig.{mapping.keys[canonical]} {source!r} is not a column of the "
+                raise StepError(f"{where}: DatasetConfig.{mapping.keys[name]} {source!r} is not a column of the "
                                 f"file (columns: {', '.join(reader.columns)})")
         return reader, mapping.format, mapping.source_columns()
     try:
