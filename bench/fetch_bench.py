@@ -4,7 +4,7 @@ Generates a parquet of chat rows (``messages``: a user and an assistant turn of 
 1 KiB a row, row groups of 64 Ki rows) of about ``--size-mb`` MB, serves it from a separate
 ``python -m http.server`` process on 127.0.0.1, and per round runs, each in a fresh child process:
 
-* plain download: httpx streaming GET into a file, nothing else (the ceiling);
+* plain download: httpx streaming GET into a file, chunks as received, nothing else (the ceiling);
 * fetch step: ``steps.fetch_dataset.fetch_dataset`` (download with sha256, decoded-size caps,
   normalisation, train/eval parquet written); its download phase is timed on its own too.
 
@@ -47,7 +47,7 @@ start = time.perf_counter()
 with httpx.Client(timeout=60) as client, client.stream("GET", url, headers={"Accept-Encoding": "identity"}) as r:
     r.raise_for_status()
     with open(target, "wb") as out:
-        for chunk in r.iter_raw(1 << 20):
+        for chunk in r.iter_raw():  # as received, like the step (re-chunking to 1 MiB costs copies)
             out.write(chunk)
 seconds = time.perf_counter() - start
 peak = int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))

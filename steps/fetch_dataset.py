@@ -307,7 +307,7 @@ def _fetch_dataset(config: FetchConfig, downloads: Path) -> dict[str, Any]:
     fetched: list[Fetched] = []
     for i, url in enumerate(config.url):
         item = fetch(url, downloads / safe_name(url, i), max_bytes=config.max_bytes, timeout_s=config.timeout, retries=config.retries)
-        log.info("fetched %s: %d bytes, sha256:%s", redact_url(url), item.size, item.sha256)
+        log.info("fetched %s: %d bytes in %d attempt(s)", redact_url(url), item.size, item.attempts)
         fetched.append(item)
         report_progress(i + 1, 2 * len(config.url))
 
