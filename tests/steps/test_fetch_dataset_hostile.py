@@ -74,6 +74,7 @@ def expect_rejected(tmp_path, out: Path, url: str, shown: str, match: str, *extr
     assert f"url '{shown}'" in error[0], error[0]
     assert __import__("re").search(match, error[0]), error[0]
     assert rss < RSS_LIMIT_KB, f"peak RSS {rss / 1024:.0f} MiB"
+    print(f"peak RSS {rss / 1024:.0f} MiB: {error[0]}")  # shown with pytest -s
     assert SECRET not in stderr
     assert_untouched(out, source if digest else None, digest)
     return error[0], rss
