@@ -48,6 +48,14 @@ FORMATS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("prompt", ("prompt", "completion")),
     ("text", ("text",)),
 )
+# Every column a format reads (required and optional): the readers skip the others.
+FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "input", "output"),
+    "prompt": ("prompt", "completion"),
+    "text": ("text",),
+}
 FORMAT_KIND: dict[str, Kind] = {"messages": "chat", "sharegpt": "chat", "alpaca": "chat", "prompt": "chat", "text": "text"}
 
 

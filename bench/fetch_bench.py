@@ -1,0 +1,221 @@
+"""The fetch step on a large parquet over local HTTP: peak RSS, and throughput against a plain download.
+
+Generates a parquet of chat rows (``messages``: a user and an assistant turn of random words, about
+1 KiB a row, row groups of 64 Ki rows) of about ``--size-mb`` MB, serves it from a separate
+``python -m http.server`` process on 127.0.0.1, and per round runs, each in a fresh child process:
+
+* plain download: httpx streaming GET into a file, chunks as received, nothing else (the ceiling);
+* fetch step: ``steps.fetch_dataset.fetch_dataset`` (download with sha256, decoded-size caps,
+  normalisation, train/eval parquet written); its download phase is timed on its own too.
+
+Prints sizes, then the median of ``--rounds`` (default 3) of: seconds, MB/s of the file's bytes,
+the ratio fetch/plain for the download phase and for the whole step, and each child's peak RSS
+(``VmHWM``). Aims: peak RSS < 300 MB, download throughput >= 0.8x plain.
+
+Also times the two JSON readers on the same rows (``--json-mb`` MB as a JSON array and as JSON
+lines): the JSON-array reader is linear, so its seconds per MiB stay close to the JSON-lines
+reader's. The old reader copied its 1 MiB buffer per element: 0.3 s/MiB against 0.02 on short
+rows, 0.060 s/MiB on this bench's 1.2 KB rows (the new one: 0.012).
+
+    python bench/fetch_bench.py [--size-mb 1024] [--rounds 3] [--json-mb 64] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+ROW_GROUP = 64 * 1024
+
+PLAIN = """
+import json, re, sys, time
+from pathlib import Path
+import httpx
+url, target = sys.argv[1], sys.argv[2]
+start = time.perf_counter()
+with httpx.Client(timeout=60) as client, client.stream("GET", url, headers={"Accept-Encoding": "identity"}) as r:
+    r.raise_for_status()
+    with open(target, "wb") as out:
+        for chunk in r.iter_raw():  # as received, like the step (re-chunking to 1 MiB costs copies)
+            out.write(chunk)
+seconds = time.perf_counter() - start
+peak = int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
+print(json.dumps({"seconds": seconds, "download_seconds": seconds, "peak_kb": peak}))
+"""
+
+STEP = """
+import json, logging, re, sys, time
+from pathlib import Path
+import steps.fetch_dataset as fd
+url, out = sys.argv[1], sys.argv[2]
+timings = {}
+download = fd.fetch
+def timed_fetch(*args, **kwargs):
+    start = time.perf_counter()
+    try:
+        return download(*args, **kwargs)
+    finally:
+        timings["download_seconds"] = time.perf_counter() - start
+fd.fetch = timed_fetch
+logging.basicConfig(level=logging.WARNING)
+start = time.perf_counter()
+summary = fd.fetch_dataset(fd.FetchConfig(url=[url], output_dir=Path(out)))
+timings["seconds"] = time.perf_counter() - start
+timings["peak_kb"] = int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
+timings["rows"] = summary["rows"]
+timings["decoded_bytes"] = summary["decoded_bytes"]
+print(json.dumps(timings))
+"""
+
+
+def make_parquet(path: Path, size_mb: float, seed: int = 0) -> int:
+    """Rows of random words until the file holds about size_mb MB; returns the row count."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    vocab = np.array(["".join(rng.choice(letters, size=rng.integers(2, 10))) for _ in range(20000)])
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    schema = pa.schema([("messages", pa.list_(message))])
+    rows = 0
+    with pq.ParquetWriter(path, schema, compression="snappy") as writer:
+        while not path.exists() or path.stat().st_size < size_mb * 1e6:
+            words = rng.choice(vocab, size=ROW_GROUP * 180)
+            blob = " ".join(words.tolist())
+            cuts = np.sort(rng.integers(0, len(blob), size=ROW_GROUP * 2 - 1))
+            pieces = np.split(np.frombuffer(blob.encode(), dtype=np.uint8), cuts)
+            texts = [p.tobytes().decode() or "x" for p in pieces]
+            users, answers = texts[0::2], texts[1::2]
+            column = [[{"role": "user", "content": u}, {"role": "assistant", "content": a}] for u, a in zip(users, answers)]
+            writer.write_table(pa.table({"messages": pa.array(column, type=schema.field(0).type)}, schema=schema))
+            rows += ROW_GROUP
+    return rows
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child(code: str, *args: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, check=False)
+    if done.returncode:
+        raise SystemExit(f"child failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def json_readers(work: Path, parquet: Path, json_mb: float) -> tuple[float, float]:
+    """Seconds per MiB of the JSON-array and the JSON-lines reader on the same records."""
+    import pyarrow.parquet as pq
+
+    from steps.dataset_download import Fetched
+    from steps.dataset_readers import DecodedBudget, Limits, Reader
+
+    array, lines = work / "rows.json", work / "rows.jsonl"
+    with array.open("w") as fa, lines.open("w") as fl:
+        fa.write("[")
+        first = True
+        for batch in pq.ParquetFile(parquet).iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                text = json.dumps(row)
+                fa.write(("" if first else ",\n") + text)
+                fl.write(text + "\n")
+                first = False
+            if lines.stat().st_size > json_mb * 1e6:
+                break
+        fa.write("]\n")
+    results = []
+    for path, kind in ((array, "json"), (lines, "jsonl")):
+        size = path.stat().st_size
+        fetched = Fetched(path.as_uri(), path, "", size, None)
+        limits = Limits(16 << 20, 1 << 40, 1e9)
+        start = time.perf_counter()
+        count = sum(1 for _ in Reader(fetched, kind, DecodedBudget(limits)).rows())
+        seconds = time.perf_counter() - start
+        results.append(seconds / (size / 2**20))
+        print(f"  {kind:5s} reader: {size / 2**20:7.1f} MiB, {count} rows, {seconds:6.2f} s, {results[-1]:.4f} s/MiB")
+    return results[0], results[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mb", type=float, default=1024, help="parquet size in MB (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; medians are printed (default %(default)s)")
+    parser.add_argument("--json-mb", type=float, default=64, help="size of the JSON reader comparison in MB (0: skip)")
+    parser.add_argument("--keep", type=Path, help="work directory to keep (default: a temporary one)")
+    args = parser.parse_args(argv)
+
+    work = args.keep or Path(tempfile.mkdtemp(prefix="fetch-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    serve = work / "serve"
+    serve.mkdir(exist_ok=True)
+    data = serve / "train.parquet"
+    if not data.exists() or abs(data.stat().st_size - args.size_mb * 1e6) > 0.1 * args.size_mb * 1e6:
+        start = time.perf_counter()
+        rows = make_parquet(data, args.size_mb)
+        print(f"generated {data.stat().st_size / 1e6:.1f} MB parquet, {rows} rows, in {time.perf_counter() - start:.1f} s")
+    size = data.stat().st_size
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(serve)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/train.parquet"
+    try:
+        for _ in range(50):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        plain, step = [], []
+        for round_ in range(args.rounds):
+            plain.append(child(PLAIN, url, str(work / "plain.parquet")))
+            (work / "plain.parquet").unlink()
+            step.append(child(STEP, url, str(work / "out")))
+            print(f"round {round_ + 1}: plain {plain[-1]['seconds']:.2f} s, step download {step[-1]['download_seconds']:.2f} s, "
+                  f"step total {step[-1]['seconds']:.2f} s, step peak RSS {step[-1]['peak_kb'] / 1024:.0f} MiB")
+    finally:
+        server.terminate()
+        server.wait()
+
+    def median(runs: list[dict], key: str) -> float:
+        return statistics.median(r[key] for r in runs)
+
+    mb = size / 1e6
+    plain_s, download_s, total_s = median(plain, "seconds"), median(step, "download_seconds"), median(step, "seconds")
+    rss = median(step, "peak_kb") / 1024
+    print(f"\nfile: {mb:.1f} MB parquet, {step[0]['rows']} rows, {step[0]['decoded_bytes'] / 1e6:.1f} MB decoded; "
+          f"median of {args.rounds}")
+    print(f"  plain download     {plain_s:7.2f} s  {mb / plain_s:8.1f} MB/s  peak RSS {median(plain, 'peak_kb') / 1024:5.0f} MiB")
+    print(f"  step download      {download_s:7.2f} s  {mb / download_s:8.1f} MB/s  ratio {plain_s / download_s:.2f}x plain "
+          f"(aim >= 0.8: {'met' if plain_s / download_s >= 0.8 else 'NOT met'})")
+    print(f"  step end to end    {total_s:7.2f} s  {mb / total_s:8.1f} MB/s  ratio {plain_s / total_s:.2f}x plain")
+    print(f"  step peak RSS      {rss:7.0f} MiB (aim < 300 MB: {'met' if rss * 2**20 < 300e6 else 'NOT met'})")
+    if args.json_mb > 0:
+        print(f"\nJSON readers on the same rows (~{args.json_mb:g} MB each):")
+        array_s, lines_s = json_readers(work, data, args.json_mb)
+        print(f"  JSON array / JSON lines seconds per MiB: {array_s / lines_s:.2f}x")
+    if not args.keep:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
