@@ -39,7 +39,7 @@ import yaml
 
 from steps.common import StepError
 from steps.dataset_readers import KAITO_EXTENSIONS
-from steps.tune_config import KAITO_DATASET_CONFIG_KEYS
+from steps.tune.config import KAITO_DATASET_CONFIG_KEYS
 
 PREFIX = "training_config.DatasetConfig"
 

@@ -252,7 +252,7 @@ def training_settings(cfg: TuneConfig, preset, sections: dict[str, dict[str, Any
     if "pad_to_multiple_of" in collator:
         training["pad_to_multiple_of"] = collator["pad_to_multiple_of"]
     for key in sorted(sections.get("DatasetConfig") or {}):
-        notes.append(f"DatasetConfig.{key} ignored: fetch_dataset already normalised and split the data")
+        notes.append(f"DatasetConfig.{key} is applied by fetch_dataset (--config), not here")
     # No compute goes to padding: best-fit-decreasing packing, padding-free batches (see steps.tune).
     training.setdefault("packing", True)
     training.setdefault("packing_strategy", "bfd")
