@@ -3,8 +3,8 @@
 Each case runs the real step as a subprocess against a small registry on 127.0.0.1 that serves
 exactly the bytes the case crafted, then checks what a user cares about: exit 2 with one clear
 line (no traceback), the user's files, an adapter pulled before and a file outside DEST all
-byte-identical, no half-built adapter left, and the step's peak RSS under 1 GB (``os.wait4``
-reports the child's own ``ru_maxrss``).
+byte-identical, no half-built adapter left, and the step's peak RSS under 1 GB (the child's own
+``VmHWM``: see tests/fixtures/peak_rss.py).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from steps import pull_adapters as pull
+from tests.fixtures.peak_rss import run_module_measured
 from steps.oci import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -184,18 +185,10 @@ def run_pull(world: World, image: str, *extra: str, env: dict[str, str] | None =
     """(exit code, stderr, peak RSS in bytes) of ``python -m steps.pull_adapters`` in a subprocess."""
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                    **(env or {})}
-    stderr_path = world.root / "stderr.txt"
-    with open(stderr_path, "wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "steps.pull_adapters", "--adapter", f"x={image}", "--dest", str(world.dest),
-             "--insecure", "--attempts", "2", "--backoff-s", "0.01", "--timeout-s", "10",
-             "--outputs", str(world.root / "outputs"), *extra],
-            cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=stderr)
-        _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    text = stderr_path.read_text()
-    stderr_path.unlink()
-    return process.returncode, text, usage.ru_maxrss * 1024
+    return run_module_measured(
+        "steps.pull_adapters", "--adapter", f"x={image}", "--dest", str(world.dest),
+        "--insecure", "--attempts", "2", "--backoff-s", "0.01", "--timeout-s", "10",
+        "--outputs", str(world.root / "outputs"), *extra, cwd=ROOT, env=environment)
 
 
 def assert_refused(world: World, image: str, expected: str, *extra: str) -> str:
