@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,30 +17,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.fixtures.peak_rss import run_module_measured
+
 RSS_LIMIT_KB = 1024 * 1024  # 1 GiB
 SECRET = "s3cr3tSIGvalue"
 
-# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would report pytest's peak.
-CHILD = """
-import re, sys
-from pathlib import Path
-from steps.common import run_step
-from steps.fetch_dataset import main
-code = run_step(main, sys.argv[1:])
-peak = re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)
-print(f"maxrss_kb={peak}", file=sys.stderr)
-sys.exit(code)
-"""
-
-
 def run_step_process(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, int]:
-    """(exit code, stderr without the RSS line, peak RSS in KiB) of one fetch_dataset run."""
-    full_env = {**os.environ, **(env or {})}
-    done = subprocess.run([sys.executable, "-c", CHILD, *args, "--outputs", str(tmp_path / "outputs")],
-                          capture_output=True, text=True, timeout=300, env=full_env)
-    lines = done.stderr.splitlines()
-    rss = int(next(line for line in lines if line.startswith("maxrss_kb=")).split("=")[1])
-    return done.returncode, "\n".join(line for line in lines if not line.startswith("maxrss_kb=")), rss
+    """(exit code, stderr, the step's own peak RSS in KiB) of one fetch_dataset run."""
+    code, stderr, peak = run_module_measured("steps.fetch_dataset", *args, "--outputs", str(tmp_path / "outputs"),
+                                             env={**os.environ, **(env or {})})
+    return code, stderr, peak // 1024
 
 
 @pytest.fixture
