@@ -4,8 +4,8 @@
 --checkpoint-dir DIR [--config training_config.yaml] [--dataset-digest D] [--max-steps N]``
 
 Settings are layered, later wins: preset and device defaults → Kaito's ``training_config.yaml``
-(``steps.tune.config`` checks every key; ``steps.tune.plan`` layers them) → command-line flags → what the workflow must own
-(paths, checkpointing, reporting). Device-aware defaults:
+(``steps.tune.config`` checks every key; ``steps.tune.plan`` layers them) → command-line flags →
+what the workflow must own (paths, checkpointing, reporting). Device-aware defaults:
 
 * CPU: fp32 weights and fp32 compute everywhere — bf16 matmuls have no fast path on most CPUs
   (NF4 with bf16 compute measured 45 s/step against 5 s/step in fp32) — and no gradient

@@ -38,7 +38,7 @@ from steps.tune.checkpoints import (
     write_run_record,
 )
 from steps.tune.options import TuneConfig
-from steps.tune.plan import Plan, detect_device, empty_sections, make_plan
+from steps.tune.plan import detect_device, empty_sections, make_plan
 
 log = logging.getLogger("kaiflow.steps.tune")
 

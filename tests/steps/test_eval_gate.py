@@ -130,7 +130,7 @@ def changed_rows(n: int, seed: int) -> list[dict]:
 
 def tune_tiny(work, data, *extra: str):
     from steps.tune import main
-    from tests.steps.tune.test_tune import TINY, tune_argv
+    from tests.steps.tune.runs import TINY, tune_argv
 
     assert run_step(main, tune_argv(work, TINY, "lora", data, "--max-length", "128", *extra)) == 0
     return work / "adapter"
@@ -139,7 +139,7 @@ def tune_tiny(work, data, *extra: str):
 @pytest.fixture(scope="module")
 def rounds(tmp_path_factory):
     """Round 1 trained on the old data; round 2's data changed: one well-trained and one barely-trained candidate."""
-    from tests.steps.tune.test_tune import chat_rows, make_dataset
+    from tests.steps.tune.runs import chat_rows, make_dataset
 
     root = tmp_path_factory.mktemp("gate-rounds")
     for name in ("old", "new", "weak"):
