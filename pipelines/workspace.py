@@ -37,7 +37,7 @@ from typing import Any
 from hera.workflows import DAG, CronWorkflow, Workflow
 from hera.workflows import models as m
 
-from pipelines import steps
+from pipelines import tasks
 from pipelines.target import TRAINING_CONFIG_KEY, Target
 
 LABEL_WORKSPACE = "kaito.sh/workspace"
@@ -65,7 +65,7 @@ def build(workspace: Any, target: Target | None = None) -> Workflow | CronWorkfl
 # -- sizing -------------------------------------------------------------------------------------
 
 
-def _tuning_scheduling(workspace: Any, preset: Any) -> tuple[steps.Scheduling, str | None]:
+def _tuning_scheduling(workspace: Any, preset: Any) -> tuple[tasks.Scheduling, str | None]:
     """GPU count and memory for the tune pod, and the instance type to provision."""
     from presets.gpus import get_sku, pick_instance
 
@@ -80,7 +80,7 @@ def _tuning_scheduling(workspace: Any, preset: Any) -> tuple[steps.Scheduling, s
     # Leave room for the kubelet, the daemonsets and the Argo executor sidecar on the node.
     memory = max(4, math.floor(sku.memory_gib * 0.8))
     cpu = max(1, sku.vcpus - 2)
-    scheduling = steps.Scheduling(
+    scheduling = tasks.Scheduling(
         gpus=sku.gpus, memory_gib=memory, cpu=cpu,
         node_selector=dict(selector.match_labels) if selector.match_labels else None,
         match_expressions=expressions,
@@ -134,19 +134,19 @@ def _workflow_spec(workspace: Any, target: Target, kind: str, volume_gib: int, s
     if not target.is_cluster:
         return spec
     volumes: list[Any] = [
-        m.Volume(name=steps.docker_config_volume_name(s), secret=m.SecretVolumeSource(
+        m.Volume(name=tasks.docker_config_volume_name(s), secret=m.SecretVolumeSource(
             secret_name=s, items=[m.KeyToPath(key=".dockerconfigjson", path="config.json")]))
         for s in dict.fromkeys(secrets)
     ]
     if config_map:
-        volumes.append(m.Volume(name=steps.TRAINING_CONFIG_VOLUME, config_map=m.ConfigMapVolumeSource(
+        volumes.append(m.Volume(name=tasks.TRAINING_CONFIG_VOLUME, config_map=m.ConfigMapVolumeSource(
             name=config_map, items=[m.KeyToPath(key=TRAINING_CONFIG_KEY, path=TRAINING_CONFIG_KEY)])))
     pod_labels = {LABEL_WORKSPACE: workspace.metadata.name, LABEL_MANAGED_BY: "kaiflow", LABEL_PIPELINE: kind}
     spec.update(
         volumes=volumes or None,
         volume_claim_templates=[
             m.PersistentVolumeClaim(
-                metadata=m.ObjectMeta(name=steps.DATA_VOLUME, labels=pod_labels),
+                metadata=m.ObjectMeta(name=tasks.DATA_VOLUME, labels=pod_labels),
                 spec=m.PersistentVolumeClaimSpec(
                     access_modes=["ReadWriteOnce"],
                     resources=m.VolumeResourceRequirements(requests={"storage": m.Quantity(f"{volume_gib}Gi")}),
@@ -165,7 +165,7 @@ def _workflow_spec(workspace: Any, target: Target, kind: str, volume_gib: int, s
 
 def _provision_template(workspace: Any, target: Target, instance_type: str | None):
     resource = workspace.resource
-    return steps.provision(
+    return tasks.provision(
         target, workspace_name=workspace.metadata.name, namespace=workspace.metadata.namespace or "default",
         instance_type=instance_type, count=str(resource.count), labels=_node_labels(workspace),
         preferred_nodes=resource.preferred_nodes or (),
@@ -224,40 +224,40 @@ def _tuning(workspace: Any, target: Target) -> Workflow | CronWorkflow:
     else:
         workflow = Workflow(**metadata, **spec)
 
-    mounts = steps.docker_config_mount(target, push_secret)
+    mounts = tasks.docker_config_mount(target, push_secret)
     annotations = {
         "kaito.sh/workspace": f"{namespace}/{name}",
         "kaito.sh/preset": preset.name,
         "kaiflow.kaito.sh/method": tuning.method,
-        "kaiflow.kaito.sh/dataset-digest": steps.input_ref("dataset-digest"),
+        "kaiflow.kaito.sh/dataset-digest": tasks.input_ref("dataset-digest"),
     }
     with workflow:
         provision_t = _provision_template(workspace, target, instance_type)
-        fetch_t = steps.fetch_dataset(target, urls=tuning.input.urls)
-        tune_t = steps.tune(
+        fetch_t = tasks.fetch_dataset(target, urls=tuning.input.urls)
+        tune_t = tasks.tune(
             target, preset=preset.name, method=tuning.method, adapter_name=name, config=config_file,
             config_map=tuning.config, scheduling=scheduling, deadline=_tune_deadline(preset),
             model_access_secret=model_secret,
         )
-        deploy_t = steps.deploy(
+        deploy_t = tasks.deploy(
             target, workspace_name=name, namespace=namespace, preset=preset.name, adapters=[(name, "1.0")],
             # the reference push-adapter actually pushed (with --tag auto it is only known then)
-            adapter_images=[f"{name}={steps.input_ref('adapter-image')}"], inputs=["adapter-image"],
+            adapter_images=[f"{name}={tasks.input_ref('adapter-image')}"], inputs=["adapter-image"],
             gpus=scheduling.gpus, node_labels=_node_labels(workspace), docker_config_secret=push_secret,
             workspace_uid=getattr(workspace.metadata, "uid", None),
         )
-        smoke_t = steps.smoke_test(target)
+        smoke_t = tasks.smoke_test(target)
         if scheduled:
             repository = _repository(output.image)
-            gate_t = steps.eval_gate(target, adapter_name=name, current_image=f"{repository}:latest",
+            gate_t = tasks.eval_gate(target, adapter_name=name, current_image=f"{repository}:latest",
                                      docker_config=docker_config, mounts=mounts)
-            push_t = steps.push_adapter(target, adapter_name=name, image=repository, tag="auto", also_tag="latest",
+            push_t = tasks.push_adapter(target, adapter_name=name, image=repository, tag="auto", also_tag="latest",
                                         docker_config=docker_config, annotations=annotations, mounts=mounts)
-            candidate_t = steps.push_adapter(target, adapter_name=name, image=repository, tag="auto",
+            candidate_t = tasks.push_adapter(target, adapter_name=name, image=repository, tag="auto",
                                              docker_config=docker_config, annotations=annotations, mounts=mounts,
                                              name="push-candidate")
         else:
-            push_t = steps.push_adapter(target, adapter_name=name, image=output.image, docker_config=docker_config,
+            push_t = tasks.push_adapter(target, adapter_name=name, image=output.image, docker_config=docker_config,
                                         annotations=annotations, mounts=mounts)
 
         with DAG(name="tuning"):
@@ -308,18 +308,18 @@ def _inference(workspace: Any, target: Target) -> Workflow:
         provision_t = _provision_template(workspace, target, instance_type)
         pull_t = None
         if adapters:
-            pull_t = steps.pull_adapters(
+            pull_t = tasks.pull_adapters(
                 target, adapters=[f"{a.source.name}={a.source.image}" for a in adapters],
-                docker_config=target.docker_config(pull_secret), mounts=steps.docker_config_mount(target, pull_secret),
+                docker_config=target.docker_config(pull_secret), mounts=tasks.docker_config_mount(target, pull_secret),
             )
-        deploy_t = steps.deploy(
+        deploy_t = tasks.deploy(
             target, workspace_name=name, namespace=namespace, preset=preset.name,
             adapters=[(a.source.name, a.strength or "1.0") for a in adapters],
             adapter_images=[f"{a.source.name}={a.source.image}" for a in adapters], gpus=sku.gpus,
             node_labels=_node_labels(workspace), docker_config_secret=pull_secret,
             workspace_uid=getattr(workspace.metadata, "uid", None),
         )
-        smoke_t = steps.smoke_test(target)
+        smoke_t = tasks.smoke_test(target)
         with DAG(name="inference"):
             provision = provision_t(name="provision-nodes")
             pull = pull_t(name="pull-adapters") if pull_t is not None else None

@@ -1,4 +1,4 @@
-"""One Hera container template per step: the step's command line and what it needs around it.
+"""One Hera container template per DAG task: the step's command line and what it needs around it.
 
 Each builder returns a ``hera.workflows.Container`` that runs ``python -m steps.<name> ...`` in the
 pipeline image with the command line fixed by DEVELOPERS.md ("Step command lines"). A value a
