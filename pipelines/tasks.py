@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from hera.workflows import Artifact, Container, Env, NoneArchiveStrategy, Parameter, RetryStrategy
 from hera.workflows import models as m
 
+from api.labels import GPU_TOLERATION
 from pipelines.target import Target
 
 DATA_VOLUME = "kaiflow-data"
@@ -99,7 +100,7 @@ class Scheduling:
         # taint and the one Kaito's gpu-provisioner puts on the nodes it creates.
         return [
             m.Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule"),
-            m.Toleration(key="sku", operator="Equal", value="gpu", effect="NoSchedule"),
+            m.Toleration(**GPU_TOLERATION),
         ]
 
     def affinity(self) -> m.Affinity | None:

@@ -33,6 +33,7 @@ from typing import Any
 from hera.workflows import Container, Parameter, WorkflowTemplate
 from hera.workflows import models as m
 
+from api.labels import LABEL_MANAGED_BY, MANAGED_BY
 from pipelines import tasks
 from pipelines.target import Target
 
@@ -138,7 +139,7 @@ def build_template(step: str, target: Target | None = None) -> WorkflowTemplate:
             claim_name="{{workflow.parameters.data-pvc}}")))
     with WorkflowTemplate(
         name=f"kaiflow-{step}",
-        labels={"app.kubernetes.io/managed-by": "kaiflow", "app.kubernetes.io/component": step},
+        labels={LABEL_MANAGED_BY: MANAGED_BY, "app.kubernetes.io/component": step},
         annotations={"workflows.argoproj.io/description": f"kaiflow step {step} (python -m steps.{step.replace('-', '_')})"},
         arguments=[Parameter(name=n, value=d, description=desc) if d is not None else Parameter(name=n, description=desc)
                    for n, (d, desc) in all_params.items()],

@@ -37,13 +37,10 @@ from typing import Any
 from hera.workflows import DAG, CronWorkflow, Workflow
 from hera.workflows import models as m
 
+from api.labels import ANNOTATION_OWNER, LABEL_MANAGED_BY, LABEL_PIPELINE, LABEL_WORKSPACE, MANAGED_BY, owner_annotation
 from pipelines import tasks
 from pipelines.target import TRAINING_CONFIG_KEY, Target
 
-LABEL_WORKSPACE = "kaito.sh/workspace"
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-LABEL_PIPELINE = "kaiflow.kaito.sh/pipeline"
-ANNOTATION_OWNER = "kaiflow.kaito.sh/owner"
 WORKFLOW_DEADLINE_S = 3 * 24 * 3600
 TTL_AFTER_COMPLETION_S = 7 * 24 * 3600
 
@@ -103,9 +100,9 @@ def _data_volume_gib(preset: Any) -> int:
 
 def _metadata(workspace: Any, kind: str) -> dict[str, Any]:
     name, namespace = workspace.metadata.name, workspace.metadata.namespace or "default"
-    labels = {LABEL_WORKSPACE: name, LABEL_MANAGED_BY: "kaiflow", LABEL_PIPELINE: kind}
+    labels = {LABEL_WORKSPACE: name, LABEL_MANAGED_BY: MANAGED_BY, LABEL_PIPELINE: kind}
     annotations = {
-        ANNOTATION_OWNER: f"kaito.sh/Workspace/{namespace}/{name}",
+        ANNOTATION_OWNER: owner_annotation(namespace, name),
         "workflows.argoproj.io/title": f"{name} ({kind})",
         "workflows.argoproj.io/description": _description(workspace, kind),
     }
@@ -141,7 +138,7 @@ def _workflow_spec(workspace: Any, target: Target, kind: str, volume_gib: int, s
     if config_map:
         volumes.append(m.Volume(name=tasks.TRAINING_CONFIG_VOLUME, config_map=m.ConfigMapVolumeSource(
             name=config_map, items=[m.KeyToPath(key=TRAINING_CONFIG_KEY, path=TRAINING_CONFIG_KEY)])))
-    pod_labels = {LABEL_WORKSPACE: workspace.metadata.name, LABEL_MANAGED_BY: "kaiflow", LABEL_PIPELINE: kind}
+    pod_labels = {LABEL_WORKSPACE: workspace.metadata.name, LABEL_MANAGED_BY: MANAGED_BY, LABEL_PIPELINE: kind}
     spec.update(
         volumes=volumes or None,
         volume_claim_templates=[
