@@ -24,10 +24,17 @@ from hera.workflows import Artifact, Container, Env, NoneArchiveStrategy, Parame
 from hera.workflows import models as m
 
 from api.labels import GPU_TOLERATION
+from pipelines.names import dns1123_label
 from pipelines.target import Target
 
 DATA_VOLUME = "kaiflow-data"
 TRAINING_CONFIG_VOLUME = "training-config"
+OUTPUTS_VOLUME = "kaiflow-outputs"
+# Output parameters are short strings and small JSON documents.
+OUTPUTS_SIZE_LIMIT = "16Mi"
+# Argo's executor sidecar reports outputs through the API, so it needs a token even where the
+# step's own container gets none (the same account the Workflow runs as).
+EXECUTOR_SERVICE_ACCOUNT = "kaiflow-workflow"
 
 # Deadlines per step (seconds). Tuning gets its own from the Workspace size (see workspace.py).
 DEADLINES = {
@@ -133,7 +140,9 @@ def _step(
     service_account: str | None = None,
     labels: dict[str, str] | None = None,
     description: str = "",
+    kubernetes_api: bool = False,
 ) -> Container:
+    """``kubernetes_api``: the step talks to the API server, so its pod gets a service-account token."""
     cluster = target.is_cluster
     # Every {{inputs.parameters.X}} the command line uses is declared, explicit ones first.
     declared = list(dict.fromkeys([*inputs, *(r for a in args for r in INPUT_REFERENCE.findall(a))]))
@@ -142,6 +151,20 @@ def _step(
         volume_mounts.insert(0, m.VolumeMount(name=DATA_VOLUME, mount_path=target.data_root))
     scheduling = scheduling if cluster else None
     annotations = {"workflows.argoproj.io/description": description} if description else None
+    volumes: list[m.Volume] = []
+    if cluster and outputs:
+        # The output files live in a small emptyDir rather than the container's writable layer.
+        volumes.append(m.Volume(name=OUTPUTS_VOLUME, empty_dir=m.EmptyDirVolumeSource(
+            size_limit=m.Quantity(OUTPUTS_SIZE_LIMIT))))
+        volume_mounts.append(m.VolumeMount(name=OUTPUTS_VOLUME, mount_path=target.outputs_dir))
+    pod_security = container_security = executor = automount = None
+    if cluster:
+        pod_security, container_security = _security_contexts(target)
+        if not kubernetes_api:
+            # No token in pods that never call the API; Argo's executor sidecar still needs one,
+            # from its own service account (Argo requires executor.serviceAccountName then).
+            automount = False
+            executor = m.ExecutorConfig(service_account_name=EXECUTOR_SERVICE_ACCOUNT)
     return Container(
         name=name,
         image=target.images.pipeline,
@@ -166,7 +189,25 @@ def _step(
         service_account_name=service_account if cluster else None,
         labels=labels if cluster else None,
         annotations=annotations,
+        volumes=volumes or None,
+        pod_security_context=pod_security,
+        security_context=container_security,
+        automount_service_account_token=automount,
+        executor=executor,
     )
+
+
+def _security_contexts(target: Target) -> tuple[m.PodSecurityContext, m.SecurityContext]:
+    """Run as the image's non-root user; ``fsGroup`` makes fresh (root-owned) volumes writable to it."""
+    uid = target.images.pipeline_uid
+    pod = m.PodSecurityContext(
+        run_as_non_root=True, run_as_user=uid, run_as_group=uid, fs_group=uid,
+        # chown a large checkpoint volume only when its root is not ours yet, not on every mount
+        fs_group_change_policy="OnRootMismatch",
+        seccomp_profile=m.SeccompProfile(type="RuntimeDefault"),
+    )
+    container = m.SecurityContext(allow_privilege_escalation=False, capabilities=m.Capabilities(drop=["ALL"]))
+    return pod, container
 
 
 def _flag(flag: str, values: Iterable[str]) -> list[str]:
@@ -187,7 +228,8 @@ def docker_config_mount(target: Target, secret_name: str | None) -> list[m.Volum
 
 
 def docker_config_volume_name(secret_name: str) -> str:
-    return f"docker-config-{secret_name}"[:63].rstrip("-")
+    """A valid volume name for any Secret name (``acr.push`` -> ``docker-config-acr-push-<hash>``)."""
+    return dns1123_label(f"docker-config-{secret_name}")
 
 
 # -- the steps ----------------------------------------------------------------------------------
@@ -220,6 +262,7 @@ def provision(target: Target, *, workspace_name: str, namespace: str, instance_t
     return _step(
         target, name=name, module="provision", args=args, outputs=["nodes", "provider"], retry=True,
         deadline=DEADLINES["provision"], data_volume=False, env=env, service_account="kaiflow-provisioner",
+        kubernetes_api=True,
         labels=pod_labels, description="Provision the GPU nodes the Workspace runs on",
     )
 
@@ -267,7 +310,8 @@ def tune(target: Target, *, preset: str, method: str, adapter_name: str, config:
     return _step(
         target, name=name, module="tune", args=args, outputs=["train-loss", "eval-loss"],
         artifacts=loss_curve, deadline=deadline, mounts=mounts, env=env, scheduling=scheduling,
-        description=f"{method.upper()} fine-tuning of {preset}",
+        # no .upper(): in a WorkflowTemplate `method` is an Argo placeholder, which is case-sensitive
+        description=f"Fine-tuning of {preset} ({method})",
     )
 
 
@@ -346,7 +390,7 @@ def deploy(target: Target, *, workspace_name: str, namespace: str, preset: str,
     return _step(
         target, name=name, module="deploy", args=args, inputs=inputs, outputs=["service-url"],
         data_volume=not target.is_cluster,
-        deadline=DEADLINES["deploy"], service_account="kaiflow-deployer",
+        deadline=DEADLINES["deploy"], service_account="kaiflow-deployer", kubernetes_api=True,
         description="Roll out the BentoML chat service",
     )
 
