@@ -397,6 +397,9 @@ class LocalRun:
             try:
                 outputs[param["name"]] = path.read_text().strip()
             except OSError:
+                if "default" in param["valueFrom"]:  # Argo's valueFrom.default: the file may be absent
+                    outputs[param["name"]] = fill(param["valueFrom"]["default"])
+                    continue
                 record.status = "Failed"
                 record.message = f"output parameter {param['name']!r} was not written to {path}"
                 self.save_state()

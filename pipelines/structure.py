@@ -18,7 +18,9 @@ and nameless templates), so two layers guard what we render:
      one of the above or an Argo global; ``{{INPUTS.PARAMETERS.METHOD}}`` is refused;
    * every volume mount names a volume or a volumeClaimTemplate; output parameters have a path;
    * volume names are DNS-1123 labels (a Secret named ``acr.push`` must not become one as is),
-     template and task names follow Argo's rule; every emptyDir has a ``sizeLimit``.
+     template and task names follow Argo's rule; every emptyDir has a ``sizeLimit``; Prometheus
+     metrics have valid names, a help text and non-empty labels (``{{outputs.parameters.X}}``,
+     ``{{duration}}`` and ``{{status}}`` are defined inside a template's ``metrics``).
 
 ``problems(manifest)`` returns every finding as ``"<where>: <what>"``; ``check(manifest)`` raises
 ``StructureError`` listing them.
@@ -43,6 +45,7 @@ METRIC_VARIABLES = {"duration", "status", "exitCode"}
 # Argo's own rule for template and task names.
 ARGO_NAME = re.compile(r"^[a-zA-Z0-9][-a-zA-Z0-9]*$")
 ARGO_NAME_MAX = 128
+PROMETHEUS_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 
 class StructureError(ValueError):
@@ -304,6 +307,17 @@ def _name_problems(spec: dict[str, Any], templates: dict[str, dict[str, Any]]) -
     for where, volume in empty_dirs:
         if "emptyDir" in volume and not (volume["emptyDir"] or {}).get("sizeLimit"):
             found.append(f"{where}: emptyDir {volume.get('name')!r} has no sizeLimit (it could fill the node's disk)")
+    metrics = [("workflow metrics", p) for p in (spec.get("metrics") or {}).get("prometheus") or []]
+    metrics += [(f"template {n} metrics", p) for n, t in templates.items()
+                for p in (t.get("metrics") or {}).get("prometheus") or []]
+    for where, metric in metrics:
+        if not PROMETHEUS_NAME.match(metric.get("name", "")):
+            found.append(f"{where}: invalid metric name {metric.get('name')!r} (letters, digits and '_')")
+        if not metric.get("help"):
+            found.append(f"{where}: metric {metric.get('name')!r} has no help (Argo requires one)")
+        for label in metric.get("labels") or []:
+            if not PROMETHEUS_NAME.match(label.get("key", "")) or not label.get("value"):
+                found.append(f"{where}: metric {metric.get('name')!r} label {label.get('key')!r} is invalid or empty")
     for where, volume in volume_names:
         if not is_dns1123_label(volume):
             found.append(f"{where}: {volume!r} is not a valid volume name (DNS-1123 label: a-z, 0-9, '-', "

@@ -65,6 +65,11 @@ def input_ref(name: str) -> str:
     return f"{{{{inputs.parameters.{name}}}}}"
 
 
+def workflow_ref(name: str) -> str:
+    """A Workflow argument (``spec.arguments``), which a user changes on resubmit (``-p name=value``)."""
+    return f"{{{{workflow.parameters.{name}}}}}"
+
+
 def network_retry() -> RetryStrategy:
     """Retry transient failures with backoff; exit code 2 is bad input and never retried."""
     return RetryStrategy(
@@ -141,6 +146,8 @@ def _step(
     labels: dict[str, str] | None = None,
     description: str = "",
     kubernetes_api: bool = False,
+    metrics: Sequence[m.Prometheus] = (),
+    output_defaults: dict[str, str] | None = None,
 ) -> Container:
     """``kubernetes_api``: the step talks to the API server, so its pod gets a service-account token."""
     cluster = target.is_cluster
@@ -173,7 +180,8 @@ def _step(
         args=[*args, "--outputs", target.outputs_dir] if outputs else list(args),
         inputs=[Parameter(name=i) for i in declared] or None,
         outputs=[
-            Parameter(name=o, value_from=m.ValueFrom(path=target.output_path(o)), global_name=GLOBAL_OUTPUTS.get(o))
+            Parameter(name=o, value_from=m.ValueFrom(path=target.output_path(o), default=(output_defaults or {}).get(o)),
+                      global_name=GLOBAL_OUTPUTS.get(o))
             for o in outputs
         ]
         + list(artifacts)
@@ -194,6 +202,24 @@ def _step(
         security_context=container_security,
         automount_service_account_token=automount,
         executor=executor,
+        metrics=m.Metrics(prometheus=[*metrics, _duration_metric(name)]) if cluster else None,
+    )
+
+
+def _duration_metric(step: str) -> m.Prometheus:
+    return m.Prometheus(
+        name="kaiflow_step_duration_seconds", help="Seconds a kaiflow step ran, by step and final status",
+        labels=[m.MetricLabel(key="step", value=step), m.MetricLabel(key="status", value="{{status}}")],
+        gauge=m.Gauge(value="{{duration}}", realtime=False),
+    )
+
+
+def output_metric(name: str, help: str, output: str, labels: dict[str, str]) -> m.Prometheus:
+    """A gauge Argo sets from one of the step's output parameters when the step succeeded."""
+    return m.Prometheus(
+        name=name, help=help, when="{{status}} == Succeeded",
+        labels=[m.MetricLabel(key=k, value=v) for k, v in labels.items()],
+        gauge=m.Gauge(value=f"{{{{outputs.parameters.{output}}}}}", realtime=False),
     )
 
 
@@ -215,6 +241,7 @@ def _flag(flag: str, values: Iterable[str]) -> list[str]:
 
 
 def _registry_flags(target: Target, image: str, docker_config: str | None) -> list[str]:
+    """``image`` is the literal reference (a placeholder's default): its registry decides ``--insecure``."""
     flags = ["--docker-config", docker_config] if docker_config else []
     return flags + (["--insecure"] if target.is_insecure(image) else [])
 
@@ -235,6 +262,26 @@ def docker_config_volume_name(secret_name: str) -> str:
 # -- the steps ----------------------------------------------------------------------------------
 
 
+def _azure_identity(target: Target) -> tuple[list[Env | m.EnvVar], dict[str, str] | None]:
+    """Environment and pod labels of a step that calls Azure (provider aks)."""
+    # A parameterised provider (reusable WorkflowTemplate) may be aks: wire the identity optionally.
+    parameterised = "{{" in target.provider
+    if target.provider != "aks" and not parameterised:
+        return [], None
+    # Azure access by workload identity: the pod's service account is federated with a
+    # managed identity; which cluster to grow comes from a ConfigMap the install creates.
+    env: list[Env | m.EnvVar] = [
+        m.EnvVar(name=var, value_from=m.EnvVarSource(config_map_key_ref=m.ConfigMapKeySelector(
+            name="kaiflow-azure", key=key, optional=True if parameterised else None)))
+        for var, key in (
+            ("AZURE_SUBSCRIPTION_ID", "subscriptionId"),
+            ("AZURE_RESOURCE_GROUP", "resourceGroup"),
+            ("AZURE_CLUSTER_NAME", "clusterName"),
+        )
+    ]
+    return env, {"azure.workload.identity/use": "true"}
+
+
 def provision(target: Target, *, workspace_name: str, namespace: str, instance_type: str | None, count: str,
               labels: Sequence[str], preferred_nodes: Sequence[str] = (), name: str = "provision-nodes") -> Container:
     args = ["--provider", target.provider, "--workspace-name", workspace_name, "--namespace", namespace]
@@ -242,28 +289,26 @@ def provision(target: Target, *, workspace_name: str, namespace: str, instance_t
         args += ["--instance-type", instance_type]
     args += ["--count", count, *_flag("--label", labels)]
     args += _flag("--preferred-node", preferred_nodes)
-    env: list[Env | m.EnvVar] = []
-    pod_labels = None
-    # A parameterised provider (reusable WorkflowTemplate) may be aks: wire the identity optionally.
-    parameterised = "{{" in target.provider
-    if target.provider == "aks" or parameterised:
-        # Azure access by workload identity: the pod's service account is federated with a
-        # managed identity; which cluster to grow comes from a ConfigMap the install creates.
-        pod_labels = {"azure.workload.identity/use": "true"}
-        env = [
-            m.EnvVar(name=var, value_from=m.EnvVarSource(config_map_key_ref=m.ConfigMapKeySelector(
-                name="kaiflow-azure", key=key, optional=True if parameterised else None)))
-            for var, key in (
-                ("AZURE_SUBSCRIPTION_ID", "subscriptionId"),
-                ("AZURE_RESOURCE_GROUP", "resourceGroup"),
-                ("AZURE_CLUSTER_NAME", "clusterName"),
-            )
-        ]
+    env, pod_labels = _azure_identity(target)
     return _step(
         target, name=name, module="provision", args=args, outputs=["nodes", "provider"], retry=True,
         deadline=DEADLINES["provision"], data_volume=False, env=env, service_account="kaiflow-provisioner",
         kubernetes_api=True,
         labels=pod_labels, description="Provision the GPU nodes the Workspace runs on",
+    )
+
+
+def release_nodes(target: Target, *, workspace_name: str, namespace: str, name: str = "release-nodes") -> Container:
+    """The exit handler's step: delete the nodes ``provision`` made for this Workspace.
+
+    One function so that the delete command line (``steps.provision --delete``) changes in one place.
+    """
+    args = ["--delete", "--provider", target.provider, "--workspace-name", workspace_name, "--namespace", namespace]
+    env, pod_labels = _azure_identity(target)
+    return _step(
+        target, name=name, module="provision", args=args, retry=True, deadline=DEADLINES["provision"],
+        data_volume=False, service_account="kaiflow-provisioner", kubernetes_api=True, env=env, labels=pod_labels,
+        description="Release the nodes provision-nodes made (exit handler of a hand-submitted Workflow)",
     )
 
 
@@ -282,7 +327,7 @@ def fetch_dataset(target: Target, *, urls: Sequence[str], max_bytes: str | None 
 
 def tune(target: Target, *, preset: str, method: str, adapter_name: str, config: str | None,
          config_map: str | None, scheduling: Scheduling | None, deadline: int, max_steps: str | None = None,
-         model_access_secret: str | None = None, name: str = "tune") -> Container:
+         model_access_secret: str | None = None, epochs: str | None = None, name: str = "tune") -> Container:
     adapter_dir = target.data("adapters", adapter_name)
     args = [
         "--preset", preset, "--method", method, "--dataset-dir", target.data("dataset"),
@@ -293,6 +338,8 @@ def tune(target: Target, *, preset: str, method: str, adapter_name: str, config:
         args += ["--config", config]
     if max_steps:
         args += ["--max-steps", max_steps]
+    if epochs:
+        args += ["--epochs", epochs]
     mounts, env = [], []
     if target.is_cluster:
         # Weights are downloaded once per workflow onto the data volume; a retried tune pod
@@ -307,8 +354,17 @@ def tune(target: Target, *, preset: str, method: str, adapter_name: str, config:
         Artifact(name="loss-curve", path=f"{adapter_dir}/loss.png", archive=NoneArchiveStrategy(), optional=True),
         Artifact(name="loss-history", path=f"{adapter_dir}/loss.json", archive=NoneArchiveStrategy(), optional=True),
     ]
+    labels = {"adapter": adapter_name, "preset": preset, "method": method}
+    metrics = [
+        output_metric("kaiflow_tune_eval_loss", "Held-out loss of the tuned adapter", "eval-loss", labels),
+        output_metric("kaiflow_tune_train_loss", "Last training loss of the tuned adapter", "train-loss", labels),
+        output_metric("kaiflow_tune_tokens_per_second", "Training throughput (real tokens per second)",
+                      "tokens-per-second", labels),
+    ]
     return _step(
-        target, name=name, module="tune", args=args, outputs=["train-loss", "eval-loss"],
+        target, name=name, module="tune", args=args, outputs=["train-loss", "eval-loss", "tokens-per-second"],
+        # a tune step that does not write tokens-per-second yet must not fail the task for it
+        output_defaults={"tokens-per-second": "NaN"}, metrics=metrics,
         artifacts=loss_curve, deadline=deadline, mounts=mounts, env=env, scheduling=scheduling,
         # no .upper(): in a WorkflowTemplate `method` is an Argo placeholder, which is case-sensitive
         description=f"Fine-tuning of {preset} ({method})",
@@ -316,9 +372,12 @@ def tune(target: Target, *, preset: str, method: str, adapter_name: str, config:
 
 
 def eval_gate(target: Target, *, adapter_name: str, current_image: str, docker_config: str | None,
-              mounts: Sequence[m.VolumeMount] = (), name: str = "eval-gate") -> Container:
+              mounts: Sequence[m.VolumeMount] = (), registry_image: str | None = None,
+              name: str = "eval-gate") -> Container:
+    """``registry_image``: the literal reference whose registry decides ``--insecure`` when
+    ``current_image`` is a placeholder."""
     args = ["--candidate-dir", target.data("adapters", adapter_name), "--current-image", current_image]
-    args += _registry_flags(target, current_image, docker_config)
+    args += _registry_flags(target, registry_image or current_image, docker_config)
     return _step(
         target, name=name, module="eval_gate", args=args, outputs=["promote", "current-eval-loss"], retry=True,
         deadline=DEADLINES["eval_gate"], mounts=mounts,
@@ -328,13 +387,15 @@ def eval_gate(target: Target, *, adapter_name: str, current_image: str, docker_c
 
 def push_adapter(target: Target, *, adapter_name: str, image: str, docker_config: str | None,
                  tag: str | None = None, also_tag: str | None = None, annotations: dict[str, str] | None = None,
-                 mounts: Sequence[m.VolumeMount] = (), name: str = "push-adapter") -> Container:
+                 mounts: Sequence[m.VolumeMount] = (), registry_image: str | None = None,
+                 name: str = "push-adapter") -> Container:
+    """``registry_image`` as for ``eval_gate``."""
     args = ["--adapter-dir", target.data("adapters", adapter_name), "--image", image]
     if tag:
         args += ["--tag", tag]
     if also_tag:
         args += ["--also-tag", also_tag]
-    args += _registry_flags(target, image, docker_config)
+    args += _registry_flags(target, registry_image or image, docker_config)
     args += _flag("--annotation", [f"{k}={v}" for k, v in (annotations or {}).items()])
     return _step(
         target, name=name, module="push_adapter", args=args,

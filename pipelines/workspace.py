@@ -34,13 +34,22 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from hera.workflows import DAG, CronWorkflow, Workflow
+from hera.workflows import DAG, CronWorkflow, Parameter, Workflow
 from hera.workflows import models as m
 
 from api.labels import ANNOTATION_OWNER, LABEL_MANAGED_BY, LABEL_PIPELINE, LABEL_WORKSPACE, MANAGED_BY, owner_annotation
 from pipelines import tasks
 from pipelines.target import TRAINING_CONFIG_KEY, Target
 
+# What a hand-submitted Workflow's exit handler does with the nodes provision-nodes made
+# (workflow argument release-nodes): on-failure keeps them for the service a run deployed.
+RELEASE_MODES = ("on-failure", "always", "never")
+RELEASE_WHEN = (
+    "{{workflow.parameters.release-nodes}} == always || "
+    "({{workflow.parameters.release-nodes}} == on-failure && {{workflow.status}} != Succeeded)"
+)
+# The tune step's own default (one pass over the data) when no training config sets it.
+DEFAULT_EPOCHS = "1"
 WORKFLOW_DEADLINE_S = 3 * 24 * 3600
 TTL_AFTER_COMPLETION_S = 7 * 24 * 3600
 
@@ -182,6 +191,44 @@ def _repository(image: str) -> str:
     return name
 
 
+def _arguments(values: dict[str, tuple[str, str]]) -> list[Parameter]:
+    """``spec.arguments``: name -> (value, description)."""
+    return [Parameter(name=n, value=v, description=d) for n, (v, d) in values.items()]
+
+
+def _releases_nodes(workspace: Any, target: Target) -> bool:
+    """A hand-submitted Workflow (``kaiflow render | argo submit``) releases its nodes on exit.
+
+    The controller's Workflows (rendered with the Workspace's uid) leave them to the controller,
+    which owns them with the Workspace; the local provider makes no nodes.
+    """
+    return target.provider != "local" and not getattr(workspace.metadata, "uid", None)
+
+
+def _release_arguments(workspace: Any, target: Target) -> dict[str, tuple[str, str]]:
+    if not _releases_nodes(workspace, target):
+        return {}
+    return {"release-nodes": ("on-failure", "when the exit handler deletes the nodes provision-nodes made: "
+                                            + ", ".join(RELEASE_MODES))}
+
+
+def _exit_handler(workspace: Any, target: Target) -> str | None:
+    """Add the exit handler (inside the workflow's context) and return its name, if it has one."""
+    if not _releases_nodes(workspace, target):
+        return None
+    release_t = tasks.release_nodes(target, workspace_name=workspace.metadata.name,
+                                    namespace=workspace.metadata.namespace or "default")
+    with DAG(name="exit-handler"):
+        release_t(name="release-nodes", when=RELEASE_WHEN)
+    return "exit-handler"
+
+
+def _dataset_arguments(urls: list[str]) -> dict[str, tuple[str, str]]:
+    if len(urls) == 1:
+        return {"dataset-url": (urls[0], "URL of the training data (http, https or file)")}
+    return {f"dataset-url-{i}": (url, f"URL {i} of the training data") for i, url in enumerate(urls, 1)}
+
+
 # -- tuning -------------------------------------------------------------------------------------
 
 
@@ -208,6 +255,19 @@ def _tuning(workspace: Any, target: Target) -> Workflow | CronWorkflow:
     metadata = _metadata(workspace, "tuning")
     spec = _workflow_spec(workspace, target, "tuning", _data_volume_gib(preset),
                           [push_secret] if push_secret else [], tuning.config)
+    # What a user changes when resubmitting (argo submit -p / resubmit): workflow arguments the
+    # tasks reference, instead of values baked into their command lines.
+    dataset = _dataset_arguments([target.dataset_url(u) for u in tuning.input.urls])
+    repository = _repository(output.image)
+    arguments = dict(dataset)
+    if scheduled:
+        arguments["output-repository"] = (repository, "OCI repository the adapters are pushed to (new tag each run)")
+    else:
+        arguments["output-image"] = (output.image, "OCI reference the adapter is pushed to")
+    if tuning.config is None:  # with a training config, its file holds the epochs
+        arguments["epochs"] = (DEFAULT_EPOCHS, "passes over the training data")
+    arguments |= _release_arguments(workspace, target)
+    spec["arguments"] = _arguments(arguments)
     if scheduled:
         # Each run the CronWorkflow starts carries the same labels and owner annotation.
         run_metadata = m.WorkflowMetadata(labels=metadata["labels"], annotations={
@@ -230,11 +290,11 @@ def _tuning(workspace: Any, target: Target) -> Workflow | CronWorkflow:
     }
     with workflow:
         provision_t = _provision_template(workspace, target, instance_type)
-        fetch_t = tasks.fetch_dataset(target, urls=tuning.input.urls)
+        fetch_t = tasks.fetch_dataset(target, urls=[tasks.workflow_ref(p) for p in dataset])
         tune_t = tasks.tune(
             target, preset=preset.name, method=tuning.method, adapter_name=name, config=config_file,
             config_map=tuning.config, scheduling=scheduling, deadline=_tune_deadline(preset),
-            model_access_secret=model_secret,
+            model_access_secret=model_secret, epochs=tasks.workflow_ref("epochs") if "epochs" in arguments else None,
         )
         deploy_t = tasks.deploy(
             target, workspace_name=name, namespace=namespace, preset=preset.name, adapters=[(name, "1.0")],
@@ -245,17 +305,20 @@ def _tuning(workspace: Any, target: Target) -> Workflow | CronWorkflow:
         )
         smoke_t = tasks.smoke_test(target)
         if scheduled:
-            repository = _repository(output.image)
-            gate_t = tasks.eval_gate(target, adapter_name=name, current_image=f"{repository}:latest",
-                                     docker_config=docker_config, mounts=mounts)
-            push_t = tasks.push_adapter(target, adapter_name=name, image=repository, tag="auto", also_tag="latest",
-                                        docker_config=docker_config, annotations=annotations, mounts=mounts)
-            candidate_t = tasks.push_adapter(target, adapter_name=name, image=repository, tag="auto",
+            repository_ref = tasks.workflow_ref("output-repository")
+            gate_t = tasks.eval_gate(target, adapter_name=name, current_image=f"{repository_ref}:latest",
+                                     docker_config=docker_config, mounts=mounts, registry_image=repository)
+            push_t = tasks.push_adapter(target, adapter_name=name, image=repository_ref, tag="auto", also_tag="latest",
+                                        docker_config=docker_config, annotations=annotations, mounts=mounts,
+                                        registry_image=repository)
+            candidate_t = tasks.push_adapter(target, adapter_name=name, image=repository_ref, tag="auto",
                                              docker_config=docker_config, annotations=annotations, mounts=mounts,
-                                             name="push-candidate")
+                                             registry_image=repository, name="push-candidate")
         else:
-            push_t = tasks.push_adapter(target, adapter_name=name, image=output.image, docker_config=docker_config,
-                                        annotations=annotations, mounts=mounts)
+            push_t = tasks.push_adapter(target, adapter_name=name, image=tasks.workflow_ref("output-image"),
+                                        docker_config=docker_config, annotations=annotations, mounts=mounts,
+                                        registry_image=output.image)
+        on_exit = _exit_handler(workspace, target)
 
         with DAG(name="tuning"):
             digest = {"dataset-digest": "{{tasks.fetch-dataset.outputs.parameters.dataset-digest}}"}
@@ -278,6 +341,7 @@ def _tuning(workspace: Any, target: Target) -> Workflow | CronWorkflow:
                 push >> deploy
             smoke_t(name="smoke-test", depends="deploy-inference.Succeeded",
                     arguments={"service-url": "{{tasks.deploy-inference.outputs.parameters.service-url}}"})
+    workflow.on_exit = on_exit
     return workflow
 
 
@@ -300,8 +364,10 @@ def _inference(workspace: Any, target: Target) -> Workflow:
     sku, instance_type = _inference_instance(workspace, preset)
 
     workflow = Workflow(**_metadata(workspace, "inference"),
-                        **_workflow_spec(workspace, target, "inference", 10, [pull_secret] if pull_secret else [], None))
+                        **_workflow_spec(workspace, target, "inference", 10, [pull_secret] if pull_secret else [], None),
+                        arguments=_arguments(_release_arguments(workspace, target)) or None)
     with workflow:
+        on_exit = _exit_handler(workspace, target)
         provision_t = _provision_template(workspace, target, instance_type)
         pull_t = None
         if adapters:
@@ -327,6 +393,7 @@ def _inference(workspace: Any, target: Target) -> Workflow:
                 provision >> deploy
             smoke_t(name="smoke-test", depends="deploy-inference.Succeeded",
                     arguments={"service-url": "{{tasks.deploy-inference.outputs.parameters.service-url}}"})
+    workflow.on_exit = on_exit
     return workflow
 
 
