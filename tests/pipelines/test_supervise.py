@@ -53,7 +53,7 @@ def _start_runner(tmp_path: Path, workdir: Path, resume: bool = False) -> subpro
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def _wait_for(condition, timeout: float = 30.0, what: str = "") -> None:
+def _wait_for(condition, timeout: float = 60.0, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -87,7 +87,7 @@ def running(tmp_path: Path):
     runner.wait(timeout=10)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(150)
 def test_second_run_on_a_workdir_in_use_is_refused(running, tmp_path: Path):
     runner, workdir = running
     with pytest.raises(RunnerError, match="workdir in use"):
@@ -99,7 +99,7 @@ def test_second_run_on_a_workdir_in_use_is_refused(running, tmp_path: Path):
     assert runner.poll() is None
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(150)
 def test_sigterm_ends_the_runner_and_its_task(running):
     runner, workdir = running
     task = _pids(workdir)[0]
@@ -112,7 +112,7 @@ def test_sigterm_ends_the_runner_and_its_task(running):
     assert not list((workdir / "processes").glob("*.json"))
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(180)
 def test_resume_after_sigkill_ends_the_orphaned_task_before_running_it_again(running, tmp_path: Path):
     runner, workdir = running
     orphan = _pids(workdir)[0]
@@ -131,7 +131,7 @@ def test_resume_after_sigkill_ends_the_orphaned_task_before_running_it_again(run
     assert not list((workdir / "processes").glob("*.json"))
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(150)
 def test_a_recorded_group_that_is_gone_or_reused_is_left_alone(tmp_path: Path):
     workdir = tmp_path / "work"
     (workdir / "processes").mkdir(parents=True)
