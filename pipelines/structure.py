@@ -4,7 +4,8 @@ No Argo binary runs here, and Argo's own schema is loose (Hera's model of it acc
 and nameless templates), so two layers guard what we render:
 
 1. Hera's pydantic models of Argo's types (``hera.workflows.models``): every known field has the
-   right type.
+   right type, and no field is unknown (Hera's models ignore unknown keys; Argo's API schema is
+   strict, so a misspelled ``automountServiceAccountTokn`` would only fail at submit time).
 2. The checks below, which are what Argo's controller would only find at run time:
 
    * the entrypoint and every task's template exist; template and task names are unique;
@@ -29,6 +30,8 @@ and nameless templates), so two layers guard what we render:
 from __future__ import annotations
 
 import re
+import types
+import typing
 from collections.abc import Iterator
 from typing import Any
 
@@ -129,6 +132,54 @@ def _schema_problems(manifest: dict[str, Any]) -> Iterator[str]:
     except ValidationError as exc:
         for err in exc.errors(include_url=False):
             yield f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+    yield from _unknown_fields(manifest, model, "")
+
+
+def _model_of(annotation: Any) -> Any:
+    """The pydantic model, ``list[...]`` or ``dict[...]`` a field holds (None for scalars)."""
+    from pydantic import BaseModel
+
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _model_of(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _model_of(arg)
+            if found is not None:
+                return found
+        return None
+    if origin in (list, dict):
+        return annotation
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _unknown_fields(value: Any, annotation: Any, path: str) -> Iterator[str]:
+    """Keys Argo's strict schema would reject: Hera's models ignore them, Argo's API does not."""
+    from pydantic import RootModel
+
+    kind = _model_of(annotation)
+    if kind is None:
+        return
+    origin = typing.get_origin(kind)
+    if origin is list and isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _unknown_fields(item, typing.get_args(kind)[0], f"{path}[{i}]")
+    elif origin is dict and isinstance(value, dict):
+        item_type = typing.get_args(kind)[1] if typing.get_args(kind) else None
+        for key, item in value.items():
+            yield from _unknown_fields(item, item_type, f"{path}.{key}")
+    elif isinstance(kind, type) and issubclass(kind, RootModel):
+        yield from _unknown_fields(value, kind.model_fields["root"].annotation, path)
+    elif isinstance(value, dict):
+        fields = {(f.alias or name): f.annotation for name, f in kind.model_fields.items()}
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else key
+            if key not in fields:
+                yield f"{where}: unknown field (Argo's schema rejects it)"
+            else:
+                yield from _unknown_fields(item, fields[key], where)
 
 
 def _references(value: Any) -> Iterator[str]:
