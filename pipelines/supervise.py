@@ -47,9 +47,11 @@ class WorkdirInUse(RuntimeError):
 
 
 class WorkdirLock:
-    """``fcntl.flock`` on ``<workdir>/.lock``, re-entrant within one process."""
+    """``fcntl.flock`` on ``<workdir>/.lock``, re-entrant within one thread (``run`` holds it
+    around ``LocalRun.execute``, which takes it too); another thread is refused like another process.
+    """
 
-    _held: dict[Path, tuple[TextIO, int]] = {}
+    _held: dict[Path, tuple[TextIO, int, int]] = {}
     _guard = threading.Lock()
 
     def __init__(self, workdir: Path):
@@ -58,8 +60,11 @@ class WorkdirLock:
     def __enter__(self) -> WorkdirLock:
         with self._guard:
             if self.path in self._held:
-                handle, count = self._held[self.path]
-                self._held[self.path] = (handle, count + 1)
+                handle, count, owner = self._held[self.path]
+                if owner != threading.get_ident():
+                    raise WorkdirInUse(f"workdir in use: {self.path.parent} is being run by another thread "
+                                       "of this process; use another workdir")
+                self._held[self.path] = (handle, count + 1, owner)
                 return self
             self.path.parent.mkdir(parents=True, exist_ok=True)
             handle = open(self.path, "a+")  # noqa: SIM115 - held for the whole run
@@ -77,14 +82,14 @@ class WorkdirLock:
             handle.truncate()
             handle.write(f"{os.getpid()}\n")
             handle.flush()
-            self._held[self.path] = (handle, 1)
+            self._held[self.path] = (handle, 1, threading.get_ident())
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         with self._guard:
-            handle, count = self._held[self.path]
+            handle, count, owner = self._held[self.path]
             if count > 1:
-                self._held[self.path] = (handle, count - 1)
+                self._held[self.path] = (handle, count - 1, owner)
                 return
             del self._held[self.path]
             fcntl.flock(handle, fcntl.LOCK_UN)

@@ -179,3 +179,26 @@ def test_exit_handler_when_and_workflow_parameters(tmp_path: Path):
     assert (tmp_path / "notes.txt").read_text() == "released after Succeeded\n"
     with pytest.raises(RunnerError, match="unknown workflow parameter"):
         LocalRun(_exit_handler_workflow(tmp_path, fail=False), tmp_path, parameters={"relase": "always"})
+
+
+def test_the_lock_is_reentrant_in_one_thread_and_refused_to_another(tmp_path: Path):
+    import threading
+
+    from pipelines.supervise import WorkdirInUse, WorkdirLock
+
+    refused = []
+
+    def other_thread():
+        try:
+            with WorkdirLock(tmp_path):
+                pass
+        except WorkdirInUse as exc:
+            refused.append(str(exc))
+
+    with WorkdirLock(tmp_path), WorkdirLock(tmp_path):  # run() around LocalRun.execute()
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join(timeout=10)
+    assert refused and "workdir in use" in refused[0]
+    with WorkdirLock(tmp_path):  # released by the outer exit
+        assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
