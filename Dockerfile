@@ -40,6 +40,9 @@ RUN pip install \
     "httpx>=0.28" \
     "croniter>=7.0" \
     "pyarrow>=26.0" \
+    "tenacity>=9.2" \
+    "requests>=2.32" \
+    "urllib3>=2.0" \
     "transformers>=5.24" \
     "peft>=0.21" \
     "trl>=1.16" \
@@ -51,8 +54,10 @@ RUN pip install \
     "tokenizers>=0.22" \
     "matplotlib>=3.11" \
     "psutil>=5.9" \
-    "oras>=0.2.43" \
+    "oras>=0.2.43,<0.3" \
     "bentoml>=1.4.40" \
+    "starlette>=0.40" \
+    "prometheus-client>=0.20" \
     "kopf>=1.45" \
     "kubernetes>=37.0" \
     "azure-mgmt-containerservice>=41.8" \
@@ -72,8 +77,13 @@ COPY kaiflow ./kaiflow
 RUN pip install --no-deps . \
  && python -c "import steps.common, pipelines, api, presets"
 
-RUN useradd --uid 1000 --create-home kaiflow
-USER 1000
+# Ubuntu 24.04 images already have a user `ubuntu` with uid/gid 1000: remove it so kaiflow gets that
+# uid, which the rendered Workflows' securityContext (runAsUser, fsGroup) names (pipelines/images.py).
+ARG KAIFLOW_UID=1000
+RUN if id -u ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
+ && groupadd --gid ${KAIFLOW_UID} kaiflow \
+ && useradd --uid ${KAIFLOW_UID} --gid ${KAIFLOW_UID} --create-home kaiflow
+USER ${KAIFLOW_UID}
 WORKDIR /home/kaiflow
 ENV HF_HOME=/home/kaiflow/.cache/huggingface
 CMD ["python", "-m", "kaiflow.cli", "--help"]

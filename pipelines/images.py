@@ -9,6 +9,10 @@ with environment variables, read once when a pipeline is built:
 ``KAIFLOW_PIPELINE_IMAGE``  image of every step container
 ``KAIFLOW_SERVING_IMAGE``   image ``deploy --mode cluster`` runs the chat service in
 ``KAIFLOW_IMAGE_PULL_POLICY``  ``IfNotPresent`` unless set
+``KAIFLOW_PIPELINE_UID``    uid (and gid) the pipeline image runs as, 1000 unless set
+
+The step pods run as that uid with ``fsGroup`` set to it: a fresh volume is root-owned, and a
+non-root step could not write the dataset or checkpoints to it otherwise.
 
 The defaults are fixed strings so that rendered YAML (and the golden files) never depend on the
 machine that rendered them.
@@ -22,6 +26,8 @@ from dataclasses import dataclass, field
 
 DEFAULT_REGISTRY = "ghcr.io/kaiflow"
 DEFAULT_TAG = "0.1.0"
+# The `USER` of the repository Dockerfile (tests/test_dockerfile.py keeps the two equal).
+PIPELINE_UID = 1000
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,9 @@ class Images:
         metadata={"help": "image of the BentoML chat service (bentoml containerize serving_bento)"},
     )
     pull_policy: str = field(default="IfNotPresent", metadata={"help": "imagePullPolicy of step containers"})
+    pipeline_uid: int = field(
+        default=PIPELINE_UID, metadata={"help": "uid and gid the pipeline image runs as (runAsUser, fsGroup)"}
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Images:
@@ -44,4 +53,5 @@ class Images:
             pipeline=env.get("KAIFLOW_PIPELINE_IMAGE") or defaults.pipeline,
             serving=env.get("KAIFLOW_SERVING_IMAGE") or defaults.serving,
             pull_policy=env.get("KAIFLOW_IMAGE_PULL_POLICY") or defaults.pull_policy,
+            pipeline_uid=int(env.get("KAIFLOW_PIPELINE_UID") or defaults.pipeline_uid),
         )

@@ -7,25 +7,30 @@ semantics that manifest uses:
 
 * tasks of the entrypoint DAG in dependency order (one at a time; Argo would run independent
   tasks in parallel, ours never are, apart from the two mutually exclusive push tasks);
-* ``depends`` expressions (``a``, ``a.Succeeded``, ``&&``, ``||``, ``!``, parentheses) with Argo's
-  rule that a bare ``a`` means ``a.Succeeded || a.Skipped || a.Daemoned``; a task whose
-  ``depends`` is false is *Omitted*, as in Argo;
-* ``{{tasks.T.outputs.parameters.X}}``, ``{{inputs.parameters.X}}``, ``{{workflow.*}}`` and
-  ``{{pod.name}}`` (= the task name) substitution, then ``when`` conditions of the simple forms we
-  generate (``x == y``, ``x != y``, compared as strings like Argo's govaluate does for bare words);
-  a task whose ``when`` is false is *Skipped*;
+* ``depends`` with Argo's rule that a bare ``a`` means ``a.Succeeded || a.Skipped || a.Daemoned``;
+  a task whose ``depends`` is false is *Omitted*; ``{{...}}`` substitution, then ``when``; a task
+  whose ``when`` is false is *Skipped* (the expressions: ``pipelines.expressions``, no ``eval``);
 * each template's container ``command`` + ``args`` run as a subprocess (``python`` is this
   interpreter - the pipeline image's Python), with its literal ``env``, ``ARGO_PROGRESS_FILE``
   pointing at ``<workdir>/progress/<task>`` (shown live), ``activeDeadlineSeconds`` as a timeout
   and ``retryStrategy.limit`` honoured (exit code 2, bad input, is never retried, like the
   rendered ``expression``; the backoff is shortened to seconds on one machine);
 * output parameters read from each template's ``valueFrom.path`` after the task succeeds; a missing
-  file fails the task, as Argo does.
+  file fails the task, as Argo does;
+* ``spec.arguments`` as workflow parameters (``{{workflow.parameters.X}}``, overridable with
+  ``parameters=``, like ``argo submit -p``);
+* ``onExit``: after the DAG ends, however it ends, its template runs with ``{{workflow.status}}``
+  set (``Succeeded`` or ``Failed``), as Argo's exit handler does. (The Workflows kaiflow builds for
+  ``provider=local`` have none: the local provider makes no nodes to release.)
 
 State lives in ``<workdir>/state.json`` after every task: ``resume=True`` keeps the tasks that
 finished (Succeeded, Skipped, Omitted) with their outputs and restarts at the first unfinished
 one. The state records a digest of the manifest, so resuming after the Workspace changed is
 refused rather than mixing outputs of two different pipelines.
+
+One runner per workdir, and no task left running behind a dead runner: ``pipelines.supervise``
+(the workdir lock, SIGTERM handled like Ctrl-C, task process groups recorded and ended on the
+next run). Terminal output lives in ``pipelines.progress`` and ``pipelines.console``.
 """
 
 from __future__ import annotations
@@ -35,9 +40,7 @@ import importlib.util
 import json
 import os
 import re
-import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -45,7 +48,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.structure import REFERENCE, check, task_dependencies, topological_order, workflow_spec
+from pipelines.expressions import ExpressionError, evaluate_depends, evaluate_when, substitute
+from pipelines.structure import check, task_dependencies, topological_order, workflow_spec
+from pipelines.supervise import (
+    WorkdirInUse,
+    WorkdirLock,
+    end_group,
+    end_leftovers,
+    start_task,
+    task_ended,
+    terminate_as_interrupt,
+)
 
 STATE_FILE = "state.json"
 LOG_TAIL_LINES = 25
@@ -55,7 +68,7 @@ POLL_S = 0.25
 
 
 class RunnerError(Exception):
-    """The pipeline cannot run here (bad state, unsupported construct); one clear line."""
+    """The pipeline cannot run here (bad state, unsupported construct, workdir in use); one clear line."""
 
 
 class RunFailed(Exception):
@@ -99,6 +112,7 @@ class RunResult:
     workdir: Path
     manifest: dict[str, Any]
     tasks: dict[str, TaskRecord]
+    exit_tasks: dict[str, TaskRecord] = field(default_factory=dict)
 
     @property
     def order(self) -> list[str]:
@@ -108,53 +122,11 @@ class RunResult:
         return self.tasks[task].outputs[name]
 
 
-# -- Argo semantics ---------------------------------------------------------------------------
-
-
-def evaluate_depends(expression: str, statuses: dict[str, str]) -> bool:
-    """Argo's ``depends`` logic over the statuses of finished tasks."""
-
-    def result(match: re.Match[str]) -> str:
-        name, _, outcome = match.group(0).partition(".")
-        status = statuses.get(name, "Pending")
-        if not outcome:
-            ok = status in {"Succeeded", "Skipped", "Daemoned"}
-        elif outcome == "AnySucceeded" or outcome == "AllFailed":
-            raise RunnerError(f"depends {expression!r}: {outcome} applies to withItems tasks, which kaiflow does not use")
-        else:
-            ok = status == outcome or (outcome == "Failed" and status == "Errored")
-        return " True " if ok else " False "
-
-    python = re.sub(r"[A-Za-z0-9_-]+(?:\.[A-Za-z]+)?", result, expression)
-    python = python.replace("&&", " and ").replace("||", " or ").replace("!", " not ")
-    if not re.fullmatch(r"[\sTrueFalsandort()]*", python):
-        raise RunnerError(f"cannot evaluate depends expression {expression!r}")
-    return bool(eval(python, {"__builtins__": {}}, {}))  # noqa: S307 - only True/False/and/or/not/() remain
-
-
-def evaluate_when(expression: str) -> bool:
-    """A substituted ``when``: ``a == b``, ``a != b`` or a bare true/false (string comparison)."""
-    text = expression.strip()
-    for op in ("!=", "=="):
-        if op in text:
-            left, right = (part.strip().strip("'\"") for part in text.split(op, 1))
-            if any(tok in left + right for tok in ("&&", "||", "==", "!=")):
-                break
-            return (left == right) if op == "==" else (left != right)
-    else:
-        if text.lower() in {"true", "false"}:
-            return text.lower() == "true"
-    raise RunnerError(f"the local runner evaluates only 'a == b' / 'a != b' when-conditions, got {expression!r}")
-
-
-def substitute(value: str, scope: dict[str, str], where: str) -> str:
-    def replace(match: re.Match[str]) -> str:
-        key = match.group(1).strip()
-        if key not in scope:
-            raise RunnerError(f"{where}: unable to resolve {{{{{key}}}}}")
-        return scope[key]
-
-    return REFERENCE.sub(replace, value)
+def _evaluated(evaluate: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return evaluate(*args)
+    except ExpressionError as exc:
+        raise RunnerError(str(exc)) from None
 
 
 def _retry_limit(template: dict[str, Any]) -> int:
@@ -201,13 +173,17 @@ def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 class LocalRun:
-    """One execution of a manifest in a workdir; ``run()`` below is the usual entry point."""
+    """One execution of a manifest in a workdir; ``run()`` below is the usual entry point.
+
+    ``parameters`` override the values of ``spec.arguments.parameters`` (``argo submit -p``).
+    """
 
     def __init__(self, manifest: dict[str, Any], workdir: Path, *, resume: bool = False,
-                 on_update: Callable[[LocalRun], None] | None = None, env: dict[str, str] | None = None):
+                 on_update: Callable[[LocalRun], None] | None = None, env: dict[str, str] | None = None,
+                 parameters: dict[str, str] | None = None):
         check(manifest)
         self.manifest = manifest
-        self.workdir = workdir
+        self.workdir = Path(workdir)
         self.spec = workflow_spec(manifest)
         self.templates = {t["name"]: t for t in self.spec["templates"]}
         entry = self.templates[self.spec["entrypoint"]]
@@ -218,13 +194,37 @@ class LocalRun:
         self.workflow_name = manifest["metadata"].get("name") or manifest["metadata"].get("generateName", "kaiflow-").rstrip("-")
         self.workflow_params = {p["name"]: str(p.get("value", "")) for p in
                                 (self.spec.get("arguments") or {}).get("parameters") or []}
+        unknown = sorted(set(parameters or {}) - set(self.workflow_params))
+        if unknown:
+            raise RunnerError(f"unknown workflow parameter(s) {', '.join(unknown)}; "
+                              f"this Workflow has: {', '.join(sorted(self.workflow_params)) or 'none'}")
+        self.workflow_params |= {k: str(v) for k, v in (parameters or {}).items()}
         self.on_update = on_update or (lambda _run: None)
         self.env = env
         self.records = {name: TaskRecord(name=name, template=self.tasks[name]["template"]) for name in self.order}
-        self.state_path = workdir / STATE_FILE
+        self.exit_tasks, self.exit_records = self._exit_handler()
+        self.state_path = self.workdir / STATE_FILE
         self.digest = _digest(manifest)
-        if resume:
+        self.resume = resume
+        self.leftovers: list[str] = []
+        self.status = "Running"
+        if resume:  # refuse a changed pipeline at once; execute() reads the state again under the lock
             self._load_state()
+
+    def _exit_handler(self) -> tuple[dict[str, dict[str, Any]], dict[str, TaskRecord]]:
+        name = self.spec.get("onExit")
+        if not name:
+            return {}, {}
+        template = self.templates[name]
+        if "dag" in template:
+            tasks = {t["name"]: t for t in template["dag"]["tasks"]}
+            order = topological_order(template["dag"]["tasks"])
+        else:  # a container template as the handler: one task named after it
+            tasks, order = {name: {"name": name, "template": name}}, [name]
+        clash = sorted(set(order) & set(self.tasks))
+        if clash:
+            raise RunnerError(f"onExit task name(s) {', '.join(clash)} also name tasks of the main DAG")
+        return tasks, {n: TaskRecord(name=n, template=tasks[n]["template"]) for n in order}
 
     # state ---------------------------------------------------------------------------------
 
@@ -235,57 +235,104 @@ class LocalRun:
         if state.get("digest") != self.digest:
             raise RunnerError("the pipeline changed since the last run in this workdir (Workspace edited?); "
                               "run without --resume or use another --workdir")
+        if state.get("parameters", self.workflow_params) != self.workflow_params:
+            raise RunnerError("the workflow parameters changed since the last run in this workdir; "
+                              "run without --resume or use another --workdir")
         for name, data in state["tasks"].items():
             if name in self.records and data["status"] in FINISHED:
                 self.records[name] = TaskRecord(**data)
 
     def save_state(self) -> None:
-        state = {"digest": self.digest, "tasks": {n: asdict(r) for n, r in self.records.items()}}
+        state = {"digest": self.digest, "parameters": self.workflow_params, "status": self.status,
+                 "tasks": {n: asdict(r) for n, r in self.records.items()},
+                 "exit_tasks": {n: asdict(r) for n, r in self.exit_records.items()}}
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(self.state_path)
 
     # execution -----------------------------------------------------------------------------
 
-    def statuses(self) -> dict[str, str]:
-        return {n: r.status for n, r in self.records.items()}
+    def statuses(self, records: dict[str, TaskRecord] | None = None) -> dict[str, str]:
+        return {n: r.status for n, r in (self.records if records is None else records).items()}
 
-    def scope(self) -> dict[str, str]:
+    def scope(self, records: dict[str, TaskRecord] | None = None) -> dict[str, str]:
         scope = {"workflow.name": self.workflow_name,
-                 "workflow.namespace": self.manifest["metadata"].get("namespace", "default")}
+                 "workflow.namespace": self.manifest["metadata"].get("namespace", "default"),
+                 "workflow.status": self.status}
         scope |= {f"workflow.parameters.{k}": v for k, v in self.workflow_params.items()}
-        for name, record in self.records.items():
+        for name, record in (self.records if records is None else records).items():
             scope |= {f"tasks.{name}.outputs.parameters.{k}": v for k, v in record.outputs.items()}
         return scope
 
     def execute(self) -> RunResult:
-        for sub in ("logs", "progress", "outputs"):
-            (self.workdir / sub).mkdir(parents=True, exist_ok=True)
-        for name in self.order:
-            record = self.records[name]
-            if record.status in FINISHED:
-                continue
-            self._run_task(name, record)
-            self.save_state()
-            self.on_update(self)
-        return RunResult(self.workdir, self.manifest, self.records)
+        """Run the DAG, then the exit handler; raise ``RunFailed`` for the first failed task.
 
-    def _run_task(self, name: str, record: TaskRecord) -> None:
-        task = self.tasks[name]
+        Holds the workdir lock throughout (``RunnerError`` "workdir in use" if another runner
+        has it) and first ends the tasks a killed runner left behind.
+        """
+        try:
+            lock = WorkdirLock(self.workdir).__enter__()
+        except WorkdirInUse as exc:
+            raise RunnerError(str(exc)) from None
+        try:
+            with terminate_as_interrupt():
+                self.leftovers = end_leftovers(self.workdir)
+                if self.resume:
+                    self._load_state()
+                for sub in ("logs", "progress", "outputs"):
+                    (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+                try:
+                    for name in self.order:
+                        record = self.records[name]
+                        if record.status in FINISHED:
+                            continue
+                        self._run_task(name, record, self.tasks[name], self.records)
+                        self.save_state()
+                        self.on_update(self)
+                except RunFailed:
+                    self.status = "Failed"
+                    self._run_exit_handler()
+                    raise
+                except KeyboardInterrupt:
+                    self.status = "Failed"
+                    self.save_state()
+                    raise
+                self.status = "Succeeded"
+                self._run_exit_handler()
+                return RunResult(self.workdir, self.manifest, self.records, self.exit_records)
+        finally:
+            lock.__exit__(None, None, None)
+
+    def _run_exit_handler(self) -> None:
+        if not self.exit_records:
+            self.save_state()
+            return
+        records = {n: TaskRecord(name=n, template=r.template) for n, r in self.exit_records.items()}
+        self.exit_records = records
+        try:
+            for name, record in records.items():
+                # the handler's tasks see the main DAG's outputs too, and each other's
+                self._run_task(name, record, self.exit_tasks[name], records, outer=self.records)
+                self.on_update(self)
+        finally:
+            self.save_state()
+
+    def _run_task(self, name: str, record: TaskRecord, task: dict[str, Any], records: dict[str, TaskRecord],
+                  outer: dict[str, TaskRecord] | None = None) -> None:
         template = self.templates[task["template"]]
         where = f"task {name}"
         deps = task_dependencies(task)
         depends = task.get("depends") or " && ".join(deps)
-        if depends and not evaluate_depends(depends, self.statuses()):
+        if depends and not _evaluated(evaluate_depends, depends, self.statuses(records)):
             record.status, record.message = "Omitted", f"depends {depends!r} is false"
             return
-        scope = self.scope()
-        arguments = {p["name"]: substitute(str(p.get("value", "")), scope, where)
+        scope = (self.scope(outer) if outer is not None else {}) | self.scope(records)
+        arguments = {p["name"]: _evaluated(substitute, str(p.get("value", "")), scope, where)
                      for p in (task.get("arguments") or {}).get("parameters") or []}
         record.arguments = arguments
         if "when" in task:
-            condition = substitute(task["when"], scope, where)
-            if not evaluate_when(condition):
+            condition = _evaluated(substitute, task["when"], scope, where)
+            if not _evaluated(evaluate_when, condition):
                 record.status, record.message = "Skipped", f"when {condition!r} is false"
                 return
         container = template.get("container")
@@ -296,10 +343,14 @@ class LocalRun:
             value = arguments.get(param["name"], param.get("value", param.get("default")))
             if value is None:
                 raise RunnerError(f"{where}: no value for input parameter {param['name']!r}")
-            inputs[f"inputs.parameters.{param['name']}"] = str(value)
+            inputs[f"inputs.parameters.{param['name']}"] = _evaluated(substitute, str(value), scope, where)
         local_scope = scope | inputs | {"pod.name": name}
-        command = [substitute(str(c), local_scope, where) for c in container.get("command") or []]
-        command += [substitute(str(a), local_scope, where) for a in container.get("args") or []]
+
+        def fill(value: Any) -> str:
+            return _evaluated(substitute, str(value), local_scope, where)
+
+        command = [fill(c) for c in container.get("command") or []]
+        command += [fill(a) for a in container.get("args") or []]
         if command and command[0] in {"python", "python3"}:
             command[0] = sys.executable  # the pipeline image's Python is this interpreter here
         record.command = command
@@ -309,7 +360,7 @@ class LocalRun:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_steps_root(), env.get("PYTHONPATH")) if p)
         for var in container.get("env") or []:
             if "value" in var:
-                env[var["name"]] = substitute(str(var["value"]), local_scope, where)
+                env[var["name"]] = fill(var["value"])
         env["ARGO_PROGRESS_FILE"] = str(progress_file)
         log_path = self.workdir / "logs" / f"{name}.log"
         deadline = template.get("activeDeadlineSeconds")
@@ -317,12 +368,17 @@ class LocalRun:
 
         record.status, record.started, record.finished = "Running", time.time(), None
         record.attempts, record.exit_code, record.outputs = 0, None, {}
+        self.save_state()  # a runner killed during this task leaves a state to --resume from
         with open(log_path, "w") as log:
             while True:
                 record.attempts += 1
                 log.write(f"# attempt {record.attempts}: {' '.join(command)}\n")
                 log.flush()
-                code, reason = self._spawn(command, env, log, progress_file, record, deadline)
+                try:
+                    code, reason = self._spawn(name, command, env, log, progress_file, record, deadline)
+                except KeyboardInterrupt:
+                    record.status, record.message, record.finished = "Failed", "interrupted", time.time()
+                    raise
                 record.exit_code = code
                 if code == 0 or record.attempts > limit or code in no_retry or code is None:
                     break
@@ -337,17 +393,20 @@ class LocalRun:
             raise RunFailed(name, code, log_path, _tail(log_path), reason)
         outputs = {}
         for param in (template.get("outputs") or {}).get("parameters") or []:
-            path = Path(substitute(param["valueFrom"]["path"], local_scope, where))
+            path = Path(fill(param["valueFrom"]["path"]))
             try:
                 outputs[param["name"]] = path.read_text().strip()
             except OSError:
+                if "default" in param["valueFrom"]:  # Argo's valueFrom.default: the file may be absent
+                    outputs[param["name"]] = fill(param["valueFrom"]["default"])
+                    continue
                 record.status = "Failed"
                 record.message = f"output parameter {param['name']!r} was not written to {path}"
                 self.save_state()
                 raise RunFailed(name, code, log_path, _tail(log_path), record.message) from None
         record.outputs = outputs
         for artifact in (template.get("outputs") or {}).get("artifacts") or []:
-            path = Path(substitute(artifact["path"], local_scope, where))
+            path = Path(fill(artifact["path"]))
             if path.exists():
                 record.artifacts[artifact["name"]] = str(path)
             elif not artifact.get("optional"):
@@ -356,15 +415,14 @@ class LocalRun:
                 raise RunFailed(name, code, log_path, _tail(log_path), record.message)
         record.status = "Succeeded"
 
-    def _spawn(self, command: list[str], env: dict[str, str], log: Any, progress_file: Path,
+    def _spawn(self, name: str, command: list[str], env: dict[str, str], log: Any, progress_file: Path,
                record: TaskRecord, deadline: int | None) -> tuple[int | None, str]:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=env, cwd=self.workdir, start_new_session=True)
+        process = start_task(self.workdir, name, command, env=env, log=log, cwd=self.workdir)
         started = time.monotonic()
         try:
             while process.poll() is None:
                 if deadline and time.monotonic() - started > deadline:
-                    _kill_group(process)
+                    end_group(process)
                     return None, f"exceeded activeDeadlineSeconds={deadline}"
                 try:
                     record.progress = progress_file.read_text().strip()
@@ -372,23 +430,17 @@ class LocalRun:
                     pass
                 self.on_update(self)
                 time.sleep(POLL_S)
-        except BaseException:  # Ctrl-C: the task runs in its own session, so end it here
-            _kill_group(process)
+        except BaseException:  # Ctrl-C or SIGTERM: the task runs in its own session, so end it here
+            end_group(process)
             raise
+        finally:
+            if process.returncode is not None:
+                task_ended(self.workdir, name)
         try:
             record.progress = progress_file.read_text().strip()
         except OSError:
             pass
         return process.returncode, ""
-
-
-def _kill_group(process: subprocess.Popen[bytes]) -> None:
-    """End a task and whatever it started in its session (not services that detached themselves)."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait()
 
 
 # -- public entry point -------------------------------------------------------------------------
@@ -410,62 +462,51 @@ def local_manifest(workspace_path: str | os.PathLike[str], workdir: str | os.Pat
 
 def run(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[str], resume: bool = False, *,
         port: int | None = None, docker_config: str | os.PathLike[str] | None = None,
-        console: Any = None, env: dict[str, str] | None = None) -> RunResult:
+        console: Any = None, env: dict[str, str] | None = None,
+        parameters: dict[str, str] | None = None) -> RunResult:
     """Run a Workspace's DAG on this machine; raise ``RunFailed`` at the first failing task.
 
     ``port`` is where a local deploy serves (a free one is picked, and kept for ``resume``);
-    ``docker_config`` is the docker config file used in place of imagePushSecret/imagePullSecrets.
+    ``docker_config`` is the docker config file used in place of imagePushSecret/imagePullSecrets;
+    ``parameters`` override the Workflow's arguments (``argo submit -p name=value``).
     """
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    settings_path = workdir / "run.json"
-    if resume and settings_path.exists():
-        settings = json.loads(settings_path.read_text())
-        port = port or settings.get("port")
-        docker_config = docker_config or settings.get("docker_config")
-    port = port or _free_port()
-    manifest = local_manifest(workspace_path, workdir, port=port, docker_config=docker_config)
-    settings_path.write_text(json.dumps({"port": port, "docker_config": str(docker_config) if docker_config else None,
-                                         "workspace": str(Path(workspace_path).resolve())}))
-    from pipelines.progress import ProgressDisplay
-
-    with ProgressDisplay(console=console) as display:
-        local = LocalRun(manifest, workdir, resume=resume, on_update=display.update, env=env)
-        display.update(local)
-        try:
-            return local.execute()
-        finally:
-            display.update(local)
-
-
-def run_cli(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[str], resume: bool = False,
-            console: Any = None) -> int:
-    """``kaiflow run``: run, then print a summary or the failure; returns the exit code.
-
-    0 all tasks finished; 1 a task failed (its name, exit code and log tail are printed, and
-    ``--resume`` picks up from it); 2 the pipeline cannot run here (bad state, unsupported field).
-    """
-    from rich.console import Console
-
-    from pipelines.structure import StructureError
-    from pipelines.workspace import PipelineError
-
-    console = console or Console(stderr=True)
     try:
-        result = run(workspace_path, workdir, resume=resume, console=console)
-    except RunFailed as exc:
-        detail = "; ".join(d for d in (f"exit code {exc.exit_code}" if exc.exit_code else "", exc.reason) if d)
-        console.print(f"[bold red]task {exc.task} failed[/] ({detail})", highlight=False)
-        console.print(exc.log_tail, markup=False, highlight=False)
-        console.print(f"full log: {exc.log_path}\nafter fixing it: kaiflow run {workspace_path} "
-                      f"--workdir {workdir} --resume", highlight=False)
-        return 1
-    except (RunnerError, PipelineError, StructureError) as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        return 2
-    for task, name in (("push-adapter", "image"), ("deploy-inference", "service-url")):
-        record = result.tasks.get(task)
-        if record and name in record.outputs:
-            console.print(f"{task}: {name} = {record.outputs[name]}", highlight=False)
-    console.print(f"logs: {result.workdir / 'logs'}", highlight=False)
-    return 0
+        lock = WorkdirLock(workdir).__enter__()
+    except WorkdirInUse as exc:
+        raise RunnerError(str(exc)) from None
+    try:
+        settings_path = workdir / "run.json"
+        if resume and settings_path.exists():
+            settings = json.loads(settings_path.read_text())
+            port = port or settings.get("port")
+            docker_config = docker_config or settings.get("docker_config")
+        port = port or _free_port()
+        manifest = local_manifest(workspace_path, workdir, port=port, docker_config=docker_config)
+        settings_path.write_text(json.dumps({"port": port, "docker_config": str(docker_config) if docker_config else None,
+                                             "workspace": str(Path(workspace_path).resolve())}))
+        from pipelines.progress import ProgressDisplay
+
+        with ProgressDisplay(console=console) as display:
+            local = LocalRun(manifest, workdir, resume=resume, on_update=display.update, env=env,
+                             parameters=parameters)
+            display.update(local)
+            try:
+                return local.execute()
+            finally:
+                display.update(local)
+                if local.leftovers:
+                    display.console.print("ended tasks a previous run left running: " + "; ".join(local.leftovers),
+                                          highlight=False)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def __getattr__(name: str) -> Any:
+    # ``run_cli`` (terminal output) lives in pipelines.console, which imports this module
+    if name == "run_cli":
+        from pipelines.console import run_cli
+
+        return run_cli
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,7 +4,8 @@ No Argo binary runs here, and Argo's own schema is loose (Hera's model of it acc
 and nameless templates), so two layers guard what we render:
 
 1. Hera's pydantic models of Argo's types (``hera.workflows.models``): every known field has the
-   right type.
+   right type, and no field is unknown (Hera's models ignore unknown keys; Argo's API schema is
+   strict, so a misspelled ``automountServiceAccountTokn`` would only fail at submit time).
 2. The checks below, which are what Argo's controller would only find at run time:
 
    * the entrypoint and every task's template exist; template and task names are unique;
@@ -14,7 +15,13 @@ and nameless templates), so two layers guard what we render:
      template's inputs, ``workflow.parameters.X`` among the workflow's arguments,
      ``tasks.T.outputs.parameters.X`` an output of a task ``T`` that runs *before* (an ancestor in
      the DAG) - otherwise Argo fails the task with "unable to resolve";
-   * every volume mount names a volume or a volumeClaimTemplate; output parameters have a path.
+   * every ``{{...}}`` anywhere in the manifest - annotations included, whatever its case - is
+     one of the above or an Argo global; ``{{INPUTS.PARAMETERS.METHOD}}`` is refused;
+   * every volume mount names a volume or a volumeClaimTemplate; output parameters have a path;
+   * volume names are DNS-1123 labels (a Secret named ``acr.push`` must not become one as is),
+     template and task names follow Argo's rule; every emptyDir has a ``sizeLimit``; Prometheus
+     metrics have valid names, a help text and non-empty labels (``{{outputs.parameters.X}}``,
+     ``{{duration}}`` and ``{{status}}`` are defined inside a template's ``metrics``).
 
 ``problems(manifest)`` returns every finding as ``"<where>: <what>"``; ``check(manifest)`` raises
 ``StructureError`` listing them.
@@ -23,15 +30,25 @@ and nameless templates), so two layers guard what we render:
 from __future__ import annotations
 
 import re
+import types
+import typing
 from collections.abc import Iterator
 from typing import Any
 
-REFERENCE = re.compile(r"\{\{\s*([^{}]+?)\s*\}\}")
+from pipelines.expressions import REFERENCE
+from pipelines.names import is_dns1123_label
+
 DEPENDS_TOKEN = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z]+)?|&&|\|\||!|\(|\)")
 TASK_RESULTS = {"Succeeded", "Failed", "Errored", "Skipped", "Omitted", "Daemoned", "AnySucceeded", "AllFailed"}
 # Argo globals our templates may use; anything else must be declared.
 GLOBAL_VARIABLES = {"pod.name", "workflow.name", "workflow.namespace", "workflow.uid", "workflow.creationTimestamp",
-                    "retries"}
+                    "workflow.status", "workflow.duration", "workflow.failures", "retries"}
+# What Argo defines inside a template's own ``metrics`` (besides its inputs and outputs).
+METRIC_VARIABLES = {"duration", "status", "exitCode"}
+# Argo's own rule for template and task names.
+ARGO_NAME = re.compile(r"^[a-zA-Z0-9][-a-zA-Z0-9]*$")
+ARGO_NAME_MAX = 128
+PROMETHEUS_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 
 class StructureError(ValueError):
@@ -115,11 +132,63 @@ def _schema_problems(manifest: dict[str, Any]) -> Iterator[str]:
     except ValidationError as exc:
         for err in exc.errors(include_url=False):
             yield f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+    yield from _unknown_fields(manifest, model, "")
+
+
+def _model_of(annotation: Any) -> Any:
+    """The pydantic model, ``list[...]`` or ``dict[...]`` a field holds (None for scalars)."""
+    from pydantic import BaseModel
+
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _model_of(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _model_of(arg)
+            if found is not None:
+                return found
+        return None
+    if origin in (list, dict):
+        return annotation
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _unknown_fields(value: Any, annotation: Any, path: str) -> Iterator[str]:
+    """Keys Argo's strict schema would reject: Hera's models ignore them, Argo's API does not."""
+    from pydantic import RootModel
+
+    kind = _model_of(annotation)
+    if kind is None:
+        return
+    origin = typing.get_origin(kind)
+    if origin is list and isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _unknown_fields(item, typing.get_args(kind)[0], f"{path}[{i}]")
+    elif origin is dict and isinstance(value, dict):
+        item_type = typing.get_args(kind)[1] if typing.get_args(kind) else None
+        for key, item in value.items():
+            yield from _unknown_fields(item, item_type, f"{path}.{key}")
+    elif isinstance(kind, type) and issubclass(kind, RootModel):
+        yield from _unknown_fields(value, kind.model_fields["root"].annotation, path)
+    elif isinstance(value, dict):
+        fields = {(f.alias or name): f.annotation for name, f in kind.model_fields.items()}
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else key
+            if key not in fields:
+                yield f"{where}: unknown field (Argo's schema rejects it)"
+            else:
+                yield from _unknown_fields(item, fields[key], where)
 
 
 def _references(value: Any) -> Iterator[str]:
+    """Every ``{{...}}`` in a value, whatever its case; a stray ``{{``/``}}`` comes back as itself."""
     if isinstance(value, str):
         yield from REFERENCE.findall(value)
+        rest = REFERENCE.sub("", value)
+        if "{{" in rest or "}}" in rest:
+            yield rest.strip()
     elif isinstance(value, dict):
         for item in value.values():
             yield from _references(item)
@@ -129,10 +198,19 @@ def _references(value: Any) -> Iterator[str]:
 
 
 def _check_reference(ref: str, where: str, *, inputs: set[str], workflow_params: set[str],
-                     outputs_of: dict[str, set[str]] | None = None, before: set[str] | None = None) -> Iterator[str]:
-    if ref in GLOBAL_VARIABLES:
+                     outputs_of: dict[str, set[str]] | None = None, before: set[str] | None = None,
+                     own_outputs: set[str] | None = None) -> Iterator[str]:
+    """``own_outputs`` is given inside a template's ``metrics``, where its outputs are defined."""
+    if ref in GLOBAL_VARIABLES or (own_outputs is not None and ref in METRIC_VARIABLES):
+        return
+    if "{{" in ref or "}}" in ref:
+        yield f"{where}: unbalanced braces in {ref!r}"
         return
     parts = ref.split(".")
+    if own_outputs is not None and parts[:2] == ["outputs", "parameters"] and len(parts) == 3:
+        if parts[2] not in own_outputs:
+            yield f"{where}: {{{{{ref}}}}} is not an output parameter of the template"
+        return
     if parts[:2] == ["inputs", "parameters"] and len(parts) == 3:
         if parts[2] not in inputs:
             yield f"{where}: {{{{{ref}}}}} is not an input parameter of the template"
@@ -176,8 +254,16 @@ def problems(manifest: dict[str, Any]) -> list[str]:
     def template_outputs(template: dict[str, Any]) -> set[str]:
         return {p["name"] for p in (template.get("outputs") or {}).get("parameters") or []}
 
-    for ref in _references(spec.get("volumes") or []):
-        found += _check_reference(ref, "volumes", inputs=set(), workflow_params=workflow_params)
+    # Outside the templates only workflow-level variables exist (metadata, volumes, onExit, ...).
+    outside = {"metadata": manifest.get("metadata") or {}}
+    outside |= {k: v for k, v in manifest.get("spec", {}).items() if k not in ("workflowSpec", "templates")}
+    outside |= {k: v for k, v in spec.items() if k != "templates"}
+    for key, value in outside.items():
+        for ref in _references(value):
+            found += _check_reference(ref, key, inputs=set(), workflow_params=workflow_params)
+    found += _name_problems(spec, by_name)
+    if spec.get("onExit") and spec["onExit"] not in by_name:
+        found.append(f"onExit: no template named {spec['onExit']!r}")
     entry = by_name.get(spec.get("entrypoint"))
     if entry is not None and "dag" not in entry:
         # Argo fills the entrypoint's inputs from the workflow's arguments (argo submit -p ...).
@@ -188,10 +274,14 @@ def problems(manifest: dict[str, Any]) -> list[str]:
     for name, template in by_name.items():
         where = f"template {name}"
         inputs = set(template_inputs(template))
+        # every field but the DAG's tasks (checked below with the tasks' scope) and the metrics
+        for ref in _references({k: v for k, v in template.items() if k not in ("dag", "metrics", "outputs")}):
+            found += _check_reference(ref, where, inputs=inputs, workflow_params=workflow_params)
+        for ref in _references(template.get("metrics") or {}):
+            found += _check_reference(ref, f"{where} metrics", inputs=inputs, workflow_params=workflow_params,
+                                      own_outputs=template_outputs(template))
         for part in ("container", "script"):
             if part in template:
-                for ref in _references(template[part]):
-                    found += _check_reference(ref, where, inputs=inputs, workflow_params=workflow_params)
                 for mount in template[part].get("volumeMounts") or []:
                     if mount["name"] not in volumes | {v["name"] for v in template.get("volumes") or []}:
                         found.append(f"{where}: volume mount {mount['name']!r} names no volume")
@@ -240,10 +330,50 @@ def problems(manifest: dict[str, Any]) -> list[str]:
                 found += [f"{tw}: missing argument {n!r} for template {target['name']!r}" for n in sorted(needed - given)]
                 found += [f"{tw}: argument {n!r} is not an input of template {target['name']!r}"
                           for n in sorted(given - set(declared))]
-            for ref in _references({k: task[k] for k in ("arguments", "when") if k in task}):
+            for ref in _references(task):
                 found += _check_reference(ref, tw, inputs=dag_inputs, workflow_params=workflow_params,
                                           outputs_of=outputs_of, before=before[task["name"]])
     return found
+
+
+def _name_problems(spec: dict[str, Any], templates: dict[str, dict[str, Any]]) -> list[str]:
+    """Names Kubernetes or Argo would refuse at submit or run time (``docker-config-acr.push``)."""
+    found = []
+    volume_names = [("volumes", v.get("name", "")) for v in spec.get("volumes") or []]
+    volume_names += [("volumeClaimTemplates", c.get("metadata", {}).get("name", ""))
+                     for c in spec.get("volumeClaimTemplates") or []]
+    for name, template in templates.items():
+        if len(name) > ARGO_NAME_MAX or not ARGO_NAME.match(name):
+            found.append(f"template {name}: invalid template name (letters, digits and '-', at most 128)")
+        volume_names += [(f"template {name} volumes", v.get("name", "")) for v in template.get("volumes") or []]
+        for part in ("container", "script"):
+            volume_names += [(f"template {name} volumeMounts", v.get("name", ""))
+                             for v in (template.get(part) or {}).get("volumeMounts") or []]
+        for task in (template.get("dag") or {}).get("tasks") or []:
+            task_name = task.get("name", "")
+            if len(task_name) > ARGO_NAME_MAX or not ARGO_NAME.match(task_name):
+                found.append(f"template {name} task {task_name}: invalid task name (letters, digits and '-')")
+    empty_dirs = [("volumes", v) for v in spec.get("volumes") or []]
+    empty_dirs += [(f"template {n} volumes", v) for n, t in templates.items() for v in t.get("volumes") or []]
+    for where, volume in empty_dirs:
+        if "emptyDir" in volume and not (volume["emptyDir"] or {}).get("sizeLimit"):
+            found.append(f"{where}: emptyDir {volume.get('name')!r} has no sizeLimit (it could fill the node's disk)")
+    metrics = [("workflow metrics", p) for p in (spec.get("metrics") or {}).get("prometheus") or []]
+    metrics += [(f"template {n} metrics", p) for n, t in templates.items()
+                for p in (t.get("metrics") or {}).get("prometheus") or []]
+    for where, metric in metrics:
+        if not PROMETHEUS_NAME.match(metric.get("name", "")):
+            found.append(f"{where}: invalid metric name {metric.get('name')!r} (letters, digits and '_')")
+        if not metric.get("help"):
+            found.append(f"{where}: metric {metric.get('name')!r} has no help (Argo requires one)")
+        for label in metric.get("labels") or []:
+            if not PROMETHEUS_NAME.match(label.get("key", "")) or not label.get("value"):
+                found.append(f"{where}: metric {metric.get('name')!r} label {label.get('key')!r} is invalid or empty")
+    for where, volume in volume_names:
+        if not is_dns1123_label(volume):
+            found.append(f"{where}: {volume!r} is not a valid volume name (DNS-1123 label: a-z, 0-9, '-', "
+                         "at most 63 characters)")
+    return sorted(set(found), key=found.index)
 
 
 def check(manifest: dict[str, Any]) -> None:

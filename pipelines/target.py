@@ -1,6 +1,6 @@
 """Where a pipeline runs: the one place where an Argo cluster and this machine differ.
 
-Every DAG is defined once, in ``pipelines.workspace`` and ``pipelines.steps``. The builder takes a
+Every DAG is defined once, in ``pipelines.workspace`` and ``pipelines.tasks``. The builder takes a
 ``Target`` and asks it for everything that is not the same in both places; nothing else in
 ``pipelines/`` tests which mode it is in except to leave out Kubernetes-only scheduling fields
 (resources, tolerations, volumes), which the local runner would ignore anyway.

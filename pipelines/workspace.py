@@ -34,17 +34,23 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from hera.workflows import DAG, CronWorkflow, Workflow
+from hera.workflows import DAG, CronWorkflow, Parameter, Workflow
 from hera.workflows import models as m
 
 from api.image_ref import ImageRef
-from pipelines import steps
+from api.labels import ANNOTATION_OWNER, LABEL_MANAGED_BY, LABEL_PIPELINE, LABEL_WORKSPACE, MANAGED_BY, owner_annotation
+from pipelines import tasks
 from pipelines.target import TRAINING_CONFIG_KEY, Target
 
-LABEL_WORKSPACE = "kaito.sh/workspace"
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-LABEL_PIPELINE = "kaiflow.kaito.sh/pipeline"
-ANNOTATION_OWNER = "kaiflow.kaito.sh/owner"
+# What a hand-submitted Workflow's exit handler does with the nodes provision-nodes made
+# (workflow argument release-nodes): on-failure keeps them for the service a run deployed.
+RELEASE_MODES = ("on-failure", "always", "never")
+RELEASE_WHEN = (
+    "{{workflow.parameters.release-nodes}} == always || "
+    "({{workflow.parameters.release-nodes}} == on-failure && {{workflow.status}} != Succeeded)"
+)
+# The tune step's own default (one pass over the data) when no training config sets it.
+DEFAULT_EPOCHS = "1"
 WORKFLOW_DEADLINE_S = 3 * 24 * 3600
 TTL_AFTER_COMPLETION_S = 7 * 24 * 3600
 
@@ -66,7 +72,7 @@ def build(workspace: Any, target: Target | None = None) -> Workflow | CronWorkfl
 # -- sizing -------------------------------------------------------------------------------------
 
 
-def _tuning_scheduling(workspace: Any, preset: Any) -> tuple[steps.Scheduling, str | None]:
+def _tuning_scheduling(workspace: Any, preset: Any) -> tuple[tasks.Scheduling, str | None]:
     """GPU count and memory for the tune pod, and the instance type to provision."""
     from presets.gpus import get_sku, pick_instance
 
@@ -81,7 +87,7 @@ def _tuning_scheduling(workspace: Any, preset: Any) -> tuple[steps.Scheduling, s
     # Leave room for the kubelet, the daemonsets and the Argo executor sidecar on the node.
     memory = max(4, math.floor(sku.memory_gib * 0.8))
     cpu = max(1, sku.vcpus - 2)
-    scheduling = steps.Scheduling(
+    scheduling = tasks.Scheduling(
         gpus=sku.gpus, memory_gib=memory, cpu=cpu,
         node_selector=dict(selector.match_labels) if selector.match_labels else None,
         match_expressions=expressions,
@@ -104,9 +110,9 @@ def _data_volume_gib(preset: Any) -> int:
 
 def _metadata(workspace: Any, kind: str) -> dict[str, Any]:
     name, namespace = workspace.metadata.name, workspace.metadata.namespace or "default"
-    labels = {LABEL_WORKSPACE: name, LABEL_MANAGED_BY: "kaiflow", LABEL_PIPELINE: kind}
+    labels = {LABEL_WORKSPACE: name, LABEL_MANAGED_BY: MANAGED_BY, LABEL_PIPELINE: kind}
     annotations = {
-        ANNOTATION_OWNER: f"kaito.sh/Workspace/{namespace}/{name}",
+        ANNOTATION_OWNER: owner_annotation(namespace, name),
         "workflows.argoproj.io/title": f"{name} ({kind})",
         "workflows.argoproj.io/description": _description(workspace, kind),
     }
@@ -135,19 +141,19 @@ def _workflow_spec(workspace: Any, target: Target, kind: str, volume_gib: int, s
     if not target.is_cluster:
         return spec
     volumes: list[Any] = [
-        m.Volume(name=steps.docker_config_volume_name(s), secret=m.SecretVolumeSource(
+        m.Volume(name=tasks.docker_config_volume_name(s), secret=m.SecretVolumeSource(
             secret_name=s, items=[m.KeyToPath(key=".dockerconfigjson", path="config.json")]))
         for s in dict.fromkeys(secrets)
     ]
     if config_map:
-        volumes.append(m.Volume(name=steps.TRAINING_CONFIG_VOLUME, config_map=m.ConfigMapVolumeSource(
+        volumes.append(m.Volume(name=tasks.TRAINING_CONFIG_VOLUME, config_map=m.ConfigMapVolumeSource(
             name=config_map, items=[m.KeyToPath(key=TRAINING_CONFIG_KEY, path=TRAINING_CONFIG_KEY)])))
-    pod_labels = {LABEL_WORKSPACE: workspace.metadata.name, LABEL_MANAGED_BY: "kaiflow", LABEL_PIPELINE: kind}
+    pod_labels = {LABEL_WORKSPACE: workspace.metadata.name, LABEL_MANAGED_BY: MANAGED_BY, LABEL_PIPELINE: kind}
     spec.update(
         volumes=volumes or None,
         volume_claim_templates=[
             m.PersistentVolumeClaim(
-                metadata=m.ObjectMeta(name=steps.DATA_VOLUME, labels=pod_labels),
+                metadata=m.ObjectMeta(name=tasks.DATA_VOLUME, labels=pod_labels),
                 spec=m.PersistentVolumeClaimSpec(
                     access_modes=["ReadWriteOnce"],
                     resources=m.VolumeResourceRequirements(requests={"storage": m.Quantity(f"{volume_gib}Gi")}),
@@ -166,7 +172,7 @@ def _workflow_spec(workspace: Any, target: Target, kind: str, volume_gib: int, s
 
 def _provision_template(workspace: Any, target: Target, instance_type: str | None):
     resource = workspace.resource
-    return steps.provision(
+    return tasks.provision(
         target, workspace_name=workspace.metadata.name, namespace=workspace.metadata.namespace or "default",
         instance_type=instance_type, count=str(resource.count), labels=_node_labels(workspace),
         preferred_nodes=resource.preferred_nodes or (),
@@ -183,6 +189,44 @@ def _repository(image: str) -> str:
         return ImageRef.parse(image, allow_placeholders=True).repo
     except ValueError as exc:
         raise PipelineError(f"tuning.output.image: {exc}") from None
+
+
+def _arguments(values: dict[str, tuple[str, str]]) -> list[Parameter]:
+    """``spec.arguments``: name -> (value, description)."""
+    return [Parameter(name=n, value=v, description=d) for n, (v, d) in values.items()]
+
+
+def _releases_nodes(workspace: Any, target: Target) -> bool:
+    """A hand-submitted Workflow (``kaiflow render | argo submit``) releases its nodes on exit.
+
+    The controller's Workflows (rendered with the Workspace's uid) leave them to the controller,
+    which owns them with the Workspace; the local provider makes no nodes.
+    """
+    return target.provider != "local" and not getattr(workspace.metadata, "uid", None)
+
+
+def _release_arguments(workspace: Any, target: Target) -> dict[str, tuple[str, str]]:
+    if not _releases_nodes(workspace, target):
+        return {}
+    return {"release-nodes": ("on-failure", "when the exit handler deletes the nodes provision-nodes made: "
+                                            + ", ".join(RELEASE_MODES))}
+
+
+def _exit_handler(workspace: Any, target: Target) -> str | None:
+    """Add the exit handler (inside the workflow's context) and return its name, if it has one."""
+    if not _releases_nodes(workspace, target):
+        return None
+    release_t = tasks.release_nodes(target, workspace_name=workspace.metadata.name,
+                                    namespace=workspace.metadata.namespace or "default")
+    with DAG(name="exit-handler"):
+        release_t(name="release-nodes", when=RELEASE_WHEN)
+    return "exit-handler"
+
+
+def _dataset_arguments(urls: list[str]) -> dict[str, tuple[str, str]]:
+    if len(urls) == 1:
+        return {"dataset-url": (urls[0], "URL of the training data (http, https or file)")}
+    return {f"dataset-url-{i}": (url, f"URL {i} of the training data") for i, url in enumerate(urls, 1)}
 
 
 # -- tuning -------------------------------------------------------------------------------------
@@ -211,6 +255,19 @@ def _tuning(workspace: Any, target: Target) -> Workflow | CronWorkflow:
     metadata = _metadata(workspace, "tuning")
     spec = _workflow_spec(workspace, target, "tuning", _data_volume_gib(preset),
                           [push_secret] if push_secret else [], tuning.config)
+    # What a user changes when resubmitting (argo submit -p / resubmit): workflow arguments the
+    # tasks reference, instead of values baked into their command lines.
+    dataset = _dataset_arguments([target.dataset_url(u) for u in tuning.input.urls])
+    repository = _repository(output.image)
+    arguments = dict(dataset)
+    if scheduled:
+        arguments["output-repository"] = (repository, "OCI repository the adapters are pushed to (new tag each run)")
+    else:
+        arguments["output-image"] = (output.image, "OCI reference the adapter is pushed to")
+    if tuning.config is None:  # with a training config, its file holds the epochs
+        arguments["epochs"] = (DEFAULT_EPOCHS, "passes over the training data")
+    arguments |= _release_arguments(workspace, target)
+    spec["arguments"] = _arguments(arguments)
     if scheduled:
         # Each run the CronWorkflow starts carries the same labels and owner annotation.
         run_metadata = m.WorkflowMetadata(labels=metadata["labels"], annotations={
@@ -224,42 +281,45 @@ def _tuning(workspace: Any, target: Target) -> Workflow | CronWorkflow:
     else:
         workflow = Workflow(**metadata, **spec)
 
-    mounts = steps.docker_config_mount(target, push_secret)
+    mounts = tasks.docker_config_mount(target, push_secret)
     annotations = {
         "kaito.sh/workspace": f"{namespace}/{name}",
         "kaito.sh/preset": preset.name,
         "kaiflow.kaito.sh/method": tuning.method,
-        "kaiflow.kaito.sh/dataset-digest": steps.input_ref("dataset-digest"),
+        "kaiflow.kaito.sh/dataset-digest": tasks.input_ref("dataset-digest"),
     }
     with workflow:
         provision_t = _provision_template(workspace, target, instance_type)
-        fetch_t = steps.fetch_dataset(target, urls=tuning.input.urls)
-        tune_t = steps.tune(
+        fetch_t = tasks.fetch_dataset(target, urls=[tasks.workflow_ref(p) for p in dataset])
+        tune_t = tasks.tune(
             target, preset=preset.name, method=tuning.method, adapter_name=name, config=config_file,
             config_map=tuning.config, scheduling=scheduling, deadline=_tune_deadline(preset),
-            model_access_secret=model_secret,
+            model_access_secret=model_secret, epochs=tasks.workflow_ref("epochs") if "epochs" in arguments else None,
         )
-        deploy_t = steps.deploy(
+        deploy_t = tasks.deploy(
             target, workspace_name=name, namespace=namespace, preset=preset.name, adapters=[(name, "1.0")],
             # the reference push-adapter actually pushed (with --tag auto it is only known then)
-            adapter_images=[f"{name}={steps.input_ref('adapter-image')}"], inputs=["adapter-image"],
+            adapter_images=[f"{name}={tasks.input_ref('adapter-image')}"], inputs=["adapter-image"],
             gpus=scheduling.gpus, node_labels=_node_labels(workspace), docker_config_secret=push_secret,
             workspace_uid=getattr(workspace.metadata, "uid", None),
         )
-        smoke_t = steps.smoke_test(target)
+        smoke_t = tasks.smoke_test(target)
         if scheduled:
-            repository = _repository(output.image)
-            gate_t = steps.eval_gate(target, adapter_name=name, current_image=f"{repository}:latest",
-                                     docker_config=docker_config, mounts=mounts, same_rows=True,
-                                     scheduling=scheduling)
-            push_t = steps.push_adapter(target, adapter_name=name, image=repository, tag="auto", also_tag="latest",
-                                        docker_config=docker_config, annotations=annotations, mounts=mounts)
-            candidate_t = steps.push_adapter(target, adapter_name=name, image=repository, tag="auto",
+            repository_ref = tasks.workflow_ref("output-repository")
+            gate_t = tasks.eval_gate(target, adapter_name=name, current_image=f"{repository_ref}:latest",
+                                     docker_config=docker_config, mounts=mounts, registry_image=repository,
+                                     same_rows=True, scheduling=scheduling)
+            push_t = tasks.push_adapter(target, adapter_name=name, image=repository_ref, tag="auto", also_tag="latest",
+                                        docker_config=docker_config, annotations=annotations, mounts=mounts,
+                                        registry_image=repository)
+            candidate_t = tasks.push_adapter(target, adapter_name=name, image=repository_ref, tag="auto",
                                              docker_config=docker_config, annotations=annotations, mounts=mounts,
-                                             name="push-candidate")
+                                             registry_image=repository, name="push-candidate")
         else:
-            push_t = steps.push_adapter(target, adapter_name=name, image=output.image, docker_config=docker_config,
-                                        annotations=annotations, mounts=mounts)
+            push_t = tasks.push_adapter(target, adapter_name=name, image=tasks.workflow_ref("output-image"),
+                                        docker_config=docker_config, annotations=annotations, mounts=mounts,
+                                        registry_image=output.image)
+        on_exit = _exit_handler(workspace, target)
 
         with DAG(name="tuning"):
             digest = {"dataset-digest": "{{tasks.fetch-dataset.outputs.parameters.dataset-digest}}"}
@@ -282,6 +342,7 @@ def _tuning(workspace: Any, target: Target) -> Workflow | CronWorkflow:
                 push >> deploy
             smoke_t(name="smoke-test", depends="deploy-inference.Succeeded",
                     arguments={"service-url": "{{tasks.deploy-inference.outputs.parameters.service-url}}"})
+    workflow.on_exit = on_exit
     return workflow
 
 
@@ -304,23 +365,25 @@ def _inference(workspace: Any, target: Target) -> Workflow:
     sku, instance_type = _inference_instance(workspace, preset)
 
     workflow = Workflow(**_metadata(workspace, "inference"),
-                        **_workflow_spec(workspace, target, "inference", 10, [pull_secret] if pull_secret else [], None))
+                        **_workflow_spec(workspace, target, "inference", 10, [pull_secret] if pull_secret else [], None),
+                        arguments=_arguments(_release_arguments(workspace, target)) or None)
     with workflow:
+        on_exit = _exit_handler(workspace, target)
         provision_t = _provision_template(workspace, target, instance_type)
         pull_t = None
         if adapters:
-            pull_t = steps.pull_adapters(
+            pull_t = tasks.pull_adapters(
                 target, adapters=[f"{a.source.name}={a.source.image}" for a in adapters],
-                docker_config=target.docker_config(pull_secret), mounts=steps.docker_config_mount(target, pull_secret),
+                docker_config=target.docker_config(pull_secret), mounts=tasks.docker_config_mount(target, pull_secret),
             )
-        deploy_t = steps.deploy(
+        deploy_t = tasks.deploy(
             target, workspace_name=name, namespace=namespace, preset=preset.name,
             adapters=[(a.source.name, a.strength or "1.0") for a in adapters],
             adapter_images=[f"{a.source.name}={a.source.image}" for a in adapters], gpus=sku.gpus,
             node_labels=_node_labels(workspace), docker_config_secret=pull_secret,
             workspace_uid=getattr(workspace.metadata, "uid", None),
         )
-        smoke_t = steps.smoke_test(target)
+        smoke_t = tasks.smoke_test(target)
         with DAG(name="inference"):
             provision = provision_t(name="provision-nodes")
             pull = pull_t(name="pull-adapters") if pull_t is not None else None
@@ -331,6 +394,7 @@ def _inference(workspace: Any, target: Target) -> Workflow:
                 provision >> deploy
             smoke_t(name="smoke-test", depends="deploy-inference.Succeeded",
                     arguments={"service-url": "{{tasks.deploy-inference.outputs.parameters.service-url}}"})
+    workflow.on_exit = on_exit
     return workflow
 
 

@@ -71,3 +71,12 @@ def test_dockerfile_copies_every_package_pyproject_ships():
         assert package in copied, f"Dockerfile does not COPY {package}/"
         assert (ROOT / package).is_dir()
     assert "pip install --no-deps ." in _dockerfile()
+
+
+def test_dockerfile_user_is_the_uid_the_workflows_run_as():
+    from pipelines.images import PIPELINE_UID, Images
+
+    assert int(_arg("KAIFLOW_UID")) == PIPELINE_UID == Images().pipeline_uid
+    assert re.search(r"^USER \$\{KAIFLOW_UID\}$", _dockerfile(), re.MULTILINE)
+    # the base image's own uid-1000 user is removed first, else useradd --uid 1000 fails
+    assert "userdel --remove ubuntu" in _dockerfile()

@@ -18,6 +18,20 @@ def test_public_names():
     assert callable(templates.main)
 
 
+def test_the_surface_the_controller_fixture_uses():
+    # it plays Argo by running submitted manifests: LocalRun(manifest, workdir, resume=...).execute()
+    params = inspect.signature(runner.LocalRun).parameters
+    assert list(params)[:2] == ["manifest", "workdir"] and params["resume"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert inspect.signature(runner.LocalRun.execute).return_annotation in ("RunResult", runner.RunResult)
+    assert list(inspect.signature(runner.RunFailed).parameters) == ["task", "exit_code", "log_path", "log_tail", "reason"]
+    assert list(inspect.signature(pipelines.manifest).parameters) == ["workspace", "target"]
+    # its script mode evaluates DAG conditions with the runner's own functions
+    from pipelines import expressions
+
+    assert (runner.evaluate_depends, runner.evaluate_when, runner.substitute) == (
+        expressions.evaluate_depends, expressions.evaluate_when, expressions.substitute)
+
+
 def test_rendering_imports_no_ml_library():
     code = (
         "import sys, pipelines, pipelines.runner, pipelines.templates; "

@@ -114,7 +114,10 @@ def test_scheduled_tuning_is_a_forbid_cronworkflow_with_an_eval_gate():
     assert push_args[push_args.index("--also-tag") + 1] == "latest"
     assert "--also-tag" not in templates["push-candidate"]["container"]["args"]
     gate_args = templates["eval-gate"]["container"]["args"]
-    assert gate_args[gate_args.index("--current-image") + 1] == "myregistry.azurecr.io/adapters/phi-3-weekly:latest"
+    # the repository is a workflow argument: resubmitting with -p output-repository=... moves it
+    assert gate_args[gate_args.index("--current-image") + 1] == "{{workflow.parameters.output-repository}}:latest"
+    arguments = {p["name"]: p["value"] for p in spec["arguments"]["parameters"]}
+    assert arguments["output-repository"] == "myregistry.azurecr.io/adapters/phi-3-weekly"
     # the gate scores both adapters on the candidate's held-out rows, on the tune's GPU nodes
     assert gate_args[gate_args.index("--dataset-dir") + 1] == templates["tune"]["container"]["args"][
         templates["tune"]["container"]["args"].index("--dataset-dir") + 1]
@@ -156,7 +159,16 @@ def test_local_target_changes_only_what_target_defines(tmp_path: Path):
     assert cluster["templates"][-1]["dag"] == local["templates"][-1]["dag"]
     cluster_t = {t["name"]: t for t in cluster["templates"] if "container" in t}
     local_t = {t["name"]: t for t in local["templates"] if "container" in t}
+    # the exit handler releases cluster nodes; the local provider makes none
+    assert cluster["onExit"] == "exit-handler" and "onExit" not in local
+    assert cluster_t.pop("release-nodes")
     assert cluster_t.keys() == local_t.keys()
+    c_params = {p["name"]: p["value"] for p in cluster["arguments"]["parameters"]}
+    l_params = {p["name"]: p["value"] for p in local["arguments"]["parameters"]}
+    assert c_params.pop("release-nodes") == "on-failure"
+    assert c_params.pop("dataset-url") == "file:data/demo_chat.parquet"
+    assert l_params.pop("dataset-url") == (example.parent / "data" / "demo_chat.parquet").as_uri()
+    assert c_params == l_params == {"output-image": "127.0.0.1:5000/kaiflow/tiny-tuning-adapter:v1"}
 
     def localise(arg: str) -> str:
         arg = arg.replace("/kaiflow/data", local_target.data_root).replace("/tmp/kaiflow/outputs", local_target.outputs_dir)
@@ -179,8 +191,6 @@ def test_local_target_changes_only_what_target_defines(tmp_path: Path):
             assert _values(l_args, "--adapters-dir") == [local_target.data("adapters")]
             assert _values(l_args, "--port") == ["4321"]
             continue
-        if name == "fetch-dataset":
-            c_args[c_args.index("--url") + 1] = (example.parent / "data" / "demo_chat.parquet").as_uri()
         if name == "tune":
             c_args[c_args.index("--config") + 1] = str(example.parent / "configs" / "tiny_training_config.yaml")
         if name == "push-adapter":

@@ -49,9 +49,11 @@ def _flags(args: list[str]) -> dict[str, list[str]]:
     return flags
 
 
-def _fill(arg: str, arguments: dict[str, str]) -> str:
+def _fill(arg: str, arguments: dict[str, str], workflow_parameters: dict[str, str]) -> str:
     for key, value in arguments.items():
         arg = arg.replace(f"{{{{inputs.parameters.{key}}}}}", value)
+    for key, value in workflow_parameters.items():
+        arg = arg.replace(f"{{{{workflow.parameters.{key}}}}}", value)
     return arg
 
 
@@ -81,6 +83,10 @@ def test_kaiflow_run_executes_every_task_of_the_tiny_tuning_example(tiny_workspa
     # the executed command lines are the Argo templates' (up to the Target's substitutions) ...
     templates = {t["name"]: t for t in spec["templates"]}
     tasks = {t["name"]: t for t in dag}
+    # Argo fills {{workflow.parameters.X}} from spec.arguments; the local manifest's own values
+    # (file URLs made absolute) are what ran
+    local_spec = workflow_spec(result.manifest)
+    workflow_parameters = {p["name"]: p["value"] for p in local_spec["arguments"]["parameters"]}
     target_defined = {"--outputs", "--output-dir", "--dataset-dir", "--checkpoint-dir", "--adapter-dir", "--url",
                       "--config", "--provider", "--mode", "--insecure", "--adapters-dir", "--workdir", "--port",
                       "--adapter-image", "--image", "--gpus", "--node-label", "--dataset-digest"}
@@ -89,7 +95,7 @@ def test_kaiflow_run_executes_every_task_of_the_tiny_tuning_example(tiny_workspa
         argo = templates[tasks[name]["template"]]["container"]
         assert executed[1:3] == argo["command"][1:3] == ["-m", argo["command"][2]]
         # Argo fills {{inputs.parameters.X}} from the task's arguments; the runner must have done the same
-        argo_args = [_fill(a, result.tasks[name].arguments) for a in argo["args"]]
+        argo_args = [_fill(a, result.tasks[name].arguments, workflow_parameters) for a in argo["args"]]
         argo_flags, local_flags = _flags(argo_args), _flags(executed[3:])
         shared = {f: v for f, v in argo_flags.items() if f not in target_defined}
         assert shared == {f: v for f, v in local_flags.items() if f in shared}, name

@@ -17,7 +17,8 @@ from hera.workflows import models as m
 from rich.console import Console
 
 from pipelines.progress import ProgressDisplay
-from pipelines.runner import LocalRun, RunFailed, RunnerError, evaluate_depends, evaluate_when
+from pipelines.expressions import ExpressionError, evaluate_depends, evaluate_when
+from pipelines.runner import LocalRun, RunFailed, RunnerError
 
 WRITE_OUTPUT = (
     "import os, sys, pathlib; d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True, exist_ok=True); "
@@ -180,8 +181,17 @@ def test_when_evaluates_the_forms_we_generate():
     assert not evaluate_when("false == true")
     assert evaluate_when("false != true")
     assert evaluate_when("'a' == a")
-    with pytest.raises(RunnerError, match="evaluates only"):
-        evaluate_when("1 < 2")
+    assert evaluate_when("1 < 2") and evaluate_when("10 > 9")  # numbers compare as numbers
+    assert evaluate_when("Failed != Succeeded && (always == always || x == y)")
+    assert not evaluate_when("!(true == true)")
+    with pytest.raises(ExpressionError, match="not a condition"):
+        evaluate_when("x")
+    with pytest.raises(ExpressionError, match="unexpected"):
+        evaluate_when("__import__('os').system('true') == 0")
+    with pytest.raises(ExpressionError, match="missing"):
+        evaluate_when("(true == true")
+    with pytest.raises(ExpressionError, match="cannot read"):
+        evaluate_when("a == 'unterminated")
 
 
 def test_run_cli_reports_a_bad_workspace_field_without_traceback(tmp_path: Path):

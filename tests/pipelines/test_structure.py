@@ -116,3 +116,17 @@ def test_check_raises_with_every_problem(tuning_manifest):
 def test_generated_workflow_templates_are_structurally_sound():
     for path in sorted((ROOT / "workflow_templates").glob("*.yaml")):
         assert problems(yaml.safe_load(path.read_text())) == [], path.name
+
+
+def test_unknown_fields_are_refused_where_argo_would(tuning_manifest):
+    broken = copy.deepcopy(tuning_manifest)
+    tune = _template(broken, "tune")
+    tune["automountServiceAccountTokn"] = False
+    tune["securityContext"]["fsGrup"] = 1000
+    tune["metrics"]["prometheus"][0]["gauge"]["vale"] = "1"
+    workflow_spec(broken)["onExt"] = "exit-handler"
+    found = problems(broken)
+    index = next(i for i, t in enumerate(workflow_spec(broken)["templates"]) if t["name"] == "tune")
+    for where in (f"templates[{index}].automountServiceAccountTokn", f"templates[{index}].securityContext.fsGrup",
+                  f"templates[{index}].metrics.prometheus[0].gauge.vale", "onExt"):
+        assert any(where in p and "unknown field" in p for p in found), where

@@ -1,4 +1,4 @@
-"""One Hera container template per step: the step's command line and what it needs around it.
+"""One Hera container template per DAG task: the step's command line and what it needs around it.
 
 Each builder returns a ``hera.workflows.Container`` that runs ``python -m steps.<name> ...`` in the
 pipeline image with the command line fixed by DEVELOPERS.md ("Step command lines"). A value a
@@ -23,10 +23,18 @@ from dataclasses import dataclass, field
 from hera.workflows import Artifact, Container, Env, NoneArchiveStrategy, Parameter, RetryStrategy
 from hera.workflows import models as m
 
+from api.labels import GPU_TOLERATION
+from pipelines.names import dns1123_label
 from pipelines.target import Target
 
 DATA_VOLUME = "kaiflow-data"
 TRAINING_CONFIG_VOLUME = "training-config"
+OUTPUTS_VOLUME = "kaiflow-outputs"
+# Output parameters are short strings and small JSON documents.
+OUTPUTS_SIZE_LIMIT = "16Mi"
+# Argo's executor sidecar reports outputs through the API, so it needs a token even where the
+# step's own container gets none (the same account the Workflow runs as).
+EXECUTOR_SERVICE_ACCOUNT = "kaiflow-workflow"
 
 # Deadlines per step (seconds). Tuning gets its own from the Workspace size (see workspace.py).
 DEADLINES = {
@@ -55,6 +63,11 @@ INPUT_REFERENCE = re.compile(r"\{\{inputs\.parameters\.([A-Za-z0-9_-]+)\}\}")
 
 def input_ref(name: str) -> str:
     return f"{{{{inputs.parameters.{name}}}}}"
+
+
+def workflow_ref(name: str) -> str:
+    """A Workflow argument (``spec.arguments``), which a user changes on resubmit (``-p name=value``)."""
+    return f"{{{{workflow.parameters.{name}}}}}"
 
 
 def network_retry() -> RetryStrategy:
@@ -99,7 +112,7 @@ class Scheduling:
         # taint and the one Kaito's gpu-provisioner puts on the nodes it creates.
         return [
             m.Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule"),
-            m.Toleration(key="sku", operator="Equal", value="gpu", effect="NoSchedule"),
+            m.Toleration(**GPU_TOLERATION),
         ]
 
     def affinity(self) -> m.Affinity | None:
@@ -132,7 +145,11 @@ def _step(
     service_account: str | None = None,
     labels: dict[str, str] | None = None,
     description: str = "",
+    kubernetes_api: bool = False,
+    metrics: Sequence[m.Prometheus] = (),
+    output_defaults: dict[str, str] | None = None,
 ) -> Container:
+    """``kubernetes_api``: the step talks to the API server, so its pod gets a service-account token."""
     cluster = target.is_cluster
     # Every {{inputs.parameters.X}} the command line uses is declared, explicit ones first.
     declared = list(dict.fromkeys([*inputs, *(r for a in args for r in INPUT_REFERENCE.findall(a))]))
@@ -141,6 +158,20 @@ def _step(
         volume_mounts.insert(0, m.VolumeMount(name=DATA_VOLUME, mount_path=target.data_root))
     scheduling = scheduling if cluster else None
     annotations = {"workflows.argoproj.io/description": description} if description else None
+    volumes: list[m.Volume] = []
+    if cluster and outputs:
+        # The output files live in a small emptyDir rather than the container's writable layer.
+        volumes.append(m.Volume(name=OUTPUTS_VOLUME, empty_dir=m.EmptyDirVolumeSource(
+            size_limit=m.Quantity(OUTPUTS_SIZE_LIMIT))))
+        volume_mounts.append(m.VolumeMount(name=OUTPUTS_VOLUME, mount_path=target.outputs_dir))
+    pod_security = container_security = executor = automount = None
+    if cluster:
+        pod_security, container_security = _security_contexts(target)
+        if not kubernetes_api:
+            # No token in pods that never call the API; Argo's executor sidecar still needs one,
+            # from its own service account (Argo requires executor.serviceAccountName then).
+            automount = False
+            executor = m.ExecutorConfig(service_account_name=EXECUTOR_SERVICE_ACCOUNT)
     return Container(
         name=name,
         image=target.images.pipeline,
@@ -149,7 +180,8 @@ def _step(
         args=[*args, "--outputs", target.outputs_dir] if outputs else list(args),
         inputs=[Parameter(name=i) for i in declared] or None,
         outputs=[
-            Parameter(name=o, value_from=m.ValueFrom(path=target.output_path(o)), global_name=GLOBAL_OUTPUTS.get(o))
+            Parameter(name=o, value_from=m.ValueFrom(path=target.output_path(o), default=(output_defaults or {}).get(o)),
+                      global_name=GLOBAL_OUTPUTS.get(o))
             for o in outputs
         ]
         + list(artifacts)
@@ -165,7 +197,43 @@ def _step(
         service_account_name=service_account if cluster else None,
         labels=labels if cluster else None,
         annotations=annotations,
+        volumes=volumes or None,
+        pod_security_context=pod_security,
+        security_context=container_security,
+        automount_service_account_token=automount,
+        executor=executor,
+        metrics=m.Metrics(prometheus=[*metrics, _duration_metric(name)]) if cluster else None,
     )
+
+
+def _duration_metric(step: str) -> m.Prometheus:
+    return m.Prometheus(
+        name="kaiflow_step_duration_seconds", help="Seconds a kaiflow step ran, by step and final status",
+        labels=[m.MetricLabel(key="step", value=step), m.MetricLabel(key="status", value="{{status}}")],
+        gauge=m.Gauge(value="{{duration}}", realtime=False),
+    )
+
+
+def output_metric(name: str, help: str, output: str, labels: dict[str, str]) -> m.Prometheus:
+    """A gauge Argo sets from one of the step's output parameters when the step succeeded."""
+    return m.Prometheus(
+        name=name, help=help, when="{{status}} == Succeeded",
+        labels=[m.MetricLabel(key=k, value=v) for k, v in labels.items()],
+        gauge=m.Gauge(value=f"{{{{outputs.parameters.{output}}}}}", realtime=False),
+    )
+
+
+def _security_contexts(target: Target) -> tuple[m.PodSecurityContext, m.SecurityContext]:
+    """Run as the image's non-root user; ``fsGroup`` makes fresh (root-owned) volumes writable to it."""
+    uid = target.images.pipeline_uid
+    pod = m.PodSecurityContext(
+        run_as_non_root=True, run_as_user=uid, run_as_group=uid, fs_group=uid,
+        # chown a large checkpoint volume only when its root is not ours yet, not on every mount
+        fs_group_change_policy="OnRootMismatch",
+        seccomp_profile=m.SeccompProfile(type="RuntimeDefault"),
+    )
+    container = m.SecurityContext(allow_privilege_escalation=False, capabilities=m.Capabilities(drop=["ALL"]))
+    return pod, container
 
 
 def _flag(flag: str, values: Iterable[str]) -> list[str]:
@@ -173,6 +241,7 @@ def _flag(flag: str, values: Iterable[str]) -> list[str]:
 
 
 def _registry_flags(target: Target, image: str, docker_config: str | None) -> list[str]:
+    """``image`` is the literal reference (a placeholder's default): its registry decides ``--insecure``."""
     flags = ["--docker-config", docker_config] if docker_config else []
     return flags + (["--insecure"] if target.is_insecure(image) else [])
 
@@ -186,10 +255,31 @@ def docker_config_mount(target: Target, secret_name: str | None) -> list[m.Volum
 
 
 def docker_config_volume_name(secret_name: str) -> str:
-    return f"docker-config-{secret_name}"[:63].rstrip("-")
+    """A valid volume name for any Secret name (``acr.push`` -> ``docker-config-acr-push-<hash>``)."""
+    return dns1123_label(f"docker-config-{secret_name}")
 
 
 # -- the steps ----------------------------------------------------------------------------------
+
+
+def _azure_identity(target: Target) -> tuple[list[Env | m.EnvVar], dict[str, str] | None]:
+    """Environment and pod labels of a step that calls Azure (provider aks)."""
+    # A parameterised provider (reusable WorkflowTemplate) may be aks: wire the identity optionally.
+    parameterised = "{{" in target.provider
+    if target.provider != "aks" and not parameterised:
+        return [], None
+    # Azure access by workload identity: the pod's service account is federated with a
+    # managed identity; which cluster to grow comes from a ConfigMap the install creates.
+    env: list[Env | m.EnvVar] = [
+        m.EnvVar(name=var, value_from=m.EnvVarSource(config_map_key_ref=m.ConfigMapKeySelector(
+            name="kaiflow-azure", key=key, optional=True if parameterised else None)))
+        for var, key in (
+            ("AZURE_SUBSCRIPTION_ID", "subscriptionId"),
+            ("AZURE_RESOURCE_GROUP", "resourceGroup"),
+            ("AZURE_CLUSTER_NAME", "clusterName"),
+        )
+    ]
+    return env, {"azure.workload.identity/use": "true"}
 
 
 def provision(target: Target, *, workspace_name: str, namespace: str, instance_type: str | None, count: str,
@@ -199,27 +289,26 @@ def provision(target: Target, *, workspace_name: str, namespace: str, instance_t
         args += ["--instance-type", instance_type]
     args += ["--count", count, *_flag("--label", labels)]
     args += _flag("--preferred-node", preferred_nodes)
-    env: list[Env | m.EnvVar] = []
-    pod_labels = None
-    # A parameterised provider (reusable WorkflowTemplate) may be aks: wire the identity optionally.
-    parameterised = "{{" in target.provider
-    if target.provider == "aks" or parameterised:
-        # Azure access by workload identity: the pod's service account is federated with a
-        # managed identity; which cluster to grow comes from a ConfigMap the install creates.
-        pod_labels = {"azure.workload.identity/use": "true"}
-        env = [
-            m.EnvVar(name=var, value_from=m.EnvVarSource(config_map_key_ref=m.ConfigMapKeySelector(
-                name="kaiflow-azure", key=key, optional=True if parameterised else None)))
-            for var, key in (
-                ("AZURE_SUBSCRIPTION_ID", "subscriptionId"),
-                ("AZURE_RESOURCE_GROUP", "resourceGroup"),
-                ("AZURE_CLUSTER_NAME", "clusterName"),
-            )
-        ]
+    env, pod_labels = _azure_identity(target)
     return _step(
         target, name=name, module="provision", args=args, outputs=["nodes", "provider"], retry=True,
         deadline=DEADLINES["provision"], data_volume=False, env=env, service_account="kaiflow-provisioner",
+        kubernetes_api=True,
         labels=pod_labels, description="Provision the GPU nodes the Workspace runs on",
+    )
+
+
+def release_nodes(target: Target, *, workspace_name: str, namespace: str, name: str = "release-nodes") -> Container:
+    """The exit handler's step: delete the nodes ``provision`` made for this Workspace.
+
+    One function so that the delete command line (``steps.provision --delete``) changes in one place.
+    """
+    args = ["--delete", "--provider", target.provider, "--workspace-name", workspace_name, "--namespace", namespace]
+    env, pod_labels = _azure_identity(target)
+    return _step(
+        target, name=name, module="provision", args=args, retry=True, deadline=DEADLINES["provision"],
+        data_volume=False, service_account="kaiflow-provisioner", kubernetes_api=True, env=env, labels=pod_labels,
+        description="Release the nodes provision-nodes made (exit handler of a hand-submitted Workflow)",
     )
 
 
@@ -238,7 +327,7 @@ def fetch_dataset(target: Target, *, urls: Sequence[str], max_bytes: str | None 
 
 def tune(target: Target, *, preset: str, method: str, adapter_name: str, config: str | None,
          config_map: str | None, scheduling: Scheduling | None, deadline: int, max_steps: str | None = None,
-         model_access_secret: str | None = None, name: str = "tune") -> Container:
+         model_access_secret: str | None = None, epochs: str | None = None, name: str = "tune") -> Container:
     adapter_dir = target.data("adapters", adapter_name)
     args = [
         "--preset", preset, "--method", method, "--dataset-dir", target.data("dataset"),
@@ -249,6 +338,8 @@ def tune(target: Target, *, preset: str, method: str, adapter_name: str, config:
         args += ["--config", config]
     if max_steps:
         args += ["--max-steps", max_steps]
+    if epochs:
+        args += ["--epochs", epochs]
     mounts, env = [], []
     if target.is_cluster:
         # Weights are downloaded once per workflow onto the data volume; a retried tune pod
@@ -263,25 +354,36 @@ def tune(target: Target, *, preset: str, method: str, adapter_name: str, config:
         Artifact(name="loss-curve", path=f"{adapter_dir}/loss.png", archive=NoneArchiveStrategy(), optional=True),
         Artifact(name="loss-history", path=f"{adapter_dir}/loss.json", archive=NoneArchiveStrategy(), optional=True),
     ]
+    labels = {"adapter": adapter_name, "preset": preset, "method": method}
+    metrics = [
+        output_metric("kaiflow_tune_eval_loss", "Held-out loss of the tuned adapter", "eval-loss", labels),
+        output_metric("kaiflow_tune_train_loss", "Last training loss of the tuned adapter", "train-loss", labels),
+        output_metric("kaiflow_tune_tokens_per_second", "Training throughput (real tokens per second)",
+                      "tokens-per-second", labels),
+    ]
     return _step(
-        target, name=name, module="tune", args=args, outputs=["train-loss", "eval-loss"],
+        target, name=name, module="tune", args=args, outputs=["train-loss", "eval-loss", "tokens-per-second"],
+        # a tune step that does not write tokens-per-second yet must not fail the task for it
+        output_defaults={"tokens-per-second": "NaN"}, metrics=metrics,
         artifacts=loss_curve, deadline=deadline, mounts=mounts, env=env, scheduling=scheduling,
-        description=f"{method.upper()} fine-tuning of {preset}",
+        # no .upper(): in a WorkflowTemplate `method` is an Argo placeholder, which is case-sensitive
+        description=f"Fine-tuning of {preset} ({method})",
     )
 
 
 def eval_gate(target: Target, *, adapter_name: str, current_image: str, docker_config: str | None,
-              mounts: Sequence[m.VolumeMount] = (), same_rows: bool = False, scheduling: Scheduling | None = None,
-              name: str = "eval-gate") -> Container:
+              mounts: Sequence[m.VolumeMount] = (), registry_image: str | None = None, same_rows: bool = False,
+              scheduling: Scheduling | None = None, name: str = "eval-gate") -> Container:
+    """``registry_image``: the literal reference whose registry decides ``--insecure`` when
+    ``current_image`` is a placeholder. ``same_rows``: score both adapters on the candidate's
+    held-out rows (the base model loads here too, on the tune's GPU scheduling)."""
     args = ["--candidate-dir", target.data("adapters", adapter_name), "--current-image", current_image]
     env = []
     if same_rows:
-        # both adapters are scored on the candidate's held-out rows: the base model loads here too,
-        # from the weights the tune step left on the data volume, on the tune's GPU scheduling
         args += ["--dataset-dir", target.data("dataset")]
         if target.is_cluster:
             env.append(Env(name="HF_HOME", value=target.data("hf-cache")))
-    args += _registry_flags(target, current_image, docker_config)
+    args += _registry_flags(target, registry_image or current_image, docker_config)
     return _step(
         target, name=name, module="eval_gate", args=args,
         outputs=["promote", "current-eval-loss", "candidate-eval-loss", "gate-basis"], retry=True,
@@ -292,13 +394,15 @@ def eval_gate(target: Target, *, adapter_name: str, current_image: str, docker_c
 
 def push_adapter(target: Target, *, adapter_name: str, image: str, docker_config: str | None,
                  tag: str | None = None, also_tag: str | None = None, annotations: dict[str, str] | None = None,
-                 mounts: Sequence[m.VolumeMount] = (), name: str = "push-adapter") -> Container:
+                 mounts: Sequence[m.VolumeMount] = (), registry_image: str | None = None,
+                 name: str = "push-adapter") -> Container:
+    """``registry_image`` as for ``eval_gate``."""
     args = ["--adapter-dir", target.data("adapters", adapter_name), "--image", image]
     if tag:
         args += ["--tag", tag]
     if also_tag:
         args += ["--also-tag", also_tag]
-    args += _registry_flags(target, image, docker_config)
+    args += _registry_flags(target, registry_image or image, docker_config)
     args += _flag("--annotation", [f"{k}={v}" for k, v in (annotations or {}).items()])
     return _step(
         target, name=name, module="push_adapter", args=args,
@@ -354,7 +458,7 @@ def deploy(target: Target, *, workspace_name: str, namespace: str, preset: str,
     return _step(
         target, name=name, module="deploy", args=args, inputs=inputs, outputs=["service-url"],
         data_volume=not target.is_cluster,
-        deadline=DEADLINES["deploy"], service_account="kaiflow-deployer",
+        deadline=DEADLINES["deploy"], service_account="kaiflow-deployer", kubernetes_api=True,
         description="Roll out the BentoML chat service",
     )
 

@@ -1,0 +1,50 @@
+"""``kaiflow run`` on a terminal: run a Workspace locally, then print a summary or the failure."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pipelines.runner import RunFailed, RunnerError, run
+
+# the exit code of a run ended by Ctrl-C or SIGTERM (128 + SIGINT, as shells report it)
+INTERRUPTED = 130
+
+
+def run_cli(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[str], resume: bool = False,
+            console: Any = None, parameters: dict[str, str] | None = None) -> int:
+    """Run, then print a summary or the failure; returns the exit code.
+
+    0 all tasks finished; 1 a task failed (its name, exit code and log tail are printed, and
+    ``--resume`` picks up from it); 2 the pipeline cannot run here (bad state, unsupported field,
+    workdir in use by another run); 130 interrupted (Ctrl-C or SIGTERM; the running task was ended).
+    """
+    from rich.console import Console
+
+    from pipelines.expressions import ExpressionError
+    from pipelines.structure import StructureError
+    from pipelines.workspace import PipelineError
+
+    console = console or Console(stderr=True)
+    try:
+        result = run(workspace_path, workdir, resume=resume, console=console, parameters=parameters)
+    except RunFailed as exc:
+        detail = "; ".join(d for d in (f"exit code {exc.exit_code}" if exc.exit_code else "", exc.reason) if d)
+        console.print(f"[bold red]task {exc.task} failed[/] ({detail})", highlight=False)
+        console.print(exc.log_tail, markup=False, highlight=False)
+        console.print(f"full log: {exc.log_path}\nafter fixing it: kaiflow run {workspace_path} "
+                      f"--workdir {workdir} --resume", highlight=False)
+        return 1
+    except (RunnerError, PipelineError, StructureError, ExpressionError) as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print(f"interrupted; the running task was ended. Continue with: kaiflow run {workspace_path} "
+                      f"--workdir {workdir} --resume", highlight=False)
+        return INTERRUPTED
+    for task, name in (("push-adapter", "image"), ("deploy-inference", "service-url")):
+        record = result.tasks.get(task)
+        if record and name in record.outputs:
+            console.print(f"{task}: {name} = {record.outputs[name]}", highlight=False)
+    console.print(f"logs: {result.workdir / 'logs'}", highlight=False)
+    return 0

@@ -1,0 +1,113 @@
+"""Checks that keep the layers (issue 9): import arrows, declared dependencies, light imports.
+
+* The import arrows of DEVELOPERS.md are import-linter contracts in pyproject.toml
+  (``[tool.importlinter]``); ``lint-imports`` must keep them all, and a planted violation must
+  break one (so the contracts are not vacuous).
+* Every third-party package a module imports directly (walking the AST of every module, imports
+  inside functions included) is declared in pyproject.toml, in the dependencies or an extra.
+* The light entry points (``kaiflow validate``/``render``, the runner) import no ML stack.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+PACKAGES = PYPROJECT["tool"]["importlinter"]["root_packages"]
+# our own top-level names, also those that are not installed packages
+OURS = set(PACKAGES) | {"tests", "bench", "examples"}
+HEAVY = {"torch", "transformers", "peft", "trl", "bitsandbytes", "bentoml", "kubernetes", "azure", "datasets"}
+LINT = "import sys; from importlinter.cli import lint_imports; sys.exit(lint_imports(no_cache=True, no_logo=True))"
+
+
+def _lint(root: Path, pythonpath: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", LINT], cwd=root, env={"PYTHONPATH": str(pythonpath), "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_import_arrows_are_kept():
+    result = _lint(ROOT, ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"Contracts: {len(PYPROJECT['tool']['importlinter']['contracts'])} kept, 0 broken." in result.stdout
+
+
+def test_a_planted_violation_breaks_a_contract(tmp_path: Path):
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__", "*.yaml"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    common = tmp_path / "steps" / "common.py"
+    common.write_text(common.read_text() + "\n\ndef _planted():\n    from pipelines import render  # noqa\n")
+    result = _lint(tmp_path, tmp_path)
+    assert result.returncode != 0
+    assert "steps import api and presets only (never pipelines) BROKEN" in result.stdout
+    assert "steps.common -> pipelines" in result.stdout
+
+
+def _declared() -> set[str]:
+    project = PYPROJECT["project"]
+    specs = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        specs += [s for s in extra if not s.startswith("kaiflow")]
+    return {_normalise(Requirement(s).name) for s in specs}
+
+
+def _normalise(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def _direct_imports(path: Path):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name.split(".")[0], node.lineno
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module.split(".")[0], node.lineno
+
+
+def _modules():
+    for folder in sorted(OURS):
+        if (ROOT / folder).is_dir():
+            yield from sorted((ROOT / folder).rglob("*.py"))
+
+
+def test_every_directly_imported_third_party_package_is_declared():
+    distributions = importlib.metadata.packages_distributions()
+    declared = _declared()
+    undeclared = []
+    checked = 0
+    for path in _modules():
+        for top, line in _direct_imports(path):
+            if top in OURS or top in sys.stdlib_module_names or top == "__future__":
+                continue
+            checked += 1
+            providers = {_normalise(d) for d in distributions.get(top, [])}
+            if not providers & declared:
+                undeclared.append(f"{path.relative_to(ROOT)}:{line}: {top} (distribution "
+                                  f"{', '.join(sorted(providers)) or 'not installed'}) is not in pyproject.toml")
+    assert checked > 50  # the walk found the third-party imports
+    assert not undeclared, "\n".join(undeclared)
+
+
+def test_the_walk_sees_imports_inside_functions(tmp_path: Path):
+    module = tmp_path / "m.py"
+    module.write_text("import os\n\ndef f():\n    import torch.nn\n    from peft import LoraConfig\n")
+    assert list(_direct_imports(module)) == [("os", 1), ("torch", 4), ("peft", 5)]
+
+
+def test_light_entry_points_import_no_ml_stack():
+    code = ("import sys, api, presets, pipelines, pipelines.runner, pipelines.templates, steps.common, kaiflow.cli; "
+            f"print(sorted(set({sorted(HEAVY)!r}) & {{m.split('.')[0] for m in sys.modules}}))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
