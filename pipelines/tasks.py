@@ -363,8 +363,7 @@ def tune(target: Target, *, preset: str, method: str, adapter_name: str, config:
     ]
     return _step(
         target, name=name, module="tune", args=args, outputs=["train-loss", "eval-loss", "tokens-per-second"],
-        # a tune step that does not write tokens-per-second yet must not fail the task for it
-        output_defaults={"tokens-per-second": "NaN"}, metrics=metrics,
+        metrics=metrics,
         artifacts=loss_curve, deadline=deadline, mounts=mounts, env=env, scheduling=scheduling,
         # no .upper(): in a WorkflowTemplate `method` is an Argo placeholder, which is case-sensitive
         description=f"Fine-tuning of {preset} ({method})",

@@ -235,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = info["metrics"]
     write_output(args.outputs, "train-loss", f"{metrics['train_loss']:.6f}")
     write_output(args.outputs, "eval-loss", f"{metrics['eval_loss']:.6f}")
+    write_output(args.outputs, "tokens-per-second", f"{metrics['tokens_per_s']:.3f}")
     log.info(
         "adapter written to %s: train loss %.4f, held-out loss %.4f (was %.4f), %.1f tokens/s, %d steps",
         cfg.output_dir, metrics["train_loss"], metrics["eval_loss"], metrics["eval_loss_initial"],
