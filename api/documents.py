@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 
-MAX_FILE_BYTES = 1024 * 1024
+# etcd stores a Workspace as one object of at most 1.5 MiB: no larger file could be applied anyway.
+MAX_FILE_BYTES = 1536 * 1024
 MAX_DEPTH = 32
 MAX_NODES = 20_000
 COMPANION_KINDS = ("ConfigMap", "PersistentVolumeClaim")

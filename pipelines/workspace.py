@@ -67,11 +67,9 @@ def build(workspace: Any, target: Target | None = None) -> Workflow | CronWorkfl
 
 def _tuning_scheduling(workspace: Any, preset: Any) -> tuple[steps.Scheduling, str | None]:
     """GPU count and memory for the tune pod, and the instance type to provision."""
-    from presets.gpus import get_sku, pick_instance
+    from api import defaults
 
-    method = workspace.tuning.method if workspace.tuning else None
-    instance_type = workspace.resource.instance_type
-    sku = get_sku(instance_type) if instance_type else pick_instance(preset, method)
+    sku = defaults.node_sku(workspace)
     selector = workspace.resource.label_selector
     expressions = tuple(
         m.NodeSelectorRequirement(key=e.key, operator=e.operator, values=e.values)
@@ -85,17 +83,19 @@ def _tuning_scheduling(workspace: Any, preset: Any) -> tuple[steps.Scheduling, s
         node_selector=dict(selector.match_labels) if selector.match_labels else None,
         match_expressions=expressions,
     )
-    return scheduling, sku.name
+    return scheduling, defaults.instance_type(workspace)
 
 
 def _tune_deadline(preset: Any) -> int:
-    # Hours, growing with the model: 6 h for the small presets, up to 48 h.
-    return int(min(48, max(6, preset.params_b * 2)) * 3600)
+    from api.defaults import tune_deadline_s
+
+    return tune_deadline_s(preset)
 
 
 def _data_volume_gib(preset: Any) -> int:
-    # Weights (bf16) + checkpoints + dataset, with headroom.
-    return int(max(20, math.ceil(preset.params_b * 2 * 1.5) + 20))
+    from api.defaults import data_volume_gib
+
+    return data_volume_gib(preset)
 
 
 # -- shared parts -------------------------------------------------------------------------------
@@ -334,8 +334,6 @@ def _inference(workspace: Any, target: Target) -> Workflow:
 
 
 def _inference_instance(workspace: Any, preset: Any) -> tuple[Any, str | None]:
-    from presets.gpus import get_sku, pick_instance
+    from api import defaults
 
-    instance_type = workspace.resource.instance_type
-    sku = get_sku(instance_type) if instance_type else pick_instance(preset, None)
-    return sku, sku.name
+    return defaults.node_sku(workspace), defaults.instance_type(workspace)
