@@ -164,7 +164,13 @@ def _workflow_spec(workspace: Any, target: Target, kind: str, volume_gib: int, s
 
 
 def _provision_template(workspace: Any, target: Target, instance_type: str | None):
+    from dataclasses import replace
+
+    from api.defaults import uses_own_nodes
+
     resource = workspace.resource
+    if target.is_cluster and uses_own_nodes(workspace):
+        target = replace(target, provider="existing")  # bring-your-own nodes: nothing is created
     return steps.provision(
         target, workspace_name=workspace.metadata.name, namespace=workspace.metadata.namespace or "default",
         instance_type=instance_type, count=str(resource.count), labels=_node_labels(workspace),
@@ -173,7 +179,10 @@ def _provision_template(workspace: Any, target: Target, instance_type: str | Non
 
 
 def _node_labels(workspace: Any) -> list[str]:
-    return [f"{k}={v}" for k, v in (workspace.resource.label_selector.match_labels or {}).items()]
+    selector = workspace.resource.label_selector
+    labels = [f"{k}={v}" for k, v in (selector.match_labels or {}).items()]
+    # validation admits only single-value In expressions (Kaito's rule): each is one more label
+    return labels + [f"{e.key}={e.values[0]}" for e in selector.match_expressions or [] if e.operator == "In" and e.values]
 
 
 def _repository(image: str) -> str:
