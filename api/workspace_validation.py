@@ -278,8 +278,8 @@ def _check_resource(ws: Workspace, warnings: list[FieldError]) -> Iterator[Field
         try:
             pick_instance(preset, method)
         except ValueError as exc:
-            yield FieldError("resource.instanceType", f"{exc} on one node, and kaiflow runs a model on one node "
-                             "(Kaito would spread it over several)")
+            yield FieldError("resource.instanceType", f"unsupported: multi-node {'tuning' if method else 'inference'}: "
+                             f"{exc} on one node, and kaiflow runs a model on one node (Kaito would spread it over several)")
         return
     try:
         sku = lookup_sku(resource.instance_type)
@@ -300,7 +300,13 @@ def _check_resource(ws: Workspace, warnings: list[FieldError]) -> Iterator[Field
         problem = check_fit(resource.instance_type, preset, method)
     except UnsizedModelError:
         return
-    if problem:
+    if problem and method is None and "such nodes" in problem:
+        try:
+            better = f"; a SKU that holds it on one node: {pick_instance(preset, None).name}"
+        except ValueError:
+            better = "; no SKU in the table holds it on one node"
+        yield FieldError("resource.instanceType", f"unsupported: multi-node inference: {problem}{better}")
+    elif problem:
         yield FieldError("resource.instanceType", problem)
 
 
