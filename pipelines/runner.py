@@ -457,6 +457,7 @@ def run_cli(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[s
     """
     from rich.console import Console
 
+    from api import WorkspaceValidationError
     from pipelines.structure import StructureError
     from pipelines.workspace import PipelineError
 
@@ -470,8 +471,10 @@ def run_cli(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[s
         console.print(f"full log: {exc.log_path}\nafter fixing it: kaiflow run {workspace_path} "
                       f"--workdir {workdir} --resume", highlight=False)
         return 1
-    except (RunnerError, PipelineError, StructureError) as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    except (RunnerError, PipelineError, StructureError, WorkspaceValidationError) as exc:
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         return 2
     for task, name in (("push-adapter", "image"), ("deploy-inference", "service-url")):
         record = result.tasks.get(task)
