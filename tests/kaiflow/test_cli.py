@@ -163,3 +163,15 @@ def test_run_takes_the_training_config_from_the_same_file(tmp_path):
 def test_crd_command(capsys):
     assert main(["crd"]) == 0
     assert "name: workspaces.kaito.sh" in capsys.readouterr().out
+
+
+def test_render_reads_standard_input_and_needs_a_workspace():
+    text = (CORPUS / "multi-doc-two-workspaces.yaml").read_text()
+    done = subprocess.run([sys.executable, "-m", "kaiflow.cli", "render", "-"], input=text, capture_output=True,
+                          text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert [d["metadata"]["labels"]["kaito.sh/workspace"] for d in yaml.safe_load_all(done.stdout)] == ["first", "second"]
+    only_config = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {a: b}\n"
+    done = subprocess.run([sys.executable, "-m", "kaiflow.cli", "render", "-"], input=only_config, capture_output=True,
+                          text=True, cwd=ROOT)
+    assert done.returncode == 1 and "no Workspace in the file" in done.stderr
