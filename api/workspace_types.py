@@ -19,6 +19,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
+from api.defaults import DEFAULT_COUNT, DEFAULT_METHOD
+
 GROUP = "kaito.sh"
 KIND = "Workspace"
 VERSIONS = ("v1alpha1", "v1beta1")
@@ -59,7 +61,7 @@ class LabelSelector(KaitoModel):
 class ResourceSpec(KaitoModel):
     """The GPU nodes a Workspace runs on."""
 
-    count: int = Field(default=1, ge=1, description="number of GPU nodes")
+    count: int = Field(default=DEFAULT_COUNT, ge=1, description="number of GPU nodes")
     instance_type: str | None = Field(
         default=None,
         description="Azure GPU VM size, e.g. Standard_NC24ads_A100_v4; when omitted kaiflow picks the "
@@ -116,7 +118,7 @@ class InferenceSpec(KaitoModel):
 
 class TuningSpec(KaitoModel):
     preset: PresetSpec
-    method: TuningMethod = Field(default="lora", description="lora (full-precision base) or qlora (4-bit NF4 base)")
+    method: TuningMethod = Field(default=DEFAULT_METHOD, description="lora (full-precision base) or qlora (4-bit NF4 base)")
     config: str | None = Field(
         default=None, description="ConfigMap with training_config.yaml (in local mode: a file path)"
     )

@@ -278,8 +278,12 @@ def _check_resource(ws: Workspace, warnings: list[FieldError]) -> Iterator[Field
         try:
             pick_instance(preset, method)
         except ValueError as exc:
-            yield FieldError("resource.instanceType", f"unsupported: multi-node {'tuning' if method else 'inference'}: "
-                             f"{exc} on one node, and kaiflow runs a model on one node (Kaito would spread it over several)")
+            if method:
+                yield FieldError("resource.instanceType", f"{exc} on one GPU, where {method} tuning runs"
+                                 + ("; qlora needs less" if method == "lora" else ""))
+            else:
+                yield FieldError("resource.instanceType", f"unsupported: multi-node inference: {exc} on one node, and "
+                                 "kaiflow serves a model on one node (Kaito would spread it over several)")
         return
     try:
         sku = lookup_sku(resource.instance_type)
