@@ -478,6 +478,9 @@ def _check_configs(ws: Workspace, companions: list[Mapping[str, Any]], mode: Mod
             except ValueError as exc:
                 errors.append(FieldError("inference.config", f"ConfigMap {ws.inference.config!r}: {exc}"))
             else:
+                if mode == "cluster" and (settings.max_prompt_tokens or settings.served_model_name):
+                    warnings.append(FieldError("inference.config", "max-model-len and served-model-name take effect in "
+                                               "`kaiflow run`; the cluster deploy step does not apply them yet"))
                 for key in settings.ignored:
                     warnings.append(FieldError("inference.config", f"{CONFIG_KEY} key {key!r} has no effect on kaiflow's "
                                                "transformers runtime (ignored)"))

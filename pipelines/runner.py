@@ -413,9 +413,15 @@ def local_manifest(workspace_path: str | os.PathLike[str], workdir: str | os.Pat
         extracted.parent.mkdir(parents=True, exist_ok=True)
         extracted.write_text(config_map["data"][TRAINING_CONFIG_KEY])
         workspace = workspace.model_copy(update={"tuning": workspace.tuning.model_copy(update={"config": str(extracted)})})
+    service_env = None
+    inference_map = bundle.config_map(workspace.inference.config if workspace.inference else None)
+    if inference_map is not None:
+        from api.inference_config import read_inference_config
+
+        service_env = read_inference_config(inference_map).as_env()
     target = Target.local(workdir, base_dir=Path(workspace_path).resolve().parent, port=port,
                           docker_config_file=docker_config)
-    return build(workspace, target).to_dict()
+    return build(workspace, target, service_env).to_dict()
 
 
 def run(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[str], resume: bool = False, *,

@@ -52,13 +52,17 @@ class PipelineError(ValueError):
     """The Workspace cannot become a pipeline (names the field)."""
 
 
-def build(workspace: Any, target: Target | None = None) -> Workflow | CronWorkflow:
-    """The Hera object for a Workspace: a CronWorkflow for scheduled tuning, else a Workflow."""
+def build(workspace: Any, target: Target | None = None, service_env: dict[str, str] | None = None) -> Workflow | CronWorkflow:
+    """The Hera object for a Workspace: a CronWorkflow for scheduled tuning, else a Workflow.
+
+    ``service_env``: serving settings from the Workspace's inference ConfigMap
+    (``api.inference_config``), given to a local deploy step, whose service inherits them.
+    """
     target = target or Target.cluster()
     if workspace.tuning is not None:
         return _tuning(workspace, target)
     if workspace.inference is not None:
-        return _inference(workspace, target)
+        return _inference(workspace, target, service_env)
     raise PipelineError("a Workspace needs tuning or inference")
 
 
@@ -296,7 +300,7 @@ def _tuning(workspace: Any, target: Target) -> Workflow | CronWorkflow:
 # -- inference ----------------------------------------------------------------------------------
 
 
-def _inference(workspace: Any, target: Target) -> Workflow:
+def _inference(workspace: Any, target: Target, service_env: dict[str, str] | None = None) -> Workflow:
     from presets import get_preset
 
     inference = workspace.inference
@@ -327,6 +331,7 @@ def _inference(workspace: Any, target: Target) -> Workflow:
             adapter_images=[f"{a.source.name}={a.source.image}" for a in adapters], gpus=sku.gpus,
             node_labels=_node_labels(workspace), docker_config_secret=pull_secret,
             workspace_uid=getattr(workspace.metadata, "uid", None),
+            service_env=None if target.is_cluster else service_env,
         )
         smoke_t = steps.smoke_test(target)
         with DAG(name="inference"):

@@ -175,3 +175,15 @@ def test_render_reads_standard_input_and_needs_a_workspace():
     done = subprocess.run([sys.executable, "-m", "kaiflow.cli", "render", "-"], input=only_config, capture_output=True,
                           text=True, cwd=ROOT)
     assert done.returncode == 1 and "no Workspace in the file" in done.stderr
+
+
+def test_run_applies_the_inference_config_of_the_same_file(tmp_path):
+    """``kaiflow run`` on a Workspace + inference ConfigMap: the local service gets max-model-len's limits."""
+    from pipelines.runner import local_manifest
+
+    path = tmp_path / "inference.yaml"
+    path.write_text((CORPUS / "multi-doc-inference-config-local.yaml").read_text())
+    manifest = local_manifest(path, tmp_path / "work")
+    deploy = next(t for t in manifest["spec"]["templates"] if t["name"] == "deploy-inference")
+    env = {e["name"]: e["value"] for e in deploy["container"].get("env") or []}
+    assert env == {"KAIFLOW_MAX_NEW_TOKENS": "512", "KAIFLOW_MAX_PROMPT_TOKENS": "3584"}  # max-model-len 4096
