@@ -42,6 +42,7 @@ STRENGTH = re.compile(r"^(0(\.\d+)?|1(\.0+)?|\.\d+)$")
 URL_SCHEMES = ("http", "https", "file")
 CLUSTER_URL_SCHEMES = ("http", "https")
 MAX_ADAPTERS = 10
+MAX_ADAPTER_NAME = 63  # steps.pull_adapters accepts names of at most 63 characters
 MAX_URLS = 1000
 MAX_URL_LENGTH = 2048
 # Names that reach the node's own or the cloud's metadata services rather than the internet.
@@ -326,6 +327,9 @@ def _check_adapters(inference: Any) -> Iterator[FieldError]:
             yield FieldError(f"{path}.source.name", "required: adapters are addressed by name")
         elif not DNS1123_SUBDOMAIN.match(source.name) or len(source.name) > 253:
             yield FieldError(f"{path}.source.name", f"must be a DNS-1123 subdomain (lowercase letters, digits, '-', '.'): {source.name!r}")
+        elif len(source.name) > MAX_ADAPTER_NAME:
+            yield FieldError(f"{path}.source.name", f"at most {MAX_ADAPTER_NAME} characters in kaiflow: the name is also the "
+                             f"adapter's folder and served model name (got {len(source.name)})")
         elif source.name in seen:
             yield FieldError(f"{path}.source.name", f"duplicate adapter name {source.name!r} (also adapters[{seen[source.name]}])")
         else:
