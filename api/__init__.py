@@ -22,7 +22,15 @@ from api.workspace_types import (
     Workspace,
     WorkspaceStatus,
 )
-from api.workspace_validation import FieldError, WorkspaceValidationError, load_workspace, load_workspaces, validate_workspace
+from api.documents import Bundle
+from api.workspace_validation import (
+    FieldError,
+    WorkspaceValidationError,
+    load_bundle,
+    load_workspace,
+    load_workspaces,
+    validate_workspace,
+)
 
 __all__ = [
     "API_VERSIONS",
@@ -31,6 +39,7 @@ __all__ = [
     "STORAGE_VERSION",
     "VERSIONS",
     "AdapterSpec",
+    "Bundle",
     "Condition",
     "DataDestination",
     "DataSource",
@@ -43,6 +52,7 @@ __all__ = [
     "Workspace",
     "WorkspaceStatus",
     "WorkspaceValidationError",
+    "load_bundle",
     "load_workspace",
     "load_workspaces",
     "validate_workspace",

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
+
+from api.defaults import DEFAULT_COUNT, DEFAULT_METHOD
 
 GROUP = "kaito.sh"
 KIND = "Workspace"
@@ -59,7 +61,7 @@ class LabelSelector(KaitoModel):
 class ResourceSpec(KaitoModel):
     """The GPU nodes a Workspace runs on."""
 
-    count: int = Field(default=1, ge=1, description="number of GPU nodes")
+    count: int = Field(default=DEFAULT_COUNT, ge=1, description="number of GPU nodes")
     instance_type: str | None = Field(
         default=None,
         description="Azure GPU VM size, e.g. Standard_NC24ads_A100_v4; when omitted kaiflow picks the "
@@ -70,7 +72,7 @@ class ResourceSpec(KaitoModel):
 
 
 class PresetOptions(KaitoModel):
-    image: str | None = unsupported("private preset images are not supported; kaiflow loads weights from the model source")
+    image: str | None = Field(default=None, description="deprecated in Kaito v1beta1 and ignored: weights come from the model source")
     image_pull_secrets: list[str] | None = None
     model_access_secret: str | None = Field(
         default=None, description="Secret holding an HF_TOKEN for gated models (referenced, never copied)"
@@ -79,7 +81,7 @@ class PresetOptions(KaitoModel):
 
 class PresetSpec(KaitoModel):
     name: str = Field(description="model preset name, see `kaiflow presets`")
-    access_mode: Literal["public", "private"] | None = Field(default=None, description="only `public` is supported")
+    access_mode: Literal["public", "private"] | None = Field(default=None, description="deprecated in Kaito v1beta1 and ignored")
     preset_options: PresetOptions | None = None
 
 
@@ -108,12 +110,15 @@ class InferenceSpec(KaitoModel):
         "custom pod templates are not supported; use a preset", description="a PodTemplateSpec"
     )
     adapters: list[AdapterSpec] | None = None
-    config: str | None = unsupported("inference ConfigMaps are not supported yet; the service is configured by the preset")
+    config: str | None = Field(
+        default=None, description="ConfigMap with inference_config.yaml; kaiflow applies vllm.max-model-len and "
+        "vllm.served-model-name and ignores the rest (with a warning naming each key)"
+    )
 
 
 class TuningSpec(KaitoModel):
     preset: PresetSpec
-    method: TuningMethod = Field(default="lora", description="lora (full-precision base) or qlora (4-bit NF4 base)")
+    method: TuningMethod = Field(default=DEFAULT_METHOD, description="lora (full-precision base) or qlora (4-bit NF4 base)")
     config: str | None = Field(
         default=None, description="ConfigMap with training_config.yaml (in local mode: a file path)"
     )
@@ -123,6 +128,12 @@ class TuningSpec(KaitoModel):
         "cron expression (5 fields, UTC) for scheduled retuning; the new adapter is rolled out only if its "
         "held-out loss is no worse than the one serving"
     )
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_lowercased(cls, value: Any) -> Any:
+        # Kaito compares the method lowercased (QLoRA == qlora).
+        return value.lower() if isinstance(value, str) else value
 
 
 class ObjectMeta(BaseModel):

@@ -22,6 +22,7 @@ def run_cli(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[s
     from rich.console import Console
 
     from pipelines.expressions import ExpressionError
+    from api import WorkspaceValidationError
     from pipelines.structure import StructureError
     from pipelines.workspace import PipelineError
 
@@ -35,8 +36,10 @@ def run_cli(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[s
         console.print(f"full log: {exc.log_path}\nafter fixing it: kaiflow run {workspace_path} "
                       f"--workdir {workdir} --resume", highlight=False)
         return 1
-    except (RunnerError, PipelineError, StructureError, ExpressionError) as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    except (RunnerError, PipelineError, StructureError, ExpressionError, WorkspaceValidationError) as exc:
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print(f"interrupted; the running task was ended. Continue with: kaiflow run {workspace_path} "

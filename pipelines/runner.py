@@ -449,15 +449,31 @@ class LocalRun:
 def local_manifest(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[str], *,
                    port: int | None = None, docker_config: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """The manifest ``run`` executes: the Workspace's Workflow built for ``Target.local``."""
-    from api import load_workspace
+    from api.workspace_validation import load_bundle
 
-    from pipelines.target import Target
+    from pipelines.target import TRAINING_CONFIG_KEY, Target
     from pipelines.workspace import build
 
-    workspace = load_workspace(workspace_path)
+    bundle = load_bundle(workspace_path, mode="local")
+    if len(bundle.workspaces) != 1:
+        raise RunnerError(f"{workspace_path}: kaiflow run takes one Workspace, found {len(bundle.workspaces)}")
+    workspace = bundle.workspaces[0]
+    # tuning.config naming a ConfigMap of the same file: its training_config.yaml is what the tune step reads.
+    config_map = bundle.config_map(workspace.tuning.config if workspace.tuning else None)
+    if config_map is not None:
+        extracted = Path(workdir).resolve() / "configmaps" / config_map["metadata"]["name"] / TRAINING_CONFIG_KEY
+        extracted.parent.mkdir(parents=True, exist_ok=True)
+        extracted.write_text(config_map["data"][TRAINING_CONFIG_KEY])
+        workspace = workspace.model_copy(update={"tuning": workspace.tuning.model_copy(update={"config": str(extracted)})})
+    service_env = None
+    inference_map = bundle.config_map(workspace.inference.config if workspace.inference else None)
+    if inference_map is not None:
+        from api.inference_config import read_inference_config
+
+        service_env = read_inference_config(inference_map).as_env()
     target = Target.local(workdir, base_dir=Path(workspace_path).resolve().parent, port=port,
                           docker_config_file=docker_config)
-    return build(workspace, target).to_dict()
+    return build(workspace, target, service_env).to_dict()
 
 
 def run(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[str], resume: bool = False, *,

@@ -427,7 +427,8 @@ def pull_adapters(target: Target, *, adapters: Sequence[str], docker_config: str
 def deploy(target: Target, *, workspace_name: str, namespace: str, preset: str,
            adapters: Sequence[tuple[str, str]], adapter_images: Sequence[str] = (), gpus: int | None = None,
            node_labels: Sequence[str] = (), docker_config_secret: str | None = None,
-           workspace_uid: str | None = None, inputs: Iterable[str] = (), name: str = "deploy-inference") -> Container:
+           workspace_uid: str | None = None, inputs: Iterable[str] = (), name: str = "deploy-inference",
+           service_env: dict[str, str] | None = None) -> Container:
     """``adapters`` are (NAME, STRENGTH); ``adapter_images`` NAME=IMAGE for the cluster's init container.
 
     Locally the service reads the adapters the earlier tasks left under the data folder; in a
@@ -459,6 +460,8 @@ def deploy(target: Target, *, workspace_name: str, namespace: str, preset: str,
         data_volume=not target.is_cluster,
         deadline=DEADLINES["deploy"], service_account="kaiflow-deployer", kubernetes_api=True,
         description="Roll out the BentoML chat service",
+        # local mode: the service started by the step inherits these (inference.config settings)
+        env=[Env(name=k, value=v) for k, v in sorted((service_env or {}).items())],
     )
 
 

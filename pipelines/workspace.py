@@ -59,13 +59,17 @@ class PipelineError(ValueError):
     """The Workspace cannot become a pipeline (names the field)."""
 
 
-def build(workspace: Any, target: Target | None = None) -> Workflow | CronWorkflow:
-    """The Hera object for a Workspace: a CronWorkflow for scheduled tuning, else a Workflow."""
+def build(workspace: Any, target: Target | None = None, service_env: dict[str, str] | None = None) -> Workflow | CronWorkflow:
+    """The Hera object for a Workspace: a CronWorkflow for scheduled tuning, else a Workflow.
+
+    ``service_env``: serving settings from the Workspace's inference ConfigMap
+    (``api.inference_config``), given to a local deploy step, whose service inherits them.
+    """
     target = target or Target.cluster()
     if workspace.tuning is not None:
         return _tuning(workspace, target)
     if workspace.inference is not None:
-        return _inference(workspace, target)
+        return _inference(workspace, target, service_env)
     raise PipelineError("a Workspace needs tuning or inference")
 
 
@@ -74,11 +78,9 @@ def build(workspace: Any, target: Target | None = None) -> Workflow | CronWorkfl
 
 def _tuning_scheduling(workspace: Any, preset: Any) -> tuple[tasks.Scheduling, str | None]:
     """GPU count and memory for the tune pod, and the instance type to provision."""
-    from presets.gpus import get_sku, pick_instance
+    from api import defaults
 
-    method = workspace.tuning.method if workspace.tuning else None
-    instance_type = workspace.resource.instance_type
-    sku = get_sku(instance_type) if instance_type else pick_instance(preset, method)
+    sku = defaults.node_sku(workspace)
     selector = workspace.resource.label_selector
     expressions = tuple(
         m.NodeSelectorRequirement(key=e.key, operator=e.operator, values=e.values)
@@ -92,17 +94,19 @@ def _tuning_scheduling(workspace: Any, preset: Any) -> tuple[tasks.Scheduling, s
         node_selector=dict(selector.match_labels) if selector.match_labels else None,
         match_expressions=expressions,
     )
-    return scheduling, sku.name
+    return scheduling, defaults.instance_type(workspace)
 
 
 def _tune_deadline(preset: Any) -> int:
-    # Hours, growing with the model: 6 h for the small presets, up to 48 h.
-    return int(min(48, max(6, preset.params_b * 2)) * 3600)
+    from api.defaults import tune_deadline_s
+
+    return tune_deadline_s(preset)
 
 
 def _data_volume_gib(preset: Any) -> int:
-    # Weights (bf16) + checkpoints + dataset, with headroom.
-    return int(max(20, math.ceil(preset.params_b * 2 * 1.5) + 20))
+    from api.defaults import data_volume_gib
+
+    return data_volume_gib(preset)
 
 
 # -- shared parts -------------------------------------------------------------------------------
@@ -171,7 +175,13 @@ def _workflow_spec(workspace: Any, target: Target, kind: str, volume_gib: int, s
 
 
 def _provision_template(workspace: Any, target: Target, instance_type: str | None):
+    from dataclasses import replace
+
+    from api.defaults import uses_own_nodes
+
     resource = workspace.resource
+    if target.is_cluster and uses_own_nodes(workspace):
+        target = replace(target, provider="existing")  # bring-your-own nodes: nothing is created
     return tasks.provision(
         target, workspace_name=workspace.metadata.name, namespace=workspace.metadata.namespace or "default",
         instance_type=instance_type, count=str(resource.count), labels=_node_labels(workspace),
@@ -180,7 +190,10 @@ def _provision_template(workspace: Any, target: Target, instance_type: str | Non
 
 
 def _node_labels(workspace: Any) -> list[str]:
-    return [f"{k}={v}" for k, v in (workspace.resource.label_selector.match_labels or {}).items()]
+    selector = workspace.resource.label_selector
+    labels = [f"{k}={v}" for k, v in (selector.match_labels or {}).items()]
+    # validation admits only single-value In expressions (Kaito's rule): each is one more label
+    return labels + [f"{e.key}={e.values[0]}" for e in selector.match_expressions or [] if e.operator == "In" and e.values]
 
 
 def _repository(image: str) -> str:
@@ -349,7 +362,7 @@ def _tuning(workspace: Any, target: Target) -> Workflow | CronWorkflow:
 # -- inference ----------------------------------------------------------------------------------
 
 
-def _inference(workspace: Any, target: Target) -> Workflow:
+def _inference(workspace: Any, target: Target, service_env: dict[str, str] | None = None) -> Workflow:
     from presets import get_preset
 
     inference = workspace.inference
@@ -382,6 +395,7 @@ def _inference(workspace: Any, target: Target) -> Workflow:
             adapter_images=[f"{a.source.name}={a.source.image}" for a in adapters], gpus=sku.gpus,
             node_labels=_node_labels(workspace), docker_config_secret=pull_secret,
             workspace_uid=getattr(workspace.metadata, "uid", None),
+            service_env=None if target.is_cluster else service_env,
         )
         smoke_t = tasks.smoke_test(target)
         with DAG(name="inference"):
@@ -399,8 +413,6 @@ def _inference(workspace: Any, target: Target) -> Workflow:
 
 
 def _inference_instance(workspace: Any, preset: Any) -> tuple[Any, str | None]:
-    from presets.gpus import get_sku, pick_instance
+    from api import defaults
 
-    instance_type = workspace.resource.instance_type
-    sku = get_sku(instance_type) if instance_type else pick_instance(preset, None)
-    return sku, sku.name
+    return defaults.node_sku(workspace), defaults.instance_type(workspace)

@@ -4,7 +4,16 @@ Light to import (no torch): `kaiflow validate` uses it. Building weight folders 
 presets lives in `presets.materialize`, which imports transformers only when called.
 """
 
-from presets.catalog import KaitoFigures, Preset, UnknownPresetError, closest_presets, get_preset, list_presets, preset_names
+from presets.catalog import (
+    KaitoFigures,
+    Preset,
+    UnknownPresetError,
+    closest_presets,
+    get_preset,
+    legacy_names,
+    list_presets,
+    preset_names,
+)
 
 __all__ = [
     "KaitoFigures",
@@ -12,6 +21,7 @@ __all__ = [
     "UnknownPresetError",
     "closest_presets",
     "get_preset",
+    "legacy_names",
     "list_presets",
     "preset_names",
 ]

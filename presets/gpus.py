@@ -24,6 +24,7 @@ class Sku:
     gpu_memory_gib: int
     vcpus: int
     memory_gib: int
+    vendor: str = "nvidia"
 
     @property
     def total_gpu_memory_gib(self) -> int:
@@ -42,6 +43,21 @@ class UnknownSkuError(KeyError):
 def skus() -> dict[str, Sku]:
     raw = yaml.safe_load(resources.files("presets").joinpath("gpus.yaml").read_text())
     return {name: Sku(name=name, **spec) for name, spec in raw["skus"].items()}
+
+
+# Kaito accepts an Azure name outside its table when it starts with one of these (GPU and
+# general-purpose families), skipping the memory check.
+UNCHECKED_PREFIXES = ("Standard_N", "Standard_D")
+
+
+def lookup_sku(name: str) -> Sku | None:
+    """The SKU from the table, or None for a name Kaito lets through unchecked."""
+    if name in skus():
+        return skus()[name]
+    if name.startswith(UNCHECKED_PREFIXES):
+        return None
+    get_sku(name)  # raises with the closest names
+    return None
 
 
 def get_sku(name: str) -> Sku:
@@ -65,8 +81,24 @@ def _usable_gib(sku: Sku, method: str | None) -> int:
 
 
 def check_fit(instance_type: str, preset: Preset, method: str | None) -> str | None:
-    """None when the preset fits, else a sentence saying why not."""
+    """None when the preset fits one node of the SKU, else a sentence saying why not.
+
+    Inference must fit by both estimates: Kaito's node estimator (how many nodes Kaito would
+    provision; kaiflow serves on one) and kaiflow's own (presets.sizing, the stricter of the two
+    for small GPUs). Tuning uses kaiflow's on one GPU.
+    """
+    from presets.sizing import kaito_gpus_needed
+
     sku = get_sku(instance_type)
+    if method is None:
+        try:
+            gpus = kaito_gpus_needed(preset, sku.gpu_memory_gib)
+        except ValueError:
+            gpus = None
+        if gpus is None or gpus > sku.gpus:
+            count = f"{-(-gpus // sku.gpus)} such nodes ({gpus} GPUs" if gpus else "more than 1024 GPUs ("
+            return (f"{sku.describe()}; {preset.name} inference needs {count} by Kaito's node estimate), "
+                    "but kaiflow serves a model on one node")
     need = requirement(preset, method)
     if need.total_bytes <= _usable_gib(sku, method) * GIB:
         return None
@@ -77,8 +109,9 @@ def check_fit(instance_type: str, preset: Preset, method: str | None) -> str | N
 
 def pick_instance(preset: Preset, method: str | None) -> Sku:
     """The smallest SKU that fits: least usable GPU memory, then fewest GPUs, then fewest vCPUs."""
-    need = requirement(preset, method).total_bytes
-    fitting = [s for s in skus().values() if _usable_gib(s, method) * GIB >= need]
+    # Only NVIDIA SKUs: kaiflow's pods request nvidia.com/gpu.
+    fitting = [s for s in skus().values() if s.vendor == "nvidia" and check_fit(s.name, preset, method) is None]
     if not fitting:
+        need = requirement(preset, method).total_bytes
         raise ValueError(f"no known GPU SKU fits {preset.name} ({need / GIB:.1f} GiB)")
     return min(fitting, key=lambda s: (_usable_gib(s, method), s.gpus, s.vcpus))

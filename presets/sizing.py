@@ -27,7 +27,9 @@ figures Kaito publishes.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from presets.catalog import Preset
 
@@ -41,6 +43,9 @@ DEFAULT_TUNING_BATCH = 4
 DEFAULT_TUNING_SEQ = 1024
 DEFAULT_LORA_R = 8
 DEFAULT_INFERENCE_TOKENS = 4096
+# Kaito's catalogue has no vocabulary size; the largest vocabulary among its families (Gemma,
+# 262144) is assumed, so the logits and embedding terms never come out too small.
+ASSUMED_VOCAB = 262_144
 
 
 @dataclass(frozen=True)
@@ -61,47 +66,99 @@ class MemoryEstimate:
         return f"≈{self.total_gib:.1f} GiB ({parts} GiB; ×{SLACK} slack + 1 GiB CUDA context)"
 
 
+class UnsizedModelError(ValueError):
+    """The model's architecture is not known offline (a generic HF ID): size it from config.json."""
+
+
+def _require_sized(preset: Preset) -> None:
+    if not preset.sized:
+        raise UnsizedModelError(
+            f"{preset.name}: architecture unknown offline; sizing is deferred to the steps, which read its config.json"
+        )
+
+
+def _vocab(preset: Preset) -> int:
+    return preset.vocab_size or ASSUMED_VOCAB
+
+
 def _module_shapes(preset: Preset) -> dict[str, tuple[int, int]]:
     """(d_in, d_out) of every linear layer a LoRA target name can refer to, per family."""
-    h, inter, d = preset.hidden_size, preset.intermediate_size, preset.head_dim
+    h, d = preset.hidden_size, preset.head_dim
+    # Kaito's catalogue has no intermediate size; the MLP targets are then unknown (never guessed).
+    inter = preset.intermediate_size or 0
     q, kv = preset.attention_heads * d, preset.kv_heads * d
-    return {
+    shapes = {
         "q_proj": (h, q),
         "k_proj": (h, kv),
         "v_proj": (h, kv),
         "o_proj": (q, h),
-        "gate_proj": (h, inter),
-        "up_proj": (h, inter),
-        "down_proj": (inter, h),
         "qkv_proj": (h, q + 2 * kv),
-        "gate_up_proj": (h, 2 * inter),
         "query_key_value": (h, q + 2 * kv),
         "dense": (q, h),
-        "dense_h_to_4h": (h, inter),
-        "dense_4h_to_h": (inter, h),
     }
+    if inter:
+        shapes.update({
+            "gate_proj": (h, inter),
+            "up_proj": (h, inter),
+            "down_proj": (inter, h),
+            "gate_up_proj": (h, 2 * inter),
+            "dense_h_to_4h": (h, inter),
+            "dense_4h_to_h": (inter, h),
+        })
+    return shapes
+
+
+def _target_names(targets: tuple[str, ...], shapes: dict[str, tuple[int, int]]) -> list[str]:
+    names: list[str] = []
+    for target in targets:
+        if target in shapes:
+            names.append(target)
+        elif any(c in target for c in "()|*\\"):  # peft gives regexes for multimodal wrappers
+            names.extend(n for n in shapes if re.search(rf"\b{n}\b", target))
+        else:
+            raise UnsizedModelError(f"LoRA target {target!r}: its shape is unknown (no intermediate size in the catalogue)")
+    return names
 
 
 def lora_parameters(preset: Preset, r: int = DEFAULT_LORA_R, targets: tuple[str, ...] | None = None) -> int:
+    _require_sized(preset)
     shapes = _module_shapes(preset)
-    per_layer = sum(r * sum(shapes[t]) for t in (targets or preset.lora_target_modules))
+    per_layer = sum(r * sum(shapes[t]) for t in _target_names(targets or preset.lora_target_modules, shapes))
     return per_layer * preset.layers
 
 
 def embedding_parameters(preset: Preset) -> int:
     """Input embeddings plus the lm_head: bitsandbytes leaves both unquantised."""
-    return 2 * preset.vocab_size * preset.hidden_size
+    return 2 * _vocab(preset) * preset.hidden_size
+
+
+def kv_bytes_per_token(preset: Preset, b: int = 2) -> int:
+    """K and V of every layer; MLA models cache one compressed latent plus the rotary part."""
+    if preset.kv_lora_rank:
+        return (preset.kv_lora_rank + (preset.qk_rope_head_dim or 0)) * preset.layers * b
+    return 2 * preset.layers * preset.kv_heads * preset.head_dim * b
+
+
+def weight_bytes(preset: Preset) -> int:
+    """The weights as stored (Kaito's file size when known, else parameters × dtype bytes)."""
+    if preset.file_size_gib:
+        return int(preset.file_size_gib * GIB)
+    return preset.params * DTYPE_BYTES.get(preset.dtype, 2)
 
 
 def estimate_inference(preset: Preset, tokens: int | None = None, batch: int = 1) -> MemoryEstimate:
+    _require_sized(preset)
     tokens = tokens or min(preset.context_length, DEFAULT_INFERENCE_TOKENS)
     b = DTYPE_BYTES.get(preset.dtype, 2)
     parts = {
-        "weights": preset.params * b,
-        "kv_cache": 2 * preset.layers * preset.kv_heads * preset.head_dim * b * tokens * batch,
-        "logits": batch * preset.vocab_size * 4,
+        "weights": weight_bytes(preset),
+        "kv_cache": kv_bytes_per_token(preset, b) * tokens * batch,
+        "logits": batch * _vocab(preset) * 4,
     }
-    return MemoryEstimate(parts, {"tokens": tokens, "batch": batch, "dtype": preset.dtype})
+    settings = {"tokens": tokens, "batch": batch, "dtype": preset.dtype}
+    if preset.vocab_size is None:
+        settings["vocab_size_assumed"] = ASSUMED_VOCAB
+    return MemoryEstimate(parts, settings)
 
 
 def estimate_tuning(
@@ -114,6 +171,7 @@ def estimate_tuning(
 ) -> MemoryEstimate:
     if method not in ("lora", "qlora"):
         raise ValueError(f"method must be lora or qlora (got {method!r})")
+    _require_sized(preset)
     emb = embedding_parameters(preset)
     if method == "qlora":
         base = int(max(preset.params - emb, 0) * NF4_BITS_PER_PARAM / 8 + emb * 2)
@@ -129,7 +187,7 @@ def estimate_tuning(
         "base_weights": base,
         "lora_trainable": lora_parameters(preset, lora_r) * 16,
         "activations": activations,
-        "logits": tokens * preset.vocab_size * 4 * 2,
+        "logits": tokens * _vocab(preset) * 4 * 2,
     }
     settings = {
         "method": method,
@@ -139,3 +197,98 @@ def estimate_tuning(
         "gradient_checkpointing": gradient_checkpointing,
     }
     return MemoryEstimate(parts, settings)
+
+
+# -- Kaito's node estimator (pkg/workspace/estimator/nodesestimator) -------------------------------
+
+KAITO_WEIGHT_OVERHEAD = 1.02
+KAITO_USABLE_FRACTION = 0.84
+KAITO_RUNTIME_RESERVE_GIB = 2.3
+KAITO_ACTIVATION_FRACTION = 0.05
+KAITO_KV_TOKENS = 2048
+MAX_GPUS = 1024
+
+
+def kaito_gpus_needed(preset: Preset, gpu_memory_gib: float) -> int:
+    """GPUs Kaito's estimator asks for: the fewest n whose per-GPU budget holds 1/n of the weights.
+
+    budget(n) = gpu × 0.84 − 2.3 GiB − 0.05 × weights/n − KV cache of 2048 tokens, with
+    weights = modelFileSize × 1.02. Raises ValueError when no count up to 1024 GPUs is enough.
+    """
+    _require_sized(preset)
+    weights = weight_bytes(preset) * KAITO_WEIGHT_OVERHEAD
+    kv = kv_bytes_per_token(preset) * KAITO_KV_TOKENS
+    for n in range(1, MAX_GPUS + 1):
+        share = weights / n
+        budget = gpu_memory_gib * GIB * KAITO_USABLE_FRACTION - KAITO_RUNTIME_RESERVE_GIB * GIB - KAITO_ACTIVATION_FRACTION * share - kv
+        if budget > 0 and share <= budget:
+            return n
+    raise ValueError(f"{preset.name} does not fit on {MAX_GPUS} GPUs of {gpu_memory_gib} GiB")
+
+
+def kaito_nodes_needed(preset: Preset, gpu_memory_gib: float, gpus_per_node: int) -> int:
+    return -(-kaito_gpus_needed(preset, gpu_memory_gib) // gpus_per_node)
+
+
+# -- generic HF models: sizing from config.json, at the step that downloaded it ------------------
+
+
+def preset_from_config(config: dict[str, Any] | str, name: str = "model") -> Preset:
+    """A sized Preset from a HuggingFace ``config.json`` (dict, JSON text or a file path).
+
+    Multimodal wrappers keep the language model in ``text_config``. Parameters are counted from
+    the shapes (embeddings, attention, MLP or experts), not read from a model card.
+    """
+    import json
+    from pathlib import Path
+
+    from presets.catalog import generic_preset
+
+    if isinstance(config, str):
+        config = json.loads(Path(config).read_text() if not config.lstrip().startswith("{") else config)
+    text = dict(config.get("text_config") or {})
+    merged = {**config, **text}
+    try:
+        h = int(merged["hidden_size"])
+        layers = int(merged["num_hidden_layers"])
+        heads = int(merged["num_attention_heads"])
+    except KeyError as exc:
+        raise UnsizedModelError(f"{name}: config.json has no {exc.args[0]}") from None
+    kv_heads = int(merged.get("num_key_value_heads") or heads)
+    head = int(merged.get("head_dim") or h // heads)
+    inter = int(merged.get("intermediate_size") or 4 * h)
+    vocab = int(merged.get("vocab_size") or ASSUMED_VOCAB)
+    experts = int(merged.get("num_local_experts") or merged.get("num_experts") or merged.get("n_routed_experts") or 0)
+    mlp_inter = int(merged.get("moe_intermediate_size") or inter)
+    mlp = 3 * h * mlp_inter * experts if experts else 3 * h * inter
+    attention = h * heads * head * 2 + h * kv_heads * head * 2
+    embeddings = vocab * h * (1 if merged.get("tie_word_embeddings") else 2)
+    params = layers * (attention + mlp) + embeddings
+    dtype = str(merged.get("torch_dtype") or merged.get("dtype") or "bfloat16")
+    base = generic_preset(name)
+    from dataclasses import replace
+
+    return replace(
+        base, params_b=params / 1e9, dtype=dtype,
+        context_length=int(merged.get("max_position_embeddings") or DEFAULT_INFERENCE_TOKENS), layers=layers,
+        hidden_size=h, intermediate_size=inter, attention_heads=heads, kv_heads=kv_heads, vocab_size=vocab,
+        head_size=head, kv_lora_rank=merged.get("kv_lora_rank"), qk_rope_head_dim=merged.get("qk_rope_head_dim"),
+        family=str(merged.get("model_type") or "unknown"),
+    )
+
+
+def check_fit_from_config(config: dict[str, Any] | str, gpu_memory_gib: float, method: str | None,
+                          gpus: int = 1, name: str = "model") -> str | None:
+    """None when the model fits, else the arithmetic of why not (for the tune and serve steps).
+
+    ``method`` is "lora"/"qlora" (tuning: one GPU of ``gpu_memory_gib``) or None (inference:
+    sharded over ``gpus`` GPUs of one node).
+    """
+    preset = preset_from_config(config, name)
+    estimate = estimate_tuning(preset, method) if method else estimate_inference(preset)
+    usable = gpu_memory_gib * (1 if method else gpus)
+    if estimate.total_bytes <= usable * GIB:
+        return None
+    what = f"{method} tuning on one GPU" if method else f"inference across {gpus} GPU(s)"
+    return (f"{name} ({preset.params_b:.2f}B parameters from config.json) needs {estimate.describe()} for {what}, "
+            f"more than the {usable:g} GiB available")

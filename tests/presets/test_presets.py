@@ -17,9 +17,11 @@ REQUIRED = [
 def test_required_presets_present_with_full_data():
     assert set(REQUIRED) <= set(preset_names())
     for p in list_presets():
-        assert p.source and p.params_b > 0 and p.context_length > 0 and p.lora_target_modules
-        assert p.hidden_size % p.attention_heads == 0, p.name
-        assert p.chat_template in ("native", "chatml", "none")
+        assert p.source and p.params_b > 0 and p.context_length > 0 and p.layers > 0 and p.kv_heads > 0, p.name
+        assert p.head_dim > 0 and p.chat_template in ("native", "chatml", "none")
+        assert p.lora_target_modules or not p.tuning, p.name
+        if p.origin == "kaiflow":
+            assert p.hidden_size % p.attention_heads == 0 and p.vocab_size and p.intermediate_size, p.name
 
 
 def test_unknown_preset_suggests_closest():
@@ -63,7 +65,7 @@ def test_sku_catalog_and_fit_messages():
         get_sku("Standard_NC6s_v4")
     phi4 = get_preset("phi-4")
     problem = check_fit("Standard_NC6s_v3", phi4, None)
-    assert problem.startswith("Standard_NC6s_v3 has 1×16 GiB V100; phi-4 inference needs ≈")
+    assert problem.startswith("Standard_NC6s_v3 has 1×16 GiB V100; phi-4 inference needs 3 such nodes (3 GPUs by Kaito's")
     assert check_fit("Standard_NC24ads_A100_v4", phi4, None) is None
     assert "LoRA tuning needs" in check_fit("Standard_NC4as_T4_v3", phi4, "lora")
 
@@ -71,6 +73,10 @@ def test_sku_catalog_and_fit_messages():
 def test_pick_instance_is_smallest_that_fits():
     for p in list_presets():
         for method in (None, "qlora", "lora") if p.tuning else (None,):
+            if all(check_fit(s.name, p, method) for s in skus().values()):
+                with pytest.raises(ValueError, match="no known GPU SKU fits"):
+                    pick_instance(p, method)
+                continue
             sku = pick_instance(p, method)
             assert check_fit(sku.name, p, method) is None
             smaller = [s for s in skus().values() if (s.gpu_memory_gib if method else s.total_gpu_memory_gib) < (sku.gpu_memory_gib if method else sku.total_gpu_memory_gib)]
