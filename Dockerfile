@@ -40,6 +40,7 @@ RUN pip install \
     "httpx>=0.28" \
     "croniter>=7.0" \
     "pyarrow>=26.0" \
+    "numpy>=2.0" \
     "tenacity>=9.2" \
     "requests>=2.32" \
     "urllib3>=2.0" \

@@ -74,8 +74,8 @@ def test_tune_emits_argo_metrics_from_its_output_parameters():
     assert metrics["kaiflow_tune_tokens_per_second"]["gauge"]["value"] == "{{outputs.parameters.tokens-per-second}}"
     assert metrics["kaiflow_tune_eval_loss"]["when"] == "{{status}} == Succeeded"
     outputs = {p["name"]: p for p in templates["tune"]["outputs"]["parameters"]}
-    # Argo uses the default when the step wrote no such file (the metric then reads NaN, not a failure)
-    assert outputs["tokens-per-second"]["valueFrom"]["default"] == "NaN"
+    # the tune step writes it (steps/tune/run.py), like train-loss and eval-loss
+    assert outputs["tokens-per-second"]["valueFrom"]["path"].endswith("/tokens-per-second")
     for name, template in templates.items():
         if "container" in template:
             durations = [p for p in template["metrics"]["prometheus"] if p["name"] == "kaiflow_step_duration_seconds"]
