@@ -18,6 +18,13 @@ one with PEFT's ``add_weighted_adapter``. We do the same, with the ``cat`` metho
 Adapters are fixed for the life of a pod (a new Workspace spec rolls a new Deployment), so by
 default the combined adapter is merged into the base weights (``merge_and_unload``): decoding then
 runs at base-model speed (14 vs 10-13 tok/s unmerged for SmolLM2 on a CPU).
+
+Adapters as separate models (``KAIFLOW_ADAPTER_MODE=per-request``)
+-------------------------------------------------------------------
+Every adapter is loaded into one ``PeftModel`` and left unmerged, its LoRA scaling multiplied by
+its strength (``LoraLayer.set_scale``: the update becomes ``strength * B A * alpha / r``, the same
+update the merged mode adds for that adapter). The engine passes each row's adapter name to
+the forward pass (``adapter_names``), so one batch mixes the base model and any adapters.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ class LoadedModel:
     context_length: int
     chat_template: str  # "native", "chatml" or "none"
     adapters: tuple[AdapterSpec, ...]
+    per_request_adapters: tuple[str, ...] = ()  # names a request may choose (per-request mode)
 
 
 def resolve_base(config: ServiceConfig) -> tuple[str, int | None, str]:
@@ -88,18 +96,21 @@ def load_model(config: ServiceConfig) -> LoadedModel:
         dtype = torch.float32
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
-    if config.adapters:
+    per_request: tuple[str, ...] = ()
+    if config.adapters and config.adapter_mode == "per-request":
+        model = load_separate_adapters(model, config.adapters)
+        per_request = tuple(a.name for a in config.adapters)
+    elif config.adapters:
         model = apply_adapters(model, config.adapters, config.adapter_combination, merge=config.merge_adapters)
     model.eval()
     if template_mode == "chatml" or (template_mode == "native" and not tokenizer.chat_template):
         tokenizer.chat_template = CHATML_TEMPLATE
         template_mode = "chatml"
     context = preset_context or getattr(model.config, "max_position_embeddings", None) or 2048
-    return LoadedModel(model, tokenizer, int(context), template_mode, config.adapters)
+    return LoadedModel(model, tokenizer, int(context), template_mode, config.adapters, per_request)
 
 
-def apply_adapters(model: Any, adapters: tuple[AdapterSpec, ...], combination: str = "cat", merge: bool = True) -> Any:
-    """Load every adapter, fold them into one weighted adapter, optionally merge it into the base."""
+def _load_all(model: Any, adapters: tuple[AdapterSpec, ...]) -> Any:
     from peft import PeftModel
 
     first, *rest = adapters
@@ -109,6 +120,26 @@ def apply_adapters(model: Any, adapters: tuple[AdapterSpec, ...], combination: s
             peft_model.load_adapter(spec.path, adapter_name=spec.name)
     except (ValueError, RuntimeError, KeyError, OSError) as exc:
         raise ConfigError(f"KAIFLOW_ADAPTERS: cannot load an adapter onto this base model: {exc}") from None
+    return peft_model
+
+
+def load_separate_adapters(model: Any, adapters: tuple[AdapterSpec, ...]) -> Any:
+    """Every adapter loaded unmerged, at its strength, for requests to choose one per row."""
+    from peft.tuners.lora import LoraLayer
+
+    peft_model = _load_all(model, adapters)
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    for spec in adapters:
+        for layer in layers:
+            layer.set_scale(spec.name, spec.strength)
+    log.info("serving adapters %s separately at strengths %s", [a.name for a in adapters],
+             [a.strength for a in adapters])
+    return peft_model
+
+
+def apply_adapters(model: Any, adapters: tuple[AdapterSpec, ...], combination: str = "cat", merge: bool = True) -> Any:
+    """Load every adapter, fold them into one weighted adapter, optionally merge it into the base."""
+    peft_model = _load_all(model, adapters)
     names = [a.name for a in adapters]
     weights = [a.strength for a in adapters]
     method = combination
