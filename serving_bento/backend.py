@@ -125,7 +125,7 @@ class ChatBackend:
                 self.loaded.tokenizer,
                 context_length=self.loaded.context_length,
                 max_batch_size=self.config.max_batch_size,
-                adapters=self.loaded.per_request_adapters,
+                router=self.loaded.router,
             )
             self.engine.step_observer = self.metrics.batch_rows.observe
             self.engine.state_observer = self.metrics.engine_state

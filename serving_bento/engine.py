@@ -37,9 +37,9 @@ prefill ends only the requests being admitted (the running batch's cache is unto
 failed decode step, which cannot be pinned on one row, ends the rows of that batch. Every request
 taken from the queue gets its ``on_finish`` exactly once, also when the engine stops.
 
-Adapters per request: with a PEFT model holding several LoRA adapters (unmerged), each request
-names its adapter (``None``: the base model) and every forward pass gets the rows' names as
-``adapter_names``; PEFT's LoRA layers then add each adapter's update only to its own rows, so
+Adapters per request: with a model whose LoRA layers follow an
+:class:`~serving_bento.adapters.AdapterRouter`, each request names its adapter (``None``: the base
+model) and before every forward pass the engine tells the router the adapter of each row, so
 requests for different adapters decode in one batch.
 """
 
@@ -67,7 +67,6 @@ class SamplingParams:
     top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens; 0 keeps all"})
     seed: int | None = field(default=None, metadata={"help": "seed for this request's sampling"})
 
-BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
 @dataclass
@@ -172,12 +171,13 @@ class _Engine:
     name = "engine"
 
     def __init__(self, model: Any, tokenizer: Any, *, context_length: int, max_batch_size: int = 8,
-                 adapters: Sequence[str] = ()):
+                 router: Any = None):
         self.model = model
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.max_batch_size = max_batch_size
-        self.adapters = frozenset(adapters)  # per-request adapters the model holds (unmerged)
+        self.router = router  # per-request adapters: which adapter each row of a forward pass uses
+        self.adapters = frozenset(router.names if router is not None else ())
         self.stop_token_ids = _stop_token_ids(model, tokenizer)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_token_ids)
         self._queue: queue.Queue[GenerationRequest | None] = queue.Queue()
@@ -219,10 +219,9 @@ class _Engine:
             except Exception:  # metrics must never stop generation
                 log.exception("reporting the engine state failed")
 
-    def _adapter_kwargs(self, requests: Sequence[GenerationRequest]) -> dict[str, Any]:
-        if not self.adapters:
-            return {}
-        return {"adapter_names": [r.adapter or BASE_ADAPTER for r in requests]}
+    def _route(self, requests: Sequence[GenerationRequest]) -> None:
+        if self.router is not None:
+            self.router.select([r.adapter for r in requests])
 
     def _run_forever(self) -> None:
         import torch
@@ -284,9 +283,9 @@ class BatchingEngine(_Engine):
     name = "batching"
 
     def __init__(self, model: Any, tokenizer: Any, *, context_length: int, max_batch_size: int = 8,
-                 adapters: Sequence[str] = ()):
+                 router: Any = None):
         super().__init__(model, tokenizer, context_length=context_length, max_batch_size=max_batch_size,
-                         adapters=adapters)
+                         router=router)
         self.device = next(model.parameters()).device
         self._rows: list[_Row] = []
         self._cache: Any = None
@@ -321,6 +320,7 @@ class BatchingEngine(_Engine):
             mask[i, longest - len(r.prompt_ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
+        self._route(requests)
         out = self.model(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
@@ -328,7 +328,6 @@ class BatchingEngine(_Engine):
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
-            **self._adapter_kwargs(requests),
         )
         return out.logits[:, -1, :], cache, mask.to(self.device)
 
@@ -409,6 +408,7 @@ class BatchingEngine(_Engine):
         self._mask = torch.cat([self._mask, ones], dim=1)
         ids = torch.tensor([[row.last_token] for row in self._rows], device=self.device)
         positions = torch.tensor([[row.length - 1] for row in self._rows], device=self.device)
+        self._route([row.request for row in self._rows])
         out = self.model(
             input_ids=ids,
             attention_mask=self._mask,
@@ -416,7 +416,6 @@ class BatchingEngine(_Engine):
             cache=self._cache,
             use_cache=True,
             logits_to_keep=1,
-            **self._adapter_kwargs([row.request for row in self._rows]),
         )
         params = [row.request.params for row in self._rows]
         tokens = sample_next_tokens(out.logits[:, -1, :], params, [r.generator for r in self._rows]).tolist()
@@ -490,8 +489,8 @@ class NaiveEngine(_Engine):
     name = "naive"
 
     def __init__(self, model: Any, tokenizer: Any, *, context_length: int, max_batch_size: int = 1,
-                 adapters: Sequence[str] = ()):
-        super().__init__(model, tokenizer, context_length=context_length, max_batch_size=1, adapters=adapters)
+                 router: Any = None):
+        super().__init__(model, tokenizer, context_length=context_length, max_batch_size=1, router=router)
         self._current: GenerationRequest | None = None
 
     def _loop_once(self) -> None:
@@ -528,7 +527,8 @@ class NaiveEngine(_Engine):
         p = request.params
         if p.seed is not None:
             torch.manual_seed(p.seed)
-        kwargs: dict[str, Any] = {"do_sample": p.do_sample, **self._adapter_kwargs([request])}
+        kwargs: dict[str, Any] = {"do_sample": p.do_sample}
+        self._route([request])
         if p.do_sample:
             kwargs.update(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or None)
         self.model.generate(
@@ -554,10 +554,10 @@ ENGINES: dict[str, type[_Engine]] = {"batching": BatchingEngine, "naive": NaiveE
 
 
 def make_engine(kind: str, model: Any, tokenizer: Any, *, context_length: int, max_batch_size: int,
-                adapters: Sequence[str] = ()) -> _Engine:
+                router: Any = None) -> _Engine:
     try:
         engine_cls = ENGINES[kind]
     except KeyError:
         raise ValueError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINES)}") from None
     return engine_cls(model, tokenizer, context_length=context_length, max_batch_size=max_batch_size,
-                      adapters=adapters)
+                      router=router)

@@ -239,8 +239,9 @@ def test_mixed_adapter_batch_equals_each_adapter_alone(tiny_model_path, tiny_ada
     tok = AutoTokenizer.from_pretrained(tiny_model_path)
     specs = {"alpha": AdapterSpec("alpha", str(tiny_adapters["alpha"]), 1.0),
              "beta": AdapterSpec("beta", str(tiny_adapters["beta"]), 0.5)}
-    model = load_separate_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_path), tuple(specs.values()))
-    engine = BatchingEngine(model.eval(), tok, context_length=512, max_batch_size=8, adapters=list(specs))
+    model, router = load_separate_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_path),
+                                           tuple(specs.values()))
+    engine = BatchingEngine(model.eval(), tok, context_length=512, max_batch_size=8, router=router)
     ids = tok(PROMPTS[0])["input_ids"]
     choices = [None, "alpha", "beta", "alpha", None, "beta"]
     engine.start()
