@@ -41,6 +41,8 @@ class Completion:
     finish_reason: str | None = None
     first_token_at: float | None = None
     started_at: float = field(default_factory=time.monotonic)
+    # (token id, its logprob, [(alternative id, logprob)]) per generated token, when asked for
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
 
 
 class Metrics:
@@ -236,6 +238,10 @@ class ChatBackend:
     def decode(self, ids: list[int]) -> str:
         return self.loaded.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def token_text(self, token: int) -> str:
+        """One token as text, special tokens included (what a logprobs entry names)."""
+        return self.loaded.tokenizer.decode([token])
+
     # -- generation ----------------------------------------------------------------------------
     async def stream(
         self, prompt_ids: list[int], params: SamplingParams, completion: Completion,
@@ -251,7 +257,13 @@ class ChatBackend:
         def on_finish(reason: str) -> None:
             loop.call_soon_threadsafe(events.put_nowait, ("finish", reason))
 
-        request = self.engine.submit(GenerationRequest(prompt_ids, params, on_token, on_finish, adapter=adapter))
+        def on_logprobs(logprob: float, top: list[tuple[int, float]]) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, ("logprobs", (logprob, top)))
+
+        request = self.engine.submit(GenerationRequest(
+            prompt_ids, params, on_token, on_finish, adapter=adapter,
+            on_logprobs=on_logprobs if params.logprobs is not None else None))
+        pending_logprobs: tuple[float, list[tuple[int, float]]] | None = None
         metrics = self.metrics
         model_name = metrics.model_name
         metrics.prompt_tokens.labels(endpoint).inc(len(prompt_ids))
@@ -262,6 +274,9 @@ class ChatBackend:
         try:
             while True:
                 kind, value = await events.get()
+                if kind == "logprobs":  # always just before its token
+                    pending_logprobs = value
+                    continue
                 if kind == "finish":
                     completion.finish_reason = "length" if value == "length" else "stop"
                     if value != "cancelled":
@@ -281,6 +296,9 @@ class ChatBackend:
                     metrics.vllm_ttft.labels(model_name).observe(ttft)
                 generated.append(value)
                 completion.completion_tokens = len(generated)
+                if pending_logprobs is not None:
+                    completion.logprobs.append((value, *pending_logprobs))
+                    pending_logprobs = None
                 metrics.generated_tokens.labels(endpoint).inc()
                 metrics.vllm_generation_tokens.labels(model_name).inc()
                 text = self.decode(generated)

@@ -28,8 +28,11 @@ Mistral, Qwen2, Phi-3 without sliding windows, ...). :class:`NaiveEngine` runs o
 other architectures (``KAIFLOW_ENGINE=naive``).
 
 Both engines report to a callback per request: ``on_token(token_id)`` for each new token and
-``on_finish(reason)`` once (``"stop"``, ``"length"``, ``"cancelled"`` or ``"error"``). The
-callbacks run on the engine thread and must be cheap (the service hands them to its event loop).
+``on_finish(reason)`` once (``"stop"``, ``"length"``, ``"cancelled"`` or ``"error"``); a request
+whose ``SamplingParams.logprobs`` is set also gets ``on_logprobs(logprob, top)`` just before each
+token (the model's log-probability of that token, from the raw logits as vLLM reports them, and
+the ``logprobs`` most likely ``(token_id, logprob)``). The callbacks run on the engine thread and
+must be cheap (the service hands them to its event loop).
 
 Failures stay with the request that caused them: a request whose sampling settings cannot be
 set up, whose row fails to sample, or whose callback raises ends alone with ``"error"``; a failed
@@ -66,6 +69,8 @@ class SamplingParams:
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass in (0, 1]"})
     top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens; 0 keeps all"})
     seed: int | None = field(default=None, metadata={"help": "seed for this request's sampling"})
+    logprobs: int | None = field(default=None, metadata={
+        "help": "report each token's log-probability and this many top alternatives (0: none); None: off"})
 
 
 
@@ -76,6 +81,7 @@ class GenerationRequest:
     on_token: Callable[[int], None]
     on_finish: Callable[[str], None]
     adapter: str | None = None  # per-request adapter mode: the adapter's name, None for the base model
+    on_logprobs: Callable[[float, list[tuple[int, float]]], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: int = 0
     submitted_at: float = field(default_factory=time.monotonic)
@@ -85,9 +91,15 @@ class GenerationRequest:
         """Ask the engine to drop this request at its next step (client disconnected)."""
         self.cancelled.set()
 
-    def emit(self, token: int) -> bool:
-        """Hand a token to the request; False (and the request cancelled) when its callback fails."""
+    def emit(self, token: int, logprobs: Any = None) -> bool:
+        """Hand a token (and its log-probabilities, a row of log_softmax) to the request; False (and
+        the request cancelled) when a callback fails."""
         try:
+            if logprobs is not None and self.on_logprobs is not None:
+                k = self.params.logprobs or 0
+                top = logprobs.topk(k) if k else None
+                alternatives = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
+                self.on_logprobs(float(logprobs[token]), alternatives)
             self.on_token(token)
             return True
         except Exception:  # e.g. the handler's event loop is gone: only this request is affected
@@ -150,6 +162,19 @@ def _sample_row(logits: Any, p: SamplingParams, generator: Any) -> Any:
         row = row.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = torch.softmax(row, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _logprob_rows(logits: Any, requests: Sequence[GenerationRequest]) -> list[Any]:
+    """log_softmax of the rows that asked for log-probabilities (None for the others)."""
+    import torch
+
+    wanted = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    rows: list[Any] = [None] * len(requests)
+    if wanted:
+        lp = torch.log_softmax(logits[wanted].float(), dim=-1)
+        for j, i in enumerate(wanted):
+            rows[i] = lp[j]
+    return rows
 
 
 def _make_generator(params: SamplingParams) -> Any:
@@ -373,6 +398,7 @@ class BatchingEngine(_Engine):
             logits, cache, mask = self._prefill(ready)
             params = [r.params for r in ready]
             tokens = sample_next_tokens(logits, params, generators).tolist()
+            logprob_rows = _logprob_rows(logits, ready)
         except Exception:  # the running batch's cache is untouched: only these requests fail
             log.exception("prefill failed for %d new requests", len(ready))
             for request in ready:
@@ -384,7 +410,7 @@ class BatchingEngine(_Engine):
                 request.finish("error")
                 continue
             request.generated = 1
-            if not request.emit(token):
+            if not request.emit(token, logprob_rows[i]):
                 request.finish("cancelled")
                 continue
             reason = self._finish_reason(request, token, len(request.prompt_ids) + 1)
@@ -418,7 +444,9 @@ class BatchingEngine(_Engine):
             logits_to_keep=1,
         )
         params = [row.request.params for row in self._rows]
-        tokens = sample_next_tokens(out.logits[:, -1, :], params, [r.generator for r in self._rows]).tolist()
+        logits = out.logits[:, -1, :]
+        tokens = sample_next_tokens(logits, params, [r.generator for r in self._rows]).tolist()
+        logprob_rows = _logprob_rows(logits, [row.request for row in self._rows])
         keep: list[int] = []
         for i, (row, token) in enumerate(zip(self._rows, tokens, strict=True)):
             if row.request.cancelled.is_set():
@@ -430,7 +458,7 @@ class BatchingEngine(_Engine):
             row.request.generated += 1
             row.length += 1
             row.last_token = token
-            if not row.request.emit(token):
+            if not row.request.emit(token, logprob_rows[i]):
                 row.request.finish("cancelled")
                 continue
             reason = self._finish_reason(row.request, token, row.length)
@@ -518,7 +546,9 @@ class NaiveEngine(_Engine):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
                 token = int(input_ids[0, -1])
                 request.generated += 1
-                delivered = request.emit(token)
+                # generate hands over the processed scores (after temperature/top-k/top-p)
+                logprobs = torch.log_softmax(scores[0].float(), dim=-1) if p.logprobs is not None else None
+                delivered = request.emit(token, logprobs)
                 reason = "cancelled" if request.cancelled.is_set() or not delivered else None
                 reason = reason or engine._finish_reason(request, token, input_ids.shape[1])
                 state["reason"] = reason

@@ -56,7 +56,32 @@ def _sampling(backend: Any, body: Any, ids: list[int], max_tokens: int | None, p
         temperature=body.temperature or 1.0,
         top_p=body.top_p,
         seed=body.seed,
+        logprobs=body.logprobs_wanted(),
     )
+
+
+def _chat_logprobs(backend: Any, entries: list[tuple[int, float, list[tuple[int, float]]]]) -> dict[str, Any]:
+    """OpenAI chat ``logprobs``: one entry per token with its top alternatives."""
+
+    def item(token: int, logprob: float) -> dict[str, Any]:
+        text = backend.token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**item(token, lp), "top_logprobs": [item(t, l) for t, l in top]}
+                        for token, lp, top in entries], "refusal": None}
+
+
+def _completion_logprobs(backend: Any, entries: list[tuple[int, float, list[tuple[int, float]]]],
+                         offset: int = 0) -> dict[str, Any]:
+    """The legacy completions ``logprobs``: parallel lists, top alternatives as {token: logprob}."""
+    tokens = [backend.token_text(token) for token, _, _ in entries]
+    offsets = []
+    for text in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [{backend.token_text(t): l for t, l in top} for _, _, top in entries],
+            "text_offset": offsets}
 
 
 def _usage(c: Completion) -> dict[str, int]:
@@ -82,15 +107,23 @@ async def chat_completions(request: Request, raw: bytes) -> Response:
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": c.finish_reason, "logprobs": None}],
+                         "finish_reason": c.finish_reason,
+                         "logprobs": _chat_logprobs(backend, c.logprobs) if body.logprobs else None}],
             "usage": _usage(c),
         })
     completion = Completion(prompt_tokens=len(ids))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
+    sent_logprobs = 0
+
     def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        nonlocal sent_logprobs
+        logprobs = None
+        if body.logprobs:  # the tokens that arrived since the last chunk
+            logprobs = _chat_logprobs(backend, completion.logprobs[sent_logprobs:])
+            sent_logprobs = len(completion.logprobs)
         return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
 
     async def events() -> AsyncIterator[str]:
         yield _sse(chunk({"role": "assistant", "content": ""}, None))
@@ -124,15 +157,24 @@ async def completions(request: Request, raw: bytes) -> Response:
             ids, params, stop=body.stop, endpoint="completions", adapter=adapter))
         return JSONResponse({
             "id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": prefix + text, "finish_reason": c.finish_reason, "logprobs": None}],
+            "choices": [{"index": 0, "text": prefix + text, "finish_reason": c.finish_reason,
+                         "logprobs": None if body.logprobs is None else
+                         _completion_logprobs(backend, c.logprobs, len(prefix))}],
             "usage": _usage(c),
         })
     completion = Completion(prompt_tokens=len(ids))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
+    sent = {"logprobs": 0, "offset": len(prefix)}
+
     def chunk(text: str, finish: str | None) -> dict[str, Any]:
+        logprobs = None
+        if body.logprobs is not None:  # the tokens that arrived since the last chunk
+            logprobs = _completion_logprobs(backend, completion.logprobs[sent["logprobs"]:], sent["offset"])
+            sent["logprobs"] = len(completion.logprobs)
+            sent["offset"] += sum(len(t) for t in logprobs["tokens"])
         return {"id": rid, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}]}
 
     async def events() -> AsyncIterator[str]:
         if prefix:

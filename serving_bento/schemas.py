@@ -6,7 +6,7 @@ field), never as an exception escaping into the server: the corpus in
 refuses with other errors than ``JSONDecodeError``: integers over 4300 digits, deep nesting).
 Types are strict (``"0.5"`` is not a temperature, ``NaN`` is not a number). Unknown keys are
 refused, never silently ignored: an OpenAI parameter this service does not implement
-(``tools``, ``response_format``, ``logprobs``, ...) is a 400 naming it, so a client never gets an
+(``tools``, ``response_format``, ``audio``, ...) is a 400 naming it, so a client never gets an
 answer that silently lacks what it asked for. Parameters that change nothing at their neutral
 value (``presence_penalty: 0``, ``logit_bias: {}``, ``user``) are accepted.
 """
@@ -52,8 +52,6 @@ UNSUPPORTED_OPENAI = {
     "functions": "function calling is not supported",
     "function_call": "function calling is not supported",
     "response_format": "structured output (JSON mode, JSON schema) is not supported",
-    "logprobs": "log probabilities are not supported",
-    "top_logprobs": "log probabilities are not supported",
     "audio": "audio output is not supported",
     "modalities": "only text output is supported",
     "prediction": "predicted outputs are not supported",
@@ -179,12 +177,27 @@ class _OpenAIBase(BaseModel):
 class ChatCompletionRequest(_OpenAIBase):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_OpenAIBase):
     prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, max_length=1)]
     max_tokens: int | None = Field(default=16, ge=1)
     echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=5)  # the legacy API's limit
+
+    def logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]

@@ -65,7 +65,9 @@ CORPUS: list[tuple[str, object, int, str]] = [
      400, "tools: tool calling is not supported"),
     ("/v1/chat/completions", {"model": M, "messages": MSG, "response_format": {"type": "json_object"}},
      400, "response_format: structured output"),
-    ("/v1/chat/completions", {"model": M, "messages": MSG, "logprobs": True}, 400, "logprobs"),
+    ("/v1/chat/completions", {"model": M, "messages": MSG, "top_logprobs": 2}, 400, "top_logprobs needs logprobs"),
+    ("/v1/chat/completions", {"model": M, "messages": MSG, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"model": M, "messages": MSG, "audio": {"voice": "alloy"}}, 400, "audio"),
     ("/v1/chat/completions", {"model": M, "messages": MSG, "presence_penalty": 0.5}, 400, "presence_penalty"),
     ("/v1/chat/completions", {"model": M, "messages": MSG, "logit_bias": {"42": 5}}, 400, "logit_bias"),
     ("/v1/chat/completions", {"model": M, "messages": MSG, "frobnicate": 1}, 400, "frobnicate"),
@@ -81,6 +83,7 @@ CORPUS: list[tuple[str, object, int, str]] = [
     ("/v1/completions", {"model": M, "prompt": ["a", "b"]}, 400, "prompt"),
     ("/v1/completions", {"model": M, "prompt": LONG_PROMPT}, 400, "the limit is 64"),
     ("/v1/completions", {"model": M, "prompt": "hi", "suffix": "!"}, 400, "suffix"),
+    ("/v1/completions", {"model": M, "prompt": "hi", "logprobs": 6}, 400, "logprobs"),
     ("/v1/completions", {"model": "adapter-that-does-not-exist", "prompt": "hi"}, 404, "not served here"),
 ]
 
