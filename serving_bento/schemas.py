@@ -60,6 +60,8 @@ UNSUPPORTED_OPENAI = {
     "best_of": "best_of is not supported",
     "reasoning_effort": "reasoning effort is not supported",
 }
+# values of those parameters that ask for nothing beyond what this service does
+NEUTRAL_OPENAI: dict[str, list[Any]] = {"modalities": [["text"]], "best_of": [1]}
 
 
 class TextPart(BaseModel):
@@ -156,7 +158,7 @@ class _OpenAIBase(BaseModel):
     def _refuse_unsupported(cls, data: Any) -> Any:
         if isinstance(data, dict):
             for name, why in UNSUPPORTED_OPENAI.items():
-                if data.get(name) not in (None, False):
+                if data.get(name) not in (None, False, *NEUTRAL_OPENAI.get(name, [])):
                     raise RequestError(400, f"{name}: {why} by this service", param=name, code="unsupported_parameter")
             # null/false: the client asks for nothing this service lacks
             data = {k: v for k, v in data.items() if k not in UNSUPPORTED_OPENAI}

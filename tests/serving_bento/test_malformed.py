@@ -108,7 +108,7 @@ def test_neutral_openai_parameters_are_accepted(bento_tiny):
     """What clients send by default (zero penalties, a user id, empty logit_bias) changes nothing: accepted."""
     r = httpx.post(bento_tiny.url + "/v1/chat/completions", headers=bento_tiny.headers(), timeout=30, json={
         "model": M, "messages": MSG, "max_tokens": 2, "presence_penalty": 0, "frequency_penalty": 0.0,
-        "logit_bias": {}, "user": "u-1", "logprobs": False, "tools": None, "n": 1})
+        "logit_bias": {}, "user": "u-1", "logprobs": False, "tools": None, "n": 1, "modalities": ["text"]})
     assert r.status_code == 200, r.text
 
 
