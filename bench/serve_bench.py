@@ -2,8 +2,8 @@
 
 Three servers run the same BentoML service on the same model with the same four LoRA adapters
 (random, small, built here with PEFT), started the way ``kaiflow deploy`` starts them, side by
-side; each concurrency level is measured on all three back to back, so a busy neighbour on a
-shared machine skews them alike:
+side; each concurrency level is measured on all three back to back (in an order that rotates
+from run to run), so a busy neighbour on a shared machine skews them alike:
 
 * ``merged`` — Kaito's behaviour: the adapters combined by strength and merged into the weights,
   continuous batching (``KAIFLOW_ADAPTER_MODE=merged``);
@@ -12,7 +12,8 @@ shared machine skews them alike:
   8 clients mixes all four adapters;
 * ``naive`` — the merged model, one ``model.generate`` per request in turn (``KAIFLOW_ENGINE=naive``).
 
-At each level a fixed number of streamed ``/v1/chat/completions`` requests is spread over the
+At each level a fixed number of streamed ``/v1/chat/completions`` requests (default: the larger of
+8 and two per client, so that the 8-client level is more than one batch) is spread over the
 clients; prompts ask for long answers and ``max_tokens`` caps them. The whole sweep runs
 ``--runs`` times (default 3) and the table gives the median of the runs for each cell, with the
 sizes it was measured at. Reports req/s, generated tokens/s, p50/p99 latency and p50 time to
@@ -150,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct", help="preset or model folder")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8], help="concurrency levels")
-    parser.add_argument("--requests", type=int, default=8, help="requests per level")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="requests per level (default: the larger of 8 and twice the clients)")
     parser.add_argument("--max-tokens", type=int, default=24, help="tokens per request (cap)")
     parser.add_argument("--runs", type=int, default=3, help="sweeps; the table gives each cell's median")
     parser.add_argument("--adapters", type=int, default=4, help="LoRA adapters on every server")
@@ -186,10 +188,12 @@ def main(argv: list[str] | None = None) -> int:
             run_level(service.url, models, 1, 2, 4)  # warm-up
         for run in range(args.runs):
             figures: dict[str, list[dict[str, float]]] = {server: [] for server in args.servers}
+            order = args.servers[run % len(args.servers):] + args.servers[:run % len(args.servers)]
             for clients in args.clients:
-                for server in args.servers:
+                for server in order:
                     _, service, models = services[server]
-                    level = run_level(service.url, models, clients, args.requests, args.max_tokens)
+                    level = run_level(service.url, models, clients, args.requests or max(8, 2 * clients),
+                                      args.max_tokens)
                     figures[server].append(level)
                     print(f"run {run + 1} {server:11s} {clients} clients: {level['req_per_s']:.2f} req/s "
                           f"{level['tokens_per_s']:.1f} tok/s p50 {level['p50_s']:.2f}s p99 {level['p99_s']:.2f}s "
@@ -200,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             stop_local(workdir, service)
 
     medians = {server: median_levels(runs, server) for server in args.servers}
-    print(f"\nmedian of {args.runs} runs; model {args.model}, {args.requests} requests per level, max_tokens "
+    per_level = args.requests or ", ".join(f"{max(8, 2 * c)} at {c} clients" for c in args.clients)
+    print(f"\nmedian of {args.runs} runs; model {args.model}, requests per level: {per_level}; max_tokens "
           f"{args.max_tokens}, {args.adapters} LoRA adapters of rank {args.adapter_rank}, {os.cpu_count()} CPUs, "
           f"torch threads {args.torch_threads or 'default'}, max batch {args.max_batch_size}\n")
     print("| server | clients | req/s | tokens/s | tokens/request | p50 s | p99 s | TTFT p50 s | errors |")
