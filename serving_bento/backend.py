@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serving_bento.config import ServiceConfig
-from serving_bento.engine import GenerationRequest, SamplingParams
+from serving_bento.engine import EngineStopped, GenerationRequest, SamplingParams
 from serving_bento.schemas import Message, RequestError
 
 log = logging.getLogger("kaiflow.serving")
@@ -260,9 +260,12 @@ class ChatBackend:
         def on_logprobs(logprob: float, top: list[tuple[int, float]]) -> None:
             loop.call_soon_threadsafe(events.put_nowait, ("logprobs", (logprob, top)))
 
-        request = self.engine.submit(GenerationRequest(
-            prompt_ids, params, on_token, on_finish, adapter=adapter,
-            on_logprobs=on_logprobs if params.logprobs is not None else None))
+        try:
+            request = self.engine.submit(GenerationRequest(
+                prompt_ids, params, on_token, on_finish, adapter=adapter,
+                on_logprobs=on_logprobs if params.logprobs is not None else None))
+        except EngineStopped:  # shutting down (or the loop died: /livez says so)
+            raise RequestError(503, "the generation engine is not running; retry") from None
         pending_logprobs: tuple[float, list[tuple[int, float]]] | None = None
         metrics = self.metrics
         model_name = metrics.model_name
