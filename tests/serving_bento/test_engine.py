@@ -149,6 +149,13 @@ def test_backend_is_ready_only_once_model_and_adapters_are_loaded(tiny_adapters)
     finally:
         backend.shutdown()
     assert not backend.ready and not backend.alive  # the engine stopped: liveness fails
+    import asyncio
+
+    from serving_bento.schemas import RequestError
+
+    with pytest.raises(RequestError) as info:  # a request that slips in now gets a 503 to retry, not a 500
+        asyncio.run(backend.complete([1, 2, 3], SamplingParams(max_new_tokens=2)))
+    assert info.value.status == 503
 
 
 def test_backend_with_a_broken_adapter_is_not_alive(tmp_path):
