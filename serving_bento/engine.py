@@ -98,7 +98,7 @@ class GenerationRequest:
             if logprobs is not None and self.on_logprobs is not None:
                 k = self.params.logprobs or 0
                 top = logprobs.topk(k) if k else None
-                alternatives = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
+                alternatives = [] if top is None else list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
                 self.on_logprobs(float(logprobs[token]), alternatives)
             self.on_token(token)
             return True
@@ -131,8 +131,6 @@ def sample_next_tokens(logits: Any, params: Sequence[SamplingParams], generators
     A row whose sampling fails (e.g. non-finite probabilities) gets ``FAILED_ROW``; the others
     are unaffected.
     """
-    import torch
-
     greedy = logits.argmax(dim=-1)
     sampled_rows = [i for i, p in enumerate(params) if p.do_sample]
     if not sampled_rows:

@@ -207,7 +207,8 @@ def test_a_client_that_hangs_up_cancels_its_non_streamed_request(bento_tiny_per_
     else:
         pytest.fail("the request was not cancelled when its client left")
     time.sleep(1.0)
-    generated = _metric(bento_tiny_per_request, "kaiflow_generated_tokens_total", 'endpoint="completions"') - before_tokens
+    after_tokens = _metric(bento_tiny_per_request, "kaiflow_generated_tokens_total", 'endpoint="completions"')
+    generated = after_tokens - before_tokens
     assert generated < 500  # it stopped early instead of generating for nobody
     assert _metric(bento_tiny_per_request, "vllm:num_requests_running", f'model_name="{BASE}"') == 0
     assert "Traceback" not in bento_tiny_per_request.log

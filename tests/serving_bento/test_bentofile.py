@@ -17,8 +17,9 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[2]
 BENTOFILE = ROOT / "serving_bento" / "bentofile.yaml"
 # what runs inside the Bento: the service, the catalog, and the init container's step
+INIT_CONTAINER_STEPS = ("__init__.py", "common.py", "oci.py", "pull_adapters.py", "retry.py")
 SERVICE_MODULES = [*sorted((ROOT / "serving_bento").glob("*.py")), *sorted((ROOT / "presets").glob("*.py")),
-                   *(ROOT / "steps" / f for f in ("__init__.py", "common.py", "oci.py", "pull_adapters.py", "retry.py"))]
+                   *(ROOT / "steps" / f for f in INIT_CONTAINER_STEPS)]
 
 
 def _bento() -> dict:
@@ -91,7 +92,8 @@ def test_the_docker_section_is_valid_for_bentoml():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert docker["distro"] == "debian"
     assert project["requires-python"] == f">={docker['python_version']}"
-    assert (ROOT / docker["setup_script"]).stat().st_mode & 0o111, "bentoml refuses a setup script that is not executable"
+    # bentoml refuses a setup script that is not executable
+    assert (ROOT / docker["setup_script"]).stat().st_mode & 0o111
     with BENTOFILE.open() as stream:
         built = BentoBuildConfig.from_yaml(stream)  # bentoml's own validation (unknown keys, distros)
     assert built.docker.distro == "debian" and built.docker.setup_script == docker["setup_script"]

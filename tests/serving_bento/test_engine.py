@@ -189,7 +189,8 @@ def test_one_bad_request_ends_alone_and_every_request_finishes(tiny):
         def explode(token: int) -> None:
             raise RuntimeError("the client's loop is gone")
 
-        bad_callback = GenerationRequest(ids[1], SamplingParams(max_new_tokens=8), explode, c.request(4, [], None).on_finish)
+        finish_4 = c.request(4, [], SamplingParams()).on_finish
+        bad_callback = GenerationRequest(ids[1], SamplingParams(max_new_tokens=8), explode, finish_4)
         for request in (good[0], bad_seed, good[1], bad_callback, good[2]):
             engine.submit(request)
         c.wait(5)
