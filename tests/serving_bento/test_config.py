@@ -88,3 +88,12 @@ def test_unknown_model_and_missing_adapter_folder(tmp_path):
         resolve_base(ServiceConfig(model="gpt-17"))
     with pytest.raises(ConfigError, match="adapter 'a': no adapter_config.json"):
         check_adapter_folders((AdapterSpec("a", str(tmp_path)),))
+
+
+def test_every_setting_is_documented():
+    from dataclasses import fields
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "serving.md").read_text()
+    missing = [f.metadata["env"] for f in fields(ServiceConfig) if f"`{f.metadata['env']}`" not in docs]
+    assert not missing, f"settings missing from docs/serving.md: {missing}"
