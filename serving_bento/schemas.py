@@ -85,6 +85,12 @@ class Message(BaseModel):
                                        or data.get("role") in ("tool", "function") or "tool_call_id" in data):
             raise ValueError("tool and function call messages are not supported: this service has no tool "
                              "calling; send text turns (system, developer, user, assistant with content) only")
+        if isinstance(data, dict):
+            # a reply sent back as it came (the openai client's message.model_dump()) carries
+            # refusal/annotations/audio/tool_calls as null: nothing is asked of us by those
+            data = {k: v for k, v in data.items() if v is not None or k == "content"}
+            if data.get("tool_calls") == []:
+                del data["tool_calls"]
         return data
 
     def text(self) -> str:

@@ -200,3 +200,15 @@ def test_logprobs_match_the_model(client, bento_tiny, tiny_model_path):
     assert tokens == [c.token for c in content]
     assert [e.logprob for c in streamed for e in c.choices[0].logprobs.content] == pytest.approx(
         [c.logprob for c in content], abs=1e-4)
+
+
+def test_a_reply_sent_back_as_the_client_returned_it_is_accepted(client, bento_tiny):
+    """Multi-turn chat: the assistant message goes back as the openai client parsed it (nulls included)."""
+    messages = [{"role": "user", "content": "Say hello"}]
+    first = client.chat.completions.create(model=bento_tiny.served_model, messages=messages, max_tokens=4,
+                                           temperature=0)
+    messages += [first.choices[0].message.model_dump(), {"role": "user", "content": "Again"}]
+    assert any(v is None for v in messages[1].values())  # refusal, audio, tool_calls, ... as null
+    again = client.chat.completions.create(model=bento_tiny.served_model, messages=messages, max_tokens=4,
+                                           temperature=0)
+    assert again.choices[0].message.role == "assistant"
