@@ -1,15 +1,26 @@
-"""Serving benchmark: our batching service against a naive one-generate-at-a-time server.
+"""Serving benchmark: Kaito's merged adapters, adapters chosen per request, and a naive server.
 
-Both sides are the same BentoML service on the same model and the same HTTP code, started the
-way ``kaiflow deploy`` starts it, side by side, each level measured on both back to back; only the generate loop differs (``KAIFLOW_ENGINE=batching`` vs
-``naive``: one ``model.generate`` per request, in turn). At each concurrency level a fixed number
-of streamed ``/v1/chat/completions`` requests is spread over the clients; prompts ask for long
-answers and ``max_tokens`` caps them, so every request generates about the same number of tokens.
+Three servers run the same BentoML service on the same model with the same four LoRA adapters
+(random, small, built here with PEFT), started the way ``kaiflow deploy`` starts them, side by
+side; each concurrency level is measured on all three back to back (in an order that rotates
+from run to run), so a busy neighbour on a shared machine skews them alike:
 
-Reports req/s, generated tokens/s, p50/p99 latency and p50 time to first streamed token, as a
-markdown table and (``--json``) raw figures.
+* ``merged`` — Kaito's behaviour: the adapters combined by strength and merged into the weights,
+  continuous batching (``KAIFLOW_ADAPTER_MODE=merged``);
+* ``per-request`` — the base model with the four adapters as separate models
+  (``KAIFLOW_ADAPTER_MODE=per-request``), request ``i`` naming adapter ``i mod 4``, so a batch of
+  8 clients mixes all four adapters;
+* ``naive`` — the merged model, one ``model.generate`` per request in turn (``KAIFLOW_ENGINE=naive``).
 
-    .venv/bin/python bench/serve_bench.py --model smollm2-135m-instruct --clients 1 4 8 --requests 8
+At each level a fixed number of streamed ``/v1/chat/completions`` requests (default: the larger of
+8 and two per client, so that the 8-client level is more than one batch) is spread over the
+clients; prompts ask for long answers and ``max_tokens`` caps them. The whole sweep runs
+``--runs`` times (default 3) and the table gives the median of the runs for each cell, with the
+sizes it was measured at. Reports req/s, generated tokens/s, p50/p99 latency and p50 time to
+first streamed token, and the ratios that matter (per-request / merged, per-request / naive).
+
+    .venv/bin/python bench/serve_bench.py            # what `make bench` runs
+    .venv/bin/python bench/serve_bench.py --clients 8 --requests 16 --runs 3 --json figures.json
 """
 
 from __future__ import annotations
@@ -27,7 +38,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+
+SERVERS = ("merged", "per-request", "naive")
+FIGURES = ("req_per_s", "tokens_per_s", "p50_s", "p99_s", "ttft_p50_s", "tokens_per_request")
 
 TOPICS = ["the sea", "a GPU", "Kubernetes", "autumn", "a robot", "Paris", "a library", "the moon",
           "coffee", "a train", "mountains", "a cat", "winter", "a city", "music", "rain"]
@@ -56,7 +71,8 @@ def one_request(client, model: str, prompt: str, max_tokens: int) -> dict[str, f
     return {"latency": ended - started, "ttft": (first or ended) - started, "tokens": tokens}
 
 
-def run_level(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict[str, float]:
+def run_level(url: str, models: list[str], clients: int, requests: int, max_tokens: int) -> dict[str, float]:
+    """``requests`` streamed chats over ``clients`` threads; request ``i`` names ``models[i % len(models)]``."""
     import httpx
 
     results: list[dict[str, float]] = []
@@ -75,7 +91,7 @@ def run_level(url: str, model: str, clients: int, requests: int, max_tokens: int
                     return
                 prompt = f"Write a long, detailed story about {TOPICS[i % len(TOPICS)]}."
                 try:
-                    r = one_request(client, model, prompt, max_tokens)
+                    r = one_request(client, models[i % len(models)], prompt, max_tokens)
                 except Exception as exc:  # counted, reported
                     with lock:
                         errors.append(str(exc))
@@ -102,62 +118,121 @@ def run_level(url: str, model: str, clients: int, requests: int, max_tokens: int
     }
 
 
+def make_adapters(model: str, root: Path, count: int, rank: int) -> list[dict[str, object]]:
+    """``count`` random LoRA adapters (small B: the answers stay text) on the preset's target modules."""
+    from presets.catalog import UnknownPresetError, get_preset
+    from presets.local import resolve_model
+    from tests.fixtures.bento import make_lora_adapter
+
+    try:
+        preset = get_preset(model)
+        path, modules = resolve_model(preset), tuple(preset.lora_target_modules or ("q_proj", "v_proj"))
+    except UnknownPresetError:
+        path, modules = model, ("q_proj", "v_proj")
+    adapters = []
+    for i in range(count):
+        out = make_lora_adapter(path, root / f"adapter-{i}", seed=100 + i, r=rank, scale=0.02, target_modules=modules)
+        adapters.append({"name": f"adapter-{i}", "path": str(out), "strength": 1.0})
+    return adapters
+
+
+def median_levels(runs: list[dict[str, list[dict[str, float]]]], server: str) -> list[dict[str, float]]:
+    levels = []
+    for i, first in enumerate(runs[0][server]):
+        cells = [run[server][i] for run in runs]
+        level = {"clients": first["clients"], "requests": first["requests"],
+                 "errors": sum(c["errors"] for c in cells)}
+        level.update({name: statistics.median(c[name] for c in cells) for name in FIGURES})
+        levels.append(level)
+    return levels
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct", help="preset or model folder")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8], help="concurrency levels")
-    parser.add_argument("--requests", type=int, default=8, help="requests per level")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="requests per level (default: the larger of 8 and twice the clients)")
     parser.add_argument("--max-tokens", type=int, default=24, help="tokens per request (cap)")
-    parser.add_argument("--engines", nargs="+", default=["batching", "naive"], choices=["batching", "naive"])
+    parser.add_argument("--runs", type=int, default=3, help="sweeps; the table gives each cell's median")
+    parser.add_argument("--adapters", type=int, default=4, help="LoRA adapters on every server")
+    parser.add_argument("--adapter-rank", type=int, default=8, help="their rank (Kaito's default QLoRA r)")
+    parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--torch-threads", type=int, default=1,
-                        help="KAIFLOW_TORCH_THREADS for both servers (0: torch's default; 1 is steadier on "
+                        help="KAIFLOW_TORCH_THREADS for every server (0: torch's default; 1 is steadier on "
                         "a shared machine, see docs/serving.md)")
-    parser.add_argument("--json", help="write the raw figures here")
+    parser.add_argument("--json", help="write the raw figures (every run) and the medians here")
     args = parser.parse_args(argv)
 
     from steps.local_service import start_local, stop_local
 
-    # Both servers run side by side (an idle one costs no CPU) and each level is measured on one
-    # right after the other, so a busy neighbour on a shared machine skews both alike.
-    figures: dict[str, list[dict[str, float]]] = {engine: [] for engine in args.engines}
-    services = {}
+    scratch = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    adapters = make_adapters(args.model, scratch / "adapters", args.adapters, args.adapter_rank)
+    adapter_names = [str(a["name"]) for a in adapters]
+    services: dict[str, tuple[Path, object, list[str]]] = {}
+    runs: list[dict[str, list[dict[str, float]]]] = []
     try:
-        for engine in args.engines:
-            workdir = Path(tempfile.mkdtemp(prefix=f"serve-bench-{engine}-"))
-            services[engine] = (workdir, start_local(
-                args.model, workdir, engine=engine, ready_timeout=600,
-                extra_env={"KAIFLOW_MAX_BATCH_SIZE": str(args.max_batch_size),
-                           "KAIFLOW_TORCH_THREADS": str(args.torch_threads)}))
-            run_level(services[engine][1].url, Path(args.model).name, 1, 2, 4)  # warm-up
-        for clients in args.clients:
-            for engine in args.engines:
-                level = run_level(services[engine][1].url, Path(args.model).name, clients, args.requests,
-                                  args.max_tokens)
-                figures[engine].append(level)
-                print(f"{engine:8s} {clients} clients: {level['req_per_s']:.2f} req/s "
-                      f"{level['tokens_per_s']:.1f} tok/s p50 {level['p50_s']:.2f}s p99 {level['p99_s']:.2f}s "
-                      f"ttft {level['ttft_p50_s']:.2f}s errors {level['errors']}", flush=True)
+        for server in args.servers:
+            workdir = scratch / server
+            env = {"KAIFLOW_MAX_BATCH_SIZE": str(args.max_batch_size), "KAIFLOW_TORCH_THREADS": str(args.torch_threads),
+                   "KAIFLOW_ADAPTER_MODE": "per-request" if server == "per-request" else "merged",
+                   # bentoml serve empties $BENTOML_HOME/prometheus_multiproc_dir at start: one each
+                   "BENTOML_HOME": str(workdir / "bentoml-home")}
+            service = start_local(args.model, workdir, adapters=adapters, engine="naive" if server == "naive" else
+                                  "batching", ready_timeout=600, extra_env=env)
+            models_listed = [m["id"] for m in _get_json(service.url + "/v1/models")["data"]]
+            models = adapter_names if server == "per-request" else models_listed[:1]
+            assert set(models) <= set(models_listed), (models, models_listed)
+            services[server] = (workdir, service, models)
+            run_level(service.url, models, 1, 2, 4)  # warm-up
+        for run in range(args.runs):
+            figures: dict[str, list[dict[str, float]]] = {server: [] for server in args.servers}
+            order = args.servers[run % len(args.servers):] + args.servers[:run % len(args.servers)]
+            for clients in args.clients:
+                for server in order:
+                    _, service, models = services[server]
+                    level = run_level(service.url, models, clients, args.requests or max(8, 2 * clients),
+                                      args.max_tokens)
+                    figures[server].append(level)
+                    print(f"run {run + 1} {server:11s} {clients} clients: {level['req_per_s']:.2f} req/s "
+                          f"{level['tokens_per_s']:.1f} tok/s p50 {level['p50_s']:.2f}s p99 {level['p99_s']:.2f}s "
+                          f"ttft {level['ttft_p50_s']:.2f}s errors {level['errors']}", flush=True)
+            runs.append(figures)
     finally:
-        for workdir, service in services.values():
+        for workdir, service, _ in services.values():
             stop_local(workdir, service)
 
-    print(f"\nmodel {args.model}, {args.requests} requests per level, max_tokens {args.max_tokens}, "
-          f"{os.cpu_count()} CPUs, torch threads {args.torch_threads or 'default'}\n")
-    print("| engine | clients | req/s | tokens/s | p50 s | p99 s | TTFT p50 s | errors |")
-    print("|---|---|---|---|---|---|---|---|")
-    for engine, levels in figures.items():
+    medians = {server: median_levels(runs, server) for server in args.servers}
+    per_level = args.requests or ", ".join(f"{max(8, 2 * c)} at {c} clients" for c in args.clients)
+    print(f"\nmedian of {args.runs} runs; model {args.model}, requests per level: {per_level}; max_tokens "
+          f"{args.max_tokens}, {args.adapters} LoRA adapters of rank {args.adapter_rank}, {os.cpu_count()} CPUs, "
+          f"torch threads {args.torch_threads or 'default'}, max batch {args.max_batch_size}\n")
+    print("| server | clients | req/s | tokens/s | tokens/request | p50 s | p99 s | TTFT p50 s | errors |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for server, levels in medians.items():
         for f in levels:
-            print(f"| {engine} | {f['clients']} | {f['req_per_s']:.2f} | {f['tokens_per_s']:.1f} | {f['p50_s']:.2f} "
-                  f"| {f['p99_s']:.2f} | {f['ttft_p50_s']:.2f} | {f['errors']} |")
-    if "batching" in figures and "naive" in figures:
-        for ours, naive in zip(figures["batching"], figures["naive"], strict=True):
-            print(f"\n{ours['clients']} clients: batching/naive req/s = {ours['req_per_s'] / naive['req_per_s']:.2f}x; "
-                  f"batching p99/p50 = {ours['p99_s'] / ours['p50_s']:.2f}", end="")
-        print()
+            print(f"| {server} | {f['clients']} | {f['req_per_s']:.2f} | {f['tokens_per_s']:.1f} | "
+                  f"{f['tokens_per_request']:.1f} | {f['p50_s']:.2f} | {f['p99_s']:.2f} | {f['ttft_p50_s']:.2f} | "
+                  f"{f['errors']} |")
+    print()
+    for i, clients in enumerate(args.clients):
+        ratios = []
+        for ours, base in (("per-request", "merged"), ("per-request", "naive"), ("merged", "naive")):
+            if ours in medians and base in medians:
+                ratio = [run[ours][i]["req_per_s"] / run[base][i]["req_per_s"] for run in runs]
+                ratios.append(f"{ours}/{base} req/s = {statistics.median(ratio):.2f}x "
+                              f"(runs {', '.join(f'{r:.2f}' for r in ratio)})")
+        print(f"{clients} clients: " + "; ".join(ratios))
     if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+        Path(args.json).write_text(json.dumps({"runs": runs, "medians": medians, "sizes": vars(args)}, indent=2))
     return 0
+
+
+def _get_json(url: str) -> dict:
+    import httpx
+
+    return httpx.get(url, timeout=30).json()
 
 
 if __name__ == "__main__":

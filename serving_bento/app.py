@@ -1,20 +1,26 @@
 """The HTTP face of the service: a Starlette app that BentoML mounts at ``/``.
 
 BentoML serves its own ``/healthz``, ``/livez``, ``/readyz`` and ``/metrics`` (never behind the
-API key, so probes and Prometheus keep working); this app adds the Kaito endpoint ``POST /chat``
-and the OpenAI endpoints (:mod:`serving_bento.openai_api`). Each handler reads the body under the
-size limit, checks the optional bearer key, validates the body (:mod:`serving_bento.schemas`) and
-answers every problem with a 4xx JSON error ``{"error": {"message", "type", "param", "code"}}``.
+API key, so probes and Prometheus keep working); this app adds Kaito's ``GET /health``, the Kaito
+endpoint ``POST /chat`` and the OpenAI endpoints (:mod:`serving_bento.openai_api`). Each handler
+reads the body under the size limit, checks the optional bearer key, then validates and tokenizes
+in a worker thread (:mod:`serving_bento.schemas`; the event loop stays free for probes and
+streams) and answers every problem with a 4xx JSON error
+``{"error": {"message", "type", "param", "code"}}``. A non-streamed request whose client hangs up
+is cancelled (its batch slot freed) instead of generating for nobody.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -25,6 +31,11 @@ from serving_bento.schemas import KaitoChatRequest, RequestError, parse_body
 log = logging.getLogger("kaiflow.serving")
 
 Handler = Callable[[Request, Any], Awaitable[Response]]
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    """The client hung up before its answer was ready."""
 
 KAITO_DEFAULT_NEW_TOKENS = 200
 
@@ -84,6 +95,9 @@ def endpoint(name: str, *, body: bool = True) -> Callable[[Handler], Callable[[R
             except RequestError as exc:
                 outcome = str(exc.status)
                 return JSONResponse(exc.body(), status_code=exc.status)
+            except ClientDisconnected:
+                outcome = "disconnected"
+                return Response(status_code=499)  # nobody reads it; nginx's code for "client closed"
             except Exception:
                 outcome = "500"
                 log.exception("%s failed", name)
@@ -101,17 +115,49 @@ def endpoint(name: str, *, body: bool = True) -> Callable[[Handler], Callable[[R
     return wrap
 
 
-@endpoint("chat")
-async def kaito_chat(request: Request, raw: bytes) -> Response:
-    """Kaito's ``/chat``: ``{"prompt"}`` or ``{"messages"}`` + ``generate_kwargs`` → ``{"Result"}``."""
-    backend = get_backend()
+async def _wait_for_disconnect(request: Request) -> None:
+    # the body was read already, so the next ASGI message is the client leaving (or never comes)
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; cancel it (freeing its batch slot) if the client hangs up first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the handler itself is cancelled (shutdown): take the work along
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise ClientDisconnected()
+
+
+def _prepare_kaito(backend: Any, raw: bytes) -> tuple[KaitoChatRequest, list[int], str | None]:
+    """Parse and tokenize (in a worker thread: big prompts must not stall the event loop)."""
     body: KaitoChatRequest = parse_body(raw, KaitoChatRequest)
     if (body.prompt is None) == (body.messages is None):
         raise RequestError(400, "send exactly one of prompt or messages", param="prompt")
+    adapter = backend.adapter_for(body.adapter, "adapter")
     if body.messages is not None:
         ids = backend.encode_messages(body.messages)
     else:
         ids = backend.encode_prompt(body.prompt)
+    return body, ids, adapter
+
+
+@endpoint("chat")
+async def kaito_chat(request: Request, raw: bytes) -> Response:
+    """Kaito's ``/chat``: ``{"prompt"}`` or ``{"messages"}`` + ``generate_kwargs`` → ``{"Result"}``."""
+    backend = get_backend()
+    body, ids, adapter = await run_in_threadpool(_prepare_kaito, backend, raw)
     kw = body.generate_kwargs
     wanted, param = kw.max_new_tokens, "generate_kwargs.max_new_tokens"
     if wanted is None and kw.max_length is not None:  # transformers' max_length counts the prompt too
@@ -129,16 +175,25 @@ async def kaito_chat(request: Request, raw: bytes) -> Response:
         top_k=kw.top_k,
         seed=kw.seed,
     )
-    text, _ = await backend.complete(ids, params, endpoint="chat")
+    text, _ = await unless_disconnected(request, backend.complete(ids, params, endpoint="chat", adapter=adapter))
     if body.prompt is not None and body.return_full_text:
         text = body.prompt + text
     return JSONResponse({"Result": text})
+
+
+async def health(request: Request) -> Response:
+    """Kaito's runtimes answer ``GET /health`` with ``{"status": "Healthy"}`` once they can serve."""
+    if _backend is not None and _backend.ready:
+        return JSONResponse({"status": "Healthy"})
+    reason = "Unhealthy" if _backend is not None and not _backend.alive else "Loading"
+    return JSONResponse({"status": reason}, status_code=503)
 
 
 def build_app() -> Starlette:
     from serving_bento import openai_api
 
     routes = [
+        Route("/health", health, methods=["GET"]),
         Route("/chat", kaito_chat, methods=["POST"]),
         Route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"]),
         Route("/v1/completions", openai_api.completions, methods=["POST"]),

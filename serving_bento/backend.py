@@ -3,7 +3,12 @@
 :class:`ChatBackend` loads the model in a background thread (so ``/livez`` answers while a big
 model loads and ``/readyz`` turns ready only once the model and its adapters are in memory),
 turns prompts and chat messages into token ids under the configured limits, and exposes
-:meth:`ChatBackend.stream`: an async iterator of text pieces for one request. Token ids come
+:meth:`ChatBackend.stream`: an async iterator of text pieces for one request.
+
+Prompt work (templating, tokenizing) is synchronous and can take long for a big prompt, so the
+handlers run it in a worker thread (:func:`starlette.concurrency.run_in_threadpool`), never on
+the event loop that also answers ``/readyz``; a prompt over the character limit is refused
+before any of that work. Token ids come
 from the engine thread through ``loop.call_soon_threadsafe`` into a per-request asyncio queue;
 text is decoded incrementally (the full decode of the generated ids, minus what was already sent,
 holding back a trailing partial UTF-8 character and anything that may be the start of a stop
@@ -21,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serving_bento.config import ServiceConfig
-from serving_bento.engine import GenerationRequest, SamplingParams
+from serving_bento.engine import EngineStopped, GenerationRequest, SamplingParams
 from serving_bento.schemas import Message, RequestError
 
 log = logging.getLogger("kaiflow.serving")
@@ -36,16 +41,40 @@ class Completion:
     finish_reason: str | None = None
     first_token_at: float | None = None
     started_at: float = field(default_factory=time.monotonic)
+    # (token id, its logprob, [(alternative id, logprob)]) per generated token, when asked for
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
 
 
 class Metrics:
-    """Token counters and latency histograms, on BentoML's /metrics (prometheus_client)."""
+    """Token counters and latency histograms, on BentoML's /metrics (prometheus_client).
 
-    def __init__(self, registry: Any = None) -> None:
+    Each figure is kept twice: under kaiflow's names (per endpoint) and under vLLM's names with a
+    ``model_name`` label, which Kaito's dashboards and KEDA autoscaling read
+    (``vllm:num_requests_waiting``).
+    """
+
+    def __init__(self, registry: Any = None, model_name: str = "") -> None:
         # imported here, after BentoML set PROMETHEUS_MULTIPROC_DIR in the worker
-        from prometheus_client import REGISTRY, Counter, Histogram
+        from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
         reg = {"registry": registry or REGISTRY}
+        self.model_name = model_name
+        # one worker holds the model: the live worker's value is the value
+        self.vllm_running = Gauge("vllm:num_requests_running", "requests in the decoding batch", ["model_name"],
+                                  multiprocess_mode="livesum", **reg)
+        self.vllm_waiting = Gauge("vllm:num_requests_waiting", "requests queued for a batch slot", ["model_name"],
+                                  multiprocess_mode="livesum", **reg)
+        self.vllm_prompt_tokens = Counter("vllm:prompt_tokens", "prefill tokens processed", ["model_name"], **reg)
+        self.vllm_generation_tokens = Counter("vllm:generation_tokens", "tokens generated", ["model_name"], **reg)
+        self.vllm_success = Counter("vllm:request_success", "finished requests by finish reason",
+                                    ["model_name", "finished_reason"], **reg)
+        vllm_buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 640)
+        self.vllm_ttft = Histogram("vllm:time_to_first_token_seconds", "time to first token", ["model_name"],
+                                   buckets=vllm_buckets, **reg)
+        self.vllm_e2e = Histogram("vllm:e2e_request_latency_seconds", "time from request to its last token",
+                                  ["model_name"], buckets=vllm_buckets, **reg)
+        self.vllm_running.labels(model_name).set(0)
+        self.vllm_waiting.labels(model_name).set(0)
         self.requests = Counter("kaiflow_requests", "chat requests by endpoint and outcome", ["endpoint", "outcome"],
                                 **reg)
         self.prompt_tokens = Counter("kaiflow_prompt_tokens", "prompt tokens processed", ["endpoint"], **reg)
@@ -63,6 +92,10 @@ class Metrics:
             **reg,
         )
 
+    def engine_state(self, running: int, waiting: int) -> None:
+        self.vllm_running.labels(self.model_name).set(running)
+        self.vllm_waiting.labels(self.model_name).set(waiting)
+
 
 class ChatBackend:
     def __init__(self, config: ServiceConfig, metrics_registry: Any = None):
@@ -73,6 +106,8 @@ class ChatBackend:
         self.load_error: str | None = None
         self._ready = threading.Event()
         self.metrics: Metrics | None = None
+        # HF fast tokenizers are not safe to use from several threads at once ("Already borrowed")
+        self._encode_lock = threading.Lock()
 
     # -- life cycle ----------------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -84,7 +119,7 @@ class ChatBackend:
 
         started = time.monotonic()
         try:
-            self.metrics = Metrics(self._metrics_registry)
+            self.metrics = Metrics(self._metrics_registry, self.config.model_id())
             self.loaded = load_model(self.config)
             self.engine = make_engine(
                 self.config.engine,
@@ -92,17 +127,19 @@ class ChatBackend:
                 self.loaded.tokenizer,
                 context_length=self.loaded.context_length,
                 max_batch_size=self.config.max_batch_size,
+                router=self.loaded.router,
             )
             self.engine.step_observer = self.metrics.batch_rows.observe
+            self.engine.state_observer = self.metrics.engine_state
             self.engine.start()
         except Exception as exc:  # reported through /livez and the log; the pod restarts
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("model loading failed: %s", self.load_error)
             return
         log.info(
-            "model %s ready in %.1f s (engine %s, adapters %s)",
+            "model %s ready in %.1f s (engine %s, adapters %s, %s)",
             self.config.model, time.monotonic() - started, self.config.engine,
-            [(a.name, a.strength) for a in self.config.adapters],
+            [(a.name, a.strength) for a in self.config.adapters], self.config.adapter_mode,
         )
         self._ready.set()
 
@@ -126,20 +163,57 @@ class ChatBackend:
         if not self.ready:
             raise RequestError(503, self.load_error or "the model is still loading; retry when /readyz is ready")
 
+    # -- models and adapters ------------------------------------------------------------------
+    def served_models(self) -> list[tuple[str, str | None]]:
+        """(model id, adapter or None for the base) for every model a request may name."""
+        base = self.config.model_id()
+        return [(base, None)] + [(name, name) for name in (self.loaded.per_request_adapters if self.loaded else ())]
+
+    def adapter_for(self, name: str | None, param: str = "model") -> str | None:
+        """The adapter a request's model (or /chat's adapter) selects; None: the base model."""
+        if name is None:
+            return None
+        served = dict(self.served_models())
+        if name in served:
+            return served[name]
+        ids = ", ".join(repr(n) for n in served)
+        hint = ""
+        if self.config.adapters and self.config.adapter_mode == "merged":
+            hint = " (adapters are merged into the base model; KAIFLOW_ADAPTER_MODE=per-request serves them by name)"
+        raise RequestError(404, f"{param}: {name!r} is not served here; this service serves {ids}{hint}",
+                           param=param, code="model_not_found")
+
+    # -- prompts (synchronous: the handlers run these in a worker thread) ----------------------
+    def _check_chars(self, chars: int, param: str) -> None:
+        limit = self.config.prompt_char_limit
+        if chars > limit:
+            raise RequestError(
+                400, f"{param}: the prompt has {chars} characters; the limit is {limit} (checked before "
+                "tokenizing; KAIFLOW_MAX_PROMPT_CHARS)", param=param, code="context_length_exceeded",
+            )
+
     def encode_messages(self, messages: list[Message], param: str = "messages") -> list[int]:
         if not messages:
             raise RequestError(400, f"{param}: must hold at least one message", param=param)
         if self.loaded.chat_template == "none":
             raise RequestError(400, f"{param}: this base model has no chat template; send a prompt instead", param=param)
         conversation = [{"role": m.role, "content": m.text()} for m in messages]
-        try:
-            text = self.loaded.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # templates raise on roles/orders they do not support
-            raise RequestError(400, f"{param}: the model's chat template refused these messages: {exc}", param=param) from None
-        return self._check_prompt(self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"], param)
+        self._check_chars(sum(len(m["content"]) for m in conversation), param)
+        with self._encode_lock:
+            try:
+                text = self.loaded.tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
+                                                                 tokenize=False)
+            except Exception as exc:  # templates raise on roles/orders they do not support
+                raise RequestError(400, f"{param}: the model's chat template refused these messages: {exc}",
+                                   param=param) from None
+            ids = self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._check_prompt(ids, param)
 
     def encode_prompt(self, prompt: str, param: str = "prompt") -> list[int]:
-        return self._check_prompt(self.loaded.tokenizer(prompt)["input_ids"], param)
+        self._check_chars(len(prompt), param)
+        with self._encode_lock:
+            ids = self.loaded.tokenizer(prompt)["input_ids"]
+        return self._check_prompt(ids, param)
 
     def _check_prompt(self, ids: list[int], param: str) -> list[int]:
         if not ids:
@@ -164,10 +238,14 @@ class ChatBackend:
     def decode(self, ids: list[int]) -> str:
         return self.loaded.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def token_text(self, token: int) -> str:
+        """One token as text, special tokens included (what a logprobs entry names)."""
+        return self.loaded.tokenizer.decode([token])
+
     # -- generation ----------------------------------------------------------------------------
     async def stream(
         self, prompt_ids: list[int], params: SamplingParams, completion: Completion,
-        *, stop: list[str] | None = None, endpoint: str = "chat",
+        *, stop: list[str] | None = None, endpoint: str = "chat", adapter: str | None = None,
     ) -> AsyncIterator[str]:
         """Yield the generated text piece by piece; fills ``completion`` as it goes."""
         loop = asyncio.get_running_loop()
@@ -179,29 +257,53 @@ class ChatBackend:
         def on_finish(reason: str) -> None:
             loop.call_soon_threadsafe(events.put_nowait, ("finish", reason))
 
-        request = self.engine.submit(GenerationRequest(prompt_ids, params, on_token, on_finish))
+        def on_logprobs(logprob: float, top: list[tuple[int, float]]) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, ("logprobs", (logprob, top)))
+
+        try:
+            request = self.engine.submit(GenerationRequest(
+                prompt_ids, params, on_token, on_finish, adapter=adapter,
+                on_logprobs=on_logprobs if params.logprobs is not None else None))
+        except EngineStopped:  # shutting down (or the loop died: /livez says so)
+            raise RequestError(503, "the generation engine is not running; retry") from None
+        pending_logprobs: tuple[float, list[tuple[int, float]]] | None = None
         metrics = self.metrics
+        model_name = metrics.model_name
         metrics.prompt_tokens.labels(endpoint).inc(len(prompt_ids))
+        metrics.vllm_prompt_tokens.labels(model_name).inc(len(prompt_ids))
         generated: list[int] = []
         sent = ""
         hold = max((len(s) for s in stop), default=1) - 1 if stop else 0
         try:
             while True:
                 kind, value = await events.get()
+                if kind == "logprobs":  # always just before its token
+                    pending_logprobs = value
+                    continue
                 if kind == "finish":
                     completion.finish_reason = "length" if value == "length" else "stop"
-                    if value == "error":
-                        raise RuntimeError("generation failed on the server; see its log")
+                    if value != "cancelled":
+                        metrics.vllm_success.labels(model_name, value).inc()
+                    if value == "error":  # the engine logged why; the other requests go on
+                        raise RequestError(500, "generation failed for this request; see the server log")
+                    if value == "cancelled":
+                        raise RequestError(503, "the generation engine stopped; retry")
                     text = self.decode(generated)
                     if text.startswith(sent) and len(text) > len(sent):
                         yield text[len(sent):]
                     return
                 if completion.first_token_at is None:
                     completion.first_token_at = time.monotonic()
-                    metrics.first_token.labels(endpoint).observe(completion.first_token_at - completion.started_at)
+                    ttft = completion.first_token_at - completion.started_at
+                    metrics.first_token.labels(endpoint).observe(ttft)
+                    metrics.vllm_ttft.labels(model_name).observe(ttft)
                 generated.append(value)
                 completion.completion_tokens = len(generated)
+                if pending_logprobs is not None:
+                    completion.logprobs.append((value, *pending_logprobs))
+                    pending_logprobs = None
                 metrics.generated_tokens.labels(endpoint).inc()
+                metrics.vllm_generation_tokens.labels(model_name).inc()
                 text = self.decode(generated)
                 if stop:
                     cut = min((text.find(s) for s in stop if s in text), default=-1)
@@ -219,11 +321,15 @@ class ChatBackend:
                     sent = text[:upto]
         finally:
             request.cancel()  # no-op when finished; frees the slot when the client went away
-            metrics.latency.labels(endpoint).observe(time.monotonic() - completion.started_at)
+            elapsed = time.monotonic() - completion.started_at
+            metrics.latency.labels(endpoint).observe(elapsed)
+            metrics.vllm_e2e.labels(model_name).observe(elapsed)
 
     async def complete(
-        self, prompt_ids: list[int], params: SamplingParams, *, stop: list[str] | None = None, endpoint: str = "chat"
+        self, prompt_ids: list[int], params: SamplingParams, *, stop: list[str] | None = None, endpoint: str = "chat",
+        adapter: str | None = None,
     ) -> tuple[str, Completion]:
         completion = Completion(prompt_tokens=len(prompt_ids))
-        pieces = [piece async for piece in self.stream(prompt_ids, params, completion, stop=stop, endpoint=endpoint)]
+        pieces = [piece async for piece in self.stream(prompt_ids, params, completion, stop=stop, endpoint=endpoint,
+                                                       adapter=adapter)]
         return "".join(pieces), completion

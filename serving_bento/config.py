@@ -43,6 +43,15 @@ class ServiceConfig:
             "(strength 1.0 each)",
         },
     )
+    adapter_mode: str = field(
+        default="merged",
+        metadata={
+            "env": "KAIFLOW_ADAPTER_MODE",
+            "help": "merged: Kaito's behaviour, every adapter combined by strength into the one served model "
+            "(default: a Workspace's inference.adapters[] means exactly that); per-request: the base and each "
+            "adapter are separate models, chosen by a request's model (or /chat's adapter)",
+        },
+    )
     adapter_combination: str = field(
         default="cat",
         metadata={
@@ -66,6 +75,14 @@ class ServiceConfig:
     )
     max_new_tokens: int = field(
         default=512, metadata={"env": "KAIFLOW_MAX_NEW_TOKENS", "help": "largest max_tokens a request may ask for"}
+    )
+    max_prompt_chars: int = field(
+        default=0,
+        metadata={
+            "env": "KAIFLOW_MAX_PROMPT_CHARS",
+            "help": "longest prompt (all message contents together) accepted before tokenizing, in characters; "
+            "0: 16 x KAIFLOW_MAX_PROMPT_TOKENS",
+        },
     )
     max_body_bytes: int = field(
         default=1 << 20, metadata={"env": "KAIFLOW_MAX_BODY_BYTES", "help": "largest request body accepted"}
@@ -100,6 +117,10 @@ class ServiceConfig:
         for f in fields(cls):
             var = f.metadata["env"]
             raw = env.get(var)
+            if f.name == "api_key" and raw is not None and not raw.strip():
+                # an empty Secret value would otherwise switch authentication off without a word
+                raise ConfigError(f"{var} is set but empty: refusing to start without the key it was meant to hold "
+                                  "(unset it to serve without a key)")
             if raw is None or raw == "":
                 continue
             if f.name == "adapters":
@@ -116,6 +137,8 @@ class ServiceConfig:
                 values["api_key"] = Path(key_file).read_text().strip()
             except OSError as exc:
                 raise ConfigError(f"KAIFLOW_API_KEY_FILE: cannot read {key_file}: {exc.strerror}") from None
+            if not values["api_key"]:
+                raise ConfigError(f"KAIFLOW_API_KEY_FILE: {key_file} is empty: refusing to start without a key")
         config = cls(**values)  # type: ignore[arg-type]
         config.check()
         return config
@@ -123,19 +146,41 @@ class ServiceConfig:
     def check(self) -> None:
         if self.engine not in ("batching", "naive"):
             raise ConfigError(f"KAIFLOW_ENGINE: {self.engine!r} is not one of batching, naive")
+        if self.adapter_mode not in ("merged", "per-request"):
+            raise ConfigError(f"KAIFLOW_ADAPTER_MODE: {self.adapter_mode!r} is not one of merged, per-request")
         if self.adapter_combination not in ("cat", "linear", "svd"):
             raise ConfigError(f"KAIFLOW_ADAPTER_COMBINATION: {self.adapter_combination!r} is not cat, linear or svd")
         for name in ("max_batch_size", "max_prompt_tokens", "max_new_tokens", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_env_of(name)}: must be at least 1")
+        if self.max_prompt_chars < 0:
+            raise ConfigError("KAIFLOW_MAX_PROMPT_CHARS: must be 0 (16 x KAIFLOW_MAX_PROMPT_TOKENS) or more")
         if self.torch_threads < 0:
             raise ConfigError("KAIFLOW_TORCH_THREADS: must be 0 (torch's default) or more")
         names = [a.name for a in self.adapters]
         if len(set(names)) != len(names):
             raise ConfigError(f"KAIFLOW_ADAPTERS: adapter names repeat: {names}")
+        if self.adapter_mode == "per-request" and self.model_id() in names:
+            raise ConfigError(f"KAIFLOW_ADAPTERS: adapter name {self.model_id()!r} is the base model's id; "
+                              "in per-request mode every model id must be unique")
 
     def model_id(self) -> str:
-        return self.served_model_name or Path(self.model).name
+        """The base model's id: Kaito's served name, the lowercased last part of the HF ID."""
+        if self.served_model_name:
+            return self.served_model_name
+        from presets.catalog import UnknownPresetError, get_preset
+
+        try:
+            preset = get_preset(self.model)
+        except UnknownPresetError:
+            return Path(self.model).name.lower()
+        return preset.name if preset.is_local else preset.source.rstrip("/").rsplit("/", 1)[-1].lower()
+
+    @property
+    def prompt_char_limit(self) -> int:
+        # a token spans a few characters on average; 16 per token leaves room for odd text (digits,
+        # code, whitespace runs) while refusing megabyte prompts before any tokenizer work
+        return self.max_prompt_chars or 16 * self.max_prompt_tokens
 
 
 def _env_of(name: str) -> str:

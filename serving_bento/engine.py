@@ -28,8 +28,22 @@ Mistral, Qwen2, Phi-3 without sliding windows, ...). :class:`NaiveEngine` runs o
 other architectures (``KAIFLOW_ENGINE=naive``).
 
 Both engines report to a callback per request: ``on_token(token_id)`` for each new token and
-``on_finish(reason)`` once (``"stop"``, ``"length"``, ``"cancelled"`` or ``"error"``). The
-callbacks run on the engine thread and must be cheap (the service hands them to its event loop).
+``on_finish(reason)`` once (``"stop"``, ``"length"``, ``"cancelled"`` or ``"error"``); a request
+whose ``SamplingParams.logprobs`` is set also gets ``on_logprobs(logprob, top)`` just before each
+token (the model's log-probability of that token, from the raw logits as vLLM reports them, and
+the ``logprobs`` most likely ``(token_id, logprob)``). The callbacks run on the engine thread and
+must be cheap (the service hands them to its event loop).
+
+Failures stay with the request that caused them: a request whose sampling settings cannot be
+set up, whose row fails to sample, or whose callback raises ends alone with ``"error"``; a failed
+prefill ends only the requests being admitted (the running batch's cache is untouched); only a
+failed decode step, which cannot be pinned on one row, ends the rows of that batch. Every request
+taken from the queue gets its ``on_finish`` exactly once, also when the engine stops.
+
+Adapters per request: with a model whose LoRA layers follow an
+:class:`~serving_bento.adapters.AdapterRouter`, each request names its adapter (``None``: the base
+model) and before every forward pass the engine tells the router the adapter of each row, so
+requests for different adapters decode in one batch.
 """
 
 from __future__ import annotations
@@ -55,6 +69,9 @@ class SamplingParams:
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass in (0, 1]"})
     top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens; 0 keeps all"})
     seed: int | None = field(default=None, metadata={"help": "seed for this request's sampling"})
+    logprobs: int | None = field(default=None, metadata={
+        "help": "report each token's log-probability and this many top alternatives (0: none); None: off"})
+
 
 
 @dataclass
@@ -63,43 +80,99 @@ class GenerationRequest:
     params: SamplingParams
     on_token: Callable[[int], None]
     on_finish: Callable[[str], None]
+    adapter: str | None = None  # per-request adapter mode: the adapter's name, None for the base model
+    on_logprobs: Callable[[float, list[tuple[int, float]]], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: int = 0
     submitted_at: float = field(default_factory=time.monotonic)
+    finished: bool = False
 
     def cancel(self) -> None:
         """Ask the engine to drop this request at its next step (client disconnected)."""
         self.cancelled.set()
+
+    def emit(self, token: int, logprobs: Any = None) -> bool:
+        """Hand a token (and its log-probabilities, a row of log_softmax) to the request; False (and
+        the request cancelled) when a callback fails."""
+        try:
+            if logprobs is not None and self.on_logprobs is not None:
+                k = self.params.logprobs or 0
+                top = logprobs.topk(k) if k else None
+                alternatives = [] if top is None else list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+                self.on_logprobs(float(logprobs[token]), alternatives)
+            self.on_token(token)
+            return True
+        except Exception:  # e.g. the handler's event loop is gone: only this request is affected
+            log.exception("delivering a token failed; dropping that request")
+            self.cancel()
+            return False
+
+    def finish(self, reason: str) -> None:
+        """Report the end once, whatever happens in the callback."""
+        if self.finished:
+            return
+        self.finished = True
+        try:
+            self.on_finish(reason)
+        except Exception:
+            log.exception("reporting the end of a request failed")
 
 
 class EngineStopped(RuntimeError):
     pass
 
 
-def sample_next_tokens(logits: Any, params: Sequence[SamplingParams], generators: Sequence[Any]) -> Any:
-    """Pick one token per row of ``logits`` [batch, vocab], each row with its own settings."""
-    import torch
+FAILED_ROW = -1  # what sample_next_tokens gives for a row it could not sample
 
+
+def sample_next_tokens(logits: Any, params: Sequence[SamplingParams], generators: Sequence[Any]) -> Any:
+    """Pick one token per row of ``logits`` [batch, vocab], each row with its own settings.
+
+    A row whose sampling fails (e.g. non-finite probabilities) gets ``FAILED_ROW``; the others
+    are unaffected.
+    """
     greedy = logits.argmax(dim=-1)
     sampled_rows = [i for i, p in enumerate(params) if p.do_sample]
     if not sampled_rows:
         return greedy
     result = greedy.clone()
     for i in sampled_rows:
-        p = params[i]
-        row = logits[i].float() / max(p.temperature, 1e-5)
-        if p.top_k and p.top_k < row.shape[-1]:
-            kth = torch.topk(row, p.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_logits, order = torch.sort(row, descending=True)
-            cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-            # drop a token when the mass before it already reaches top_p (the top token always stays)
-            drop = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= p.top_p
-            row = row.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-        probs = torch.softmax(row, dim=-1)
-        result[i] = torch.multinomial(probs, 1, generator=generators[i]).squeeze(-1)
+        try:
+            result[i] = _sample_row(logits[i], params[i], generators[i])
+        except Exception:
+            log.exception("sampling failed for one row")
+            result[i] = FAILED_ROW
     return result
+
+
+def _sample_row(logits: Any, p: SamplingParams, generator: Any) -> Any:
+    import torch
+
+    row = logits.float() / max(p.temperature, 1e-5)
+    if p.top_k and p.top_k < row.shape[-1]:
+        kth = torch.topk(row, p.top_k).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(row, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # drop a token when the mass before it already reaches top_p (the top token always stays)
+        drop = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= p.top_p
+        row = row.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(row, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _logprob_rows(logits: Any, requests: Sequence[GenerationRequest]) -> list[Any]:
+    """log_softmax of the rows that asked for log-probabilities (None for the others)."""
+    import torch
+
+    wanted = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    rows: list[Any] = [None] * len(requests)
+    if wanted:
+        lp = torch.log_softmax(logits[wanted].float(), dim=-1)
+        for j, i in enumerate(wanted):
+            rows[i] = lp[j]
+    return rows
 
 
 def _make_generator(params: SamplingParams) -> Any:
@@ -120,11 +193,14 @@ class _Engine:
 
     name = "engine"
 
-    def __init__(self, model: Any, tokenizer: Any, *, context_length: int, max_batch_size: int = 8):
+    def __init__(self, model: Any, tokenizer: Any, *, context_length: int, max_batch_size: int = 8,
+                 router: Any = None):
         self.model = model
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.max_batch_size = max_batch_size
+        self.router = router  # per-request adapters: which adapter each row of a forward pass uses
+        self.adapters = frozenset(router.names if router is not None else ())
         self.stop_token_ids = _stop_token_ids(model, tokenizer)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_token_ids)
         self._queue: queue.Queue[GenerationRequest | None] = queue.Queue()
@@ -133,6 +209,7 @@ class _Engine:
         self.active_requests = 0
         self.steps = 0
         self.step_observer: Callable[[int], None] | None = None  # rows per decode step, for metrics
+        self.state_observer: Callable[[int, int], None] | None = None  # (running, waiting), for metrics
 
     def start(self) -> None:
         self._thread.start()
@@ -149,11 +226,25 @@ class _Engine:
     def submit(self, request: GenerationRequest) -> GenerationRequest:
         if not self.running:
             raise EngineStopped("the generation engine is not running")
+        if request.adapter is not None and request.adapter not in self.adapters:
+            raise ValueError(f"adapter {request.adapter!r} is not loaded")
         self._queue.put(request)
+        self._report_state()
         return request
 
     def queue_depth(self) -> int:
         return self._queue.qsize()
+
+    def _report_state(self) -> None:
+        if self.state_observer is not None:
+            try:
+                self.state_observer(self.active_requests, self._queue.qsize())
+            except Exception:  # metrics must never stop generation
+                log.exception("reporting the engine state failed")
+
+    def _route(self, requests: Sequence[GenerationRequest]) -> None:
+        if self.router is not None:
+            self.router.select([r.adapter for r in requests])
 
     def _run_forever(self) -> None:
         import torch
@@ -162,14 +253,24 @@ class _Engine:
             while not self._stopping.is_set():
                 try:
                     self._loop_once()
-                except Exception:  # one bad step must not kill the server: fail its requests
+                except Exception:  # a failed decode step: its batch ends, the server goes on
                     log.exception("generation step failed")
                     self._fail_active()
+                self._report_state()
+        self._fail_active("cancelled")
+        while True:  # requests still queued when the engine stops get their answer too
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item.finish("cancelled")
+        self._report_state()
 
     def _loop_once(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _fail_active(self) -> None:  # pragma: no cover - abstract
+    def _fail_active(self, reason: str = "error") -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _finish_reason(self, request: GenerationRequest, token: int, total_len: int) -> str | None:
@@ -204,8 +305,10 @@ class BatchingEngine(_Engine):
 
     name = "batching"
 
-    def __init__(self, model: Any, tokenizer: Any, *, context_length: int, max_batch_size: int = 8):
-        super().__init__(model, tokenizer, context_length=context_length, max_batch_size=max_batch_size)
+    def __init__(self, model: Any, tokenizer: Any, *, context_length: int, max_batch_size: int = 8,
+                 router: Any = None):
+        super().__init__(model, tokenizer, context_length=context_length, max_batch_size=max_batch_size,
+                         router=router)
         self.device = next(model.parameters()).device
         self._rows: list[_Row] = []
         self._cache: Any = None
@@ -223,7 +326,7 @@ class BatchingEngine(_Engine):
             if item is None:  # stop sentinel
                 break
             if item.cancelled.is_set():
-                item.on_finish("cancelled")
+                item.finish("cancelled")
                 continue
             taken.append(item)
         return taken
@@ -240,6 +343,7 @@ class BatchingEngine(_Engine):
             mask[i, longest - len(r.prompt_ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
+        self._route(requests)
         out = self.model(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
@@ -276,23 +380,46 @@ class BatchingEngine(_Engine):
         self._mask = torch.cat([pad_left(self._mask, old_len, 1), pad_left(mask, new_len, 1)])
 
     def _admit(self, requests: list[GenerationRequest]) -> None:
-        logits, cache, mask = self._prefill(requests)
-        params = [r.params for r in requests]
-        generators = [_make_generator(p) for p in params]
-        tokens = sample_next_tokens(logits, params, generators).tolist()
+        ready: list[GenerationRequest] = []
+        generators: list[Any] = []
+        for request in requests:
+            try:
+                generators.append(_make_generator(request.params))
+            except Exception as exc:  # e.g. a seed torch refuses: this request alone fails
+                log.warning("request refused at admission: %s", exc)
+                request.finish("error")
+                continue
+            ready.append(request)
+        if not ready:
+            return
+        try:
+            logits, cache, mask = self._prefill(ready)
+            params = [r.params for r in ready]
+            tokens = sample_next_tokens(logits, params, generators).tolist()
+            logprob_rows = _logprob_rows(logits, ready)
+        except Exception:  # the running batch's cache is untouched: only these requests fail
+            log.exception("prefill failed for %d new requests", len(ready))
+            for request in ready:
+                request.finish("error")
+            return
         keep = []
-        for i, (request, token) in enumerate(zip(requests, tokens, strict=True)):
+        for i, (request, token) in enumerate(zip(ready, tokens, strict=True)):
+            if token == FAILED_ROW:
+                request.finish("error")
+                continue
             request.generated = 1
-            request.on_token(token)
+            if not request.emit(token, logprob_rows[i]):
+                request.finish("cancelled")
+                continue
             reason = self._finish_reason(request, token, len(request.prompt_ids) + 1)
             if reason:
-                request.on_finish(reason)
+                request.finish(reason)
                 continue
             keep.append(i)
             self._rows.append(_Row(request, generators[i], token, len(request.prompt_ids) + 1))
         if not keep:
             return
-        if len(keep) < len(requests):
+        if len(keep) < len(ready):
             cache.batch_select_indices(_index(keep, self.device))
             mask = mask[keep]
         self._splice(cache, mask)
@@ -305,6 +432,7 @@ class BatchingEngine(_Engine):
         self._mask = torch.cat([self._mask, ones], dim=1)
         ids = torch.tensor([[row.last_token] for row in self._rows], device=self.device)
         positions = torch.tensor([[row.length - 1] for row in self._rows], device=self.device)
+        self._route([row.request for row in self._rows])
         out = self.model(
             input_ids=ids,
             attention_mask=self._mask,
@@ -314,19 +442,26 @@ class BatchingEngine(_Engine):
             logits_to_keep=1,
         )
         params = [row.request.params for row in self._rows]
-        tokens = sample_next_tokens(out.logits[:, -1, :], params, [r.generator for r in self._rows]).tolist()
+        logits = out.logits[:, -1, :]
+        tokens = sample_next_tokens(logits, params, [r.generator for r in self._rows]).tolist()
+        logprob_rows = _logprob_rows(logits, [row.request for row in self._rows])
         keep: list[int] = []
         for i, (row, token) in enumerate(zip(self._rows, tokens, strict=True)):
             if row.request.cancelled.is_set():
-                row.request.on_finish("cancelled")
+                row.request.finish("cancelled")
+                continue
+            if token == FAILED_ROW:
+                row.request.finish("error")
                 continue
             row.request.generated += 1
             row.length += 1
             row.last_token = token
-            row.request.on_token(token)
+            if not row.request.emit(token, logprob_rows[i]):
+                row.request.finish("cancelled")
+                continue
             reason = self._finish_reason(row.request, token, row.length)
             if reason:
-                row.request.on_finish(reason)
+                row.request.finish(reason)
             else:
                 keep.append(i)
         self.steps += 1
@@ -355,13 +490,15 @@ class BatchingEngine(_Engine):
         waiting = self._take_waiting(block=not self._rows)
         if waiting:
             self._admit(waiting)
+        self.active_requests = len(self._rows)
+        self._report_state()
         if self._rows:
             self._decode_step()
         self.active_requests = len(self._rows)
 
-    def _fail_active(self) -> None:
+    def _fail_active(self, reason: str = "error") -> None:
         for row in self._rows:
-            row.request.on_finish("error")
+            row.request.finish(reason)
         self._rows, self._cache, self._mask = [], None, None
         self.active_requests = 0
 
@@ -377,8 +514,9 @@ class NaiveEngine(_Engine):
 
     name = "naive"
 
-    def __init__(self, model: Any, tokenizer: Any, *, context_length: int, max_batch_size: int = 1):
-        super().__init__(model, tokenizer, context_length=context_length, max_batch_size=1)
+    def __init__(self, model: Any, tokenizer: Any, *, context_length: int, max_batch_size: int = 1,
+                 router: Any = None):
+        super().__init__(model, tokenizer, context_length=context_length, max_batch_size=1, router=router)
         self._current: GenerationRequest | None = None
 
     def _loop_once(self) -> None:
@@ -392,10 +530,11 @@ class NaiveEngine(_Engine):
         if request is None:
             return
         if request.cancelled.is_set():
-            request.on_finish("cancelled")
+            request.finish("cancelled")
             return
         self._current = request
         self.active_requests = 1
+        self._report_state()
         engine = self
         state = {"reason": None}
 
@@ -405,8 +544,10 @@ class NaiveEngine(_Engine):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
                 token = int(input_ids[0, -1])
                 request.generated += 1
-                request.on_token(token)
-                reason = "cancelled" if request.cancelled.is_set() else None
+                # generate hands over the processed scores (after temperature/top-k/top-p)
+                logprobs = torch.log_softmax(scores[0].float(), dim=-1) if p.logprobs is not None else None
+                delivered = request.emit(token, logprobs)
+                reason = "cancelled" if request.cancelled.is_set() or not delivered else None
                 reason = reason or engine._finish_reason(request, token, input_ids.shape[1])
                 state["reason"] = reason
                 return torch.tensor([reason is not None])
@@ -415,6 +556,7 @@ class NaiveEngine(_Engine):
         if p.seed is not None:
             torch.manual_seed(p.seed)
         kwargs: dict[str, Any] = {"do_sample": p.do_sample}
+        self._route([request])
         if p.do_sample:
             kwargs.update(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or None)
         self.model.generate(
@@ -425,13 +567,13 @@ class NaiveEngine(_Engine):
             pad_token_id=self.pad_token_id,
             **kwargs,
         )
-        request.on_finish(state["reason"] or "length")
+        request.finish(state["reason"] or "length")
         self._current = None
         self.active_requests = 0
 
-    def _fail_active(self) -> None:
+    def _fail_active(self, reason: str = "error") -> None:
         if self._current is not None:
-            self._current.on_finish("error")
+            self._current.finish(reason)
         self._current = None
         self.active_requests = 0
 
@@ -439,9 +581,11 @@ class NaiveEngine(_Engine):
 ENGINES: dict[str, type[_Engine]] = {"batching": BatchingEngine, "naive": NaiveEngine}
 
 
-def make_engine(kind: str, model: Any, tokenizer: Any, *, context_length: int, max_batch_size: int) -> _Engine:
+def make_engine(kind: str, model: Any, tokenizer: Any, *, context_length: int, max_batch_size: int,
+                router: Any = None) -> _Engine:
     try:
         engine_cls = ENGINES[kind]
     except KeyError:
         raise ValueError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINES)}") from None
-    return engine_cls(model, tokenizer, context_length=context_length, max_batch_size=max_batch_size)
+    return engine_cls(model, tokenizer, context_length=context_length, max_batch_size=max_batch_size,
+                      router=router)

@@ -51,11 +51,34 @@ def test_api_key_from_a_file_is_never_shown(tmp_path):
     ({"KAIFLOW_ADAPTERS": '[{"name": "a", "path": "/p", "weight": 1}]'}, "unknown keys ['weight']"),
     ({"KAIFLOW_ADAPTERS": '[{"name": "a", "path": "/p"}, {"name": "a", "path": "/q"}]'}, "names repeat"),
     ({"KAIFLOW_API_KEY_FILE": "/no/such/key"}, "KAIFLOW_API_KEY_FILE: cannot read"),
+    ({"KAIFLOW_API_KEY": ""}, "KAIFLOW_API_KEY is set but empty"),
+    ({"KAIFLOW_API_KEY": "  \n"}, "KAIFLOW_API_KEY is set but empty"),
+    ({"KAIFLOW_ADAPTER_MODE": "mixed"}, "KAIFLOW_ADAPTER_MODE: 'mixed' is not one of merged, per-request"),
+    ({"KAIFLOW_MAX_PROMPT_CHARS": "-1"}, "KAIFLOW_MAX_PROMPT_CHARS"),
+    ({"KAIFLOW_ADAPTER_MODE": "per-request", "KAIFLOW_MODEL": "kaiflow-tiny-test",
+      "KAIFLOW_ADAPTERS": '[{"name": "kaiflow-tiny-test", "path": "/p"}]'}, "is the base model's id"),
 ])
 def test_bad_settings_name_their_variable(env, message):
     with pytest.raises(ConfigError) as info:
         ServiceConfig.from_env(env)
     assert message in str(info.value)
+
+
+def test_an_empty_key_file_refuses_to_start(tmp_path):
+    (tmp_path / "key").write_text("\n")
+    with pytest.raises(ConfigError, match="is empty: refusing to start"):
+        ServiceConfig.from_env({"KAIFLOW_API_KEY_FILE": str(tmp_path / "key")})
+
+
+def test_served_names_follow_kaito_and_the_prompt_character_cap():
+    # Kaito's served name: the lowercased last part of the HF ID
+    assert ServiceConfig(model="mistral-7b-instruct").model_id() == "mistral-7b-instruct-v0.3"
+    assert ServiceConfig(model="kaiflow-tiny-test").model_id() == "kaiflow-tiny-test"  # local preset: its name
+    assert ServiceConfig(model="/models/My-Model").model_id() == "my-model"
+    assert ServiceConfig(model="smollm2-135m-instruct", served_model_name="chat").model_id() == "chat"
+    assert ServiceConfig(max_prompt_tokens=100).prompt_char_limit == 1600
+    assert ServiceConfig(max_prompt_tokens=100, max_prompt_chars=50).prompt_char_limit == 50
+    assert ServiceConfig.from_env({}).adapter_mode == "merged"  # Kaito's behaviour unless asked otherwise
 
 
 def test_unknown_model_and_missing_adapter_folder(tmp_path):
@@ -65,3 +88,12 @@ def test_unknown_model_and_missing_adapter_folder(tmp_path):
         resolve_base(ServiceConfig(model="gpt-17"))
     with pytest.raises(ConfigError, match="adapter 'a': no adapter_config.json"):
         check_adapter_folders((AdapterSpec("a", str(tmp_path)),))
+
+
+def test_every_setting_is_documented():
+    from dataclasses import fields
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "serving.md").read_text()
+    missing = [f.metadata["env"] for f in fields(ServiceConfig) if f"`{f.metadata['env']}`" not in docs]
+    assert not missing, f"settings missing from docs/serving.md: {missing}"

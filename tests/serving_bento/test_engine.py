@@ -149,6 +149,13 @@ def test_backend_is_ready_only_once_model_and_adapters_are_loaded(tiny_adapters)
     finally:
         backend.shutdown()
     assert not backend.ready and not backend.alive  # the engine stopped: liveness fails
+    import asyncio
+
+    from serving_bento.schemas import RequestError
+
+    with pytest.raises(RequestError) as info:  # a request that slips in now gets a 503 to retry, not a 500
+        asyncio.run(backend.complete([1, 2, 3], SamplingParams(max_new_tokens=2)))
+    assert info.value.status == 503
 
 
 def test_backend_with_a_broken_adapter_is_not_alive(tmp_path):
@@ -164,3 +171,106 @@ def test_backend_with_a_broken_adapter_is_not_alive(tmp_path):
     while backend.load_error is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not backend.ready and not backend.alive and "no adapter_config.json" in backend.load_error
+
+
+def test_one_bad_request_ends_alone_and_every_request_finishes(tiny):
+    """A seed torch refuses (2**64: the HTTP schema bounds it, the engine must not trust that) and a
+    request whose token callback raises each end with "error"/"cancelled"; the rows decoded beside
+    them give exactly what they give alone."""
+    model, tok = tiny
+    ids = [tok(p)["input_ids"] for p in PROMPTS[:3]]
+    engine = BatchingEngine(model, tok, context_length=512, max_batch_size=8)
+    engine.start()
+    try:
+        c = Collector(5)
+        good = [c.request(i, ids[i], SamplingParams(max_new_tokens=8)) for i in range(3)]
+        bad_seed = c.request(3, ids[0], SamplingParams(max_new_tokens=8, do_sample=True, seed=2**64))
+
+        def explode(token: int) -> None:
+            raise RuntimeError("the client's loop is gone")
+
+        finish_4 = c.request(4, [], SamplingParams()).on_finish
+        bad_callback = GenerationRequest(ids[1], SamplingParams(max_new_tokens=8), explode, finish_4)
+        for request in (good[0], bad_seed, good[1], bad_callback, good[2]):
+            engine.submit(request)
+        c.wait(5)
+        assert engine.running
+    finally:
+        engine.stop()
+    assert c.reasons[3] == "error" and c.tokens[3] == []
+    assert c.reasons[4] == "cancelled"
+    for i in range(3):
+        assert c.tokens[i] == reference(model, ids[i], 8)[: len(c.tokens[i])] and c.reasons[i] in ("stop", "length")
+
+
+def test_a_failed_prefill_ends_only_the_new_requests(tiny):
+    """Admission fails for a prompt with a token id outside the vocabulary; the batch already decoding goes on."""
+    model, tok = tiny
+    ids = tok(PROMPTS[0])["input_ids"]
+    engine = BatchingEngine(model, tok, context_length=512, max_batch_size=8)
+    engine.start()
+    try:
+        c = Collector(2)
+        engine.submit(c.request(0, ids, SamplingParams(max_new_tokens=40)))
+        time.sleep(0.05)  # the first request is decoding when the bad one arrives
+        engine.submit(c.request(1, [10**6], SamplingParams(max_new_tokens=4)))
+        c.wait(2)
+    finally:
+        engine.stop()
+    assert c.reasons[1] == "error"
+    assert c.tokens[0] == reference(model, ids, 40)[: len(c.tokens[0])] and c.reasons[0] in ("stop", "length")
+
+
+def test_stopping_the_engine_finishes_queued_and_running_requests(tiny):
+    model, tok = tiny
+    ids = tok(PROMPTS[0])["input_ids"]
+    engine = BatchingEngine(model, tok, context_length=512, max_batch_size=1)
+    engine.start()
+    c = Collector(3)
+    for i in range(3):
+        engine.submit(c.request(i, ids, SamplingParams(max_new_tokens=400)))
+    time.sleep(0.05)
+    engine.stop()
+    c.wait(3, timeout=20)
+    assert set(c.reasons.values()) <= {"cancelled", "stop", "length"}
+
+
+def test_mixed_adapter_batch_equals_each_adapter_alone(tiny_model_path, tiny_adapters):
+    """Per-request adapters: rows for the base, alpha and beta (at 0.5) in one batch each give what
+    that adapter alone (merged, as Kaito would serve it) gives."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from serving_bento.adapters import apply_adapters, load_separate_adapters
+    from serving_bento.config import AdapterSpec
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    specs = {"alpha": AdapterSpec("alpha", str(tiny_adapters["alpha"]), 1.0),
+             "beta": AdapterSpec("beta", str(tiny_adapters["beta"]), 0.5)}
+    model, router = load_separate_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_path),
+                                           tuple(specs.values()))
+    engine = BatchingEngine(model.eval(), tok, context_length=512, max_batch_size=8, router=router)
+    ids = tok(PROMPTS[0])["input_ids"]
+    choices = [None, "alpha", "beta", "alpha", None, "beta"]
+    engine.start()
+    try:
+        c = Collector(len(choices))
+        for i, adapter in enumerate(choices):
+            request = c.request(i, ids, SamplingParams(max_new_tokens=10))
+            request.adapter = adapter
+            engine.submit(request)
+        c.wait(len(choices))
+        with pytest.raises(ValueError, match="adapter 'gamma' is not loaded"):
+            engine.submit(GenerationRequest(ids, SamplingParams(), print, print, adapter="gamma"))
+    finally:
+        engine.stop()
+    expected = {}
+    for name in (None, "alpha", "beta"):
+        alone = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
+        if name:
+            alone = apply_adapters(alone, (specs[name],))
+        out = alone.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, pad_token_id=0)
+        expected[name] = out[0, len(ids):].tolist()
+    assert len({tuple(v) for v in expected.values()}) == 3
+    for i, adapter in enumerate(choices):
+        assert c.tokens[i] == expected[adapter][: len(c.tokens[i])], (i, adapter)

@@ -13,7 +13,7 @@ import pytest
 
 M = "tiny-with-adapters"
 MSG = [{"role": "user", "content": "hi"}]
-LONG_PROMPT = " ".join(["Kubernetes runs containers"] * 40)  # > 64 tokens, < 4 KiB
+LONG_PROMPT = " ".join(["Kubernetes runs"] * 40)  # > 64 tokens, < 1024 characters (16 x 64)
 
 # (path, body: dict → JSON, bytes → sent as is, expected status, text the message must contain)
 CORPUS: list[tuple[str, object, int, str]] = [
@@ -40,7 +40,13 @@ CORPUS: list[tuple[str, object, int, str]] = [
     ("/chat", {"prompt": "hi", "generate_kwargs": {"num_beams": 4}}, 400, "generate_kwargs.num_beams"),
     ("/chat", {"prompt": "hi", "generate_kwargs": {"frobnicate": True}}, 400, "generate_kwargs.frobnicate"),
     ("/chat", {"prompt": "hi", "generate_kwargs": "fast"}, 400, "generate_kwargs"),
-    ("/chat", {"prompt": "hi", "adapter": "nope"}, 400, "adapter"),
+    ("/chat", {"prompt": "hi", "adapter": "nope"}, 404, "adapter: 'nope' is not served here"),
+    ("/chat", {"prompt": "x" * 2000}, 400, "2000 characters; the limit is 1024"),
+    ("/chat", {"prompt": "hi", "generate_kwargs": {"seed": 2**64}}, 400, "generate_kwargs.seed"),
+    ("/chat", {"prompt": "hi", "generate_kwargs": {"seed": -(2**63) - 1}}, 400, "generate_kwargs.seed"),
+    ("/chat", b'{"prompt": "hi", "generate_kwargs": {"temperature": NaN}}', 400, "generate_kwargs.temperature"),
+    ("/chat", b'{"prompt": "hi", "generate_kwargs": {"top_p": Infinity}}', 400, "generate_kwargs.top_p"),
+    ("/chat", b'{"prompt": ' + b"[" * 1500 + b"]" * 1500 + b"}", 400, "nested too deeply"),
     ("/chat", {"prompt": LONG_PROMPT}, 400, "the limit is 64"),
     ("/chat", {"prompt": "x" * 5000}, 413, "limit"),
     ("/v1/chat/completions", {"messages": MSG}, 400, "model"),
@@ -53,11 +59,31 @@ CORPUS: list[tuple[str, object, int, str]] = [
     ("/v1/chat/completions", {"model": M, "messages": MSG, "max_tokens": 1000}, 400, "more than this service allows"),
     ("/v1/chat/completions", {"model": M, "messages": MSG, "stream": "yes"}, 400, "stream"),
     ("/v1/chat/completions", {"model": M, "messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/chat/completions", {"model": M, "messages": MSG, "stop": ["x" * 129]}, 400, "at most 128 characters"),
+    ("/v1/chat/completions", {"model": M, "messages": MSG, "seed": 2**64}, 400, "seed"),
+    ("/v1/chat/completions", {"model": M, "messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]},
+     400, "tools: tool calling is not supported"),
+    ("/v1/chat/completions", {"model": M, "messages": MSG, "response_format": {"type": "json_object"}},
+     400, "response_format: structured output"),
+    ("/v1/chat/completions", {"model": M, "messages": MSG, "top_logprobs": 2}, 400, "top_logprobs needs logprobs"),
+    ("/v1/chat/completions", {"model": M, "messages": MSG, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"model": M, "messages": MSG, "audio": {"voice": "alloy"}}, 400, "audio"),
+    ("/v1/chat/completions", {"model": M, "messages": MSG, "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("/v1/chat/completions", {"model": M, "messages": MSG, "logit_bias": {"42": 5}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"model": M, "messages": MSG, "frobnicate": 1}, 400, "frobnicate"),
+    ("/v1/chat/completions", {"model": M, "messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+                                                               "function": {"name": "w", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]}, 400, "tool and function call messages"),
+    ("/v1/chat/completions", {"model": M, "messages": [{"role": "user", "content": None}]}, 400, "messages.0.content"),
     ("/v1/chat/completions", {"model": M, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      400, "messages.0.content"),
     ("/v1/completions", {"model": M}, 400, "prompt"),
     ("/v1/completions", {"model": M, "prompt": ["a", "b"]}, 400, "prompt"),
     ("/v1/completions", {"model": M, "prompt": LONG_PROMPT}, 400, "the limit is 64"),
+    ("/v1/completions", {"model": M, "prompt": "hi", "suffix": "!"}, 400, "suffix"),
+    ("/v1/completions", {"model": M, "prompt": "hi", "logprobs": 6}, 400, "logprobs"),
     ("/v1/completions", {"model": "adapter-that-does-not-exist", "prompt": "hi"}, 404, "not served here"),
 ]
 
@@ -76,6 +102,27 @@ def test_malformed_request_is_a_clear_4xx(bento_tiny, path, body, status, fragme
     error = r.json()["error"]
     assert fragment in error["message"], error
     assert error["type"] == "invalid_request_error"
+
+
+def test_neutral_openai_parameters_are_accepted(bento_tiny):
+    """What clients send by default (zero penalties, a user id, empty logit_bias) changes nothing: accepted."""
+    r = httpx.post(bento_tiny.url + "/v1/chat/completions", headers=bento_tiny.headers(), timeout=30, json={
+        "model": M, "messages": MSG, "max_tokens": 2, "presence_penalty": 0, "frequency_penalty": 0.0,
+        "logit_bias": {}, "user": "u-1", "logprobs": False, "tools": None, "n": 1, "modalities": ["text"]})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"prompt": "hi", "generate_kwargs": {"seed": ' + b"7" * 5000 + b"}}",  # over Python's 4300-digit limit
+    b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+])
+def test_huge_numbers_and_deep_nesting_are_400_not_500(bento_tiny_per_request, raw):
+    """JSON Python's parser refuses with other errors than JSONDecodeError (1 MiB body limit here)."""
+    r = httpx.post(bento_tiny_per_request.url + "/chat", content=raw, timeout=30,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert "not acceptable JSON" in r.json()["error"]["message"]
+    assert "Traceback" not in bento_tiny_per_request.log
 
 
 def test_wrong_method_and_path_are_4xx(bento_tiny):

@@ -159,3 +159,56 @@ def test_a_client_leaving_mid_stream_does_not_hurt_the_service(bento_tiny):
     r = post(bento_tiny, "/chat", {"prompt": "hello", "generate_kwargs": {"max_new_tokens": 4}})
     assert r.status_code == 200
     assert "Traceback" not in bento_tiny.log
+
+
+def test_logprobs_match_the_model(client, bento_tiny, tiny_model_path):
+    """Chat and completions logprobs (streamed and not) are the served model's own log-probabilities."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from serving_bento.adapters import apply_adapters
+    from serving_bento.config import AdapterSpec
+
+    prompt = "0 1 2 3"
+    plain = client.completions.create(model=bento_tiny.served_model, prompt=prompt, max_tokens=6, temperature=0,
+                                      logprobs=3)
+    lp = plain.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == plain.usage.completion_tokens
+    assert "".join(lp.tokens) == plain.choices[0].text or "\ufffd" in "".join(lp.tokens)
+    for chosen, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        # greedy: the chosen token is the most likely (a dict keyed by text merges tokens that decode alike)
+        assert logprob <= 0 and 1 <= len(top) <= 3 and max(top.values()) <= logprob + 1e-5
+    # the first token's log-probability, computed in-process with the same merged adapters
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    model = apply_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_path).eval(),
+                           tuple(AdapterSpec(a["name"], a["path"], a["strength"]) for a in bento_tiny.adapters))
+    with torch.inference_mode():
+        logits = model(torch.tensor([tok(prompt)["input_ids"]])).logits[0, -1]
+    expected = torch.log_softmax(logits.float(), -1)
+    assert lp.token_logprobs[0] == pytest.approx(float(expected.max()), abs=1e-4)
+
+    messages = [{"role": "user", "content": "Say hello"}]
+    whole = client.chat.completions.create(model=bento_tiny.served_model, messages=messages, max_tokens=8,
+                                           temperature=0, logprobs=True, top_logprobs=2)
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob == pytest.approx(c.logprob) for c in content)
+    streamed = [c for c in client.chat.completions.create(
+        model=bento_tiny.served_model, messages=messages, max_tokens=8, temperature=0, logprobs=True,
+        stream=True) if c.choices and c.choices[0].logprobs]
+    tokens = [e.token for c in streamed for e in c.choices[0].logprobs.content]
+    assert tokens == [c.token for c in content]
+    assert [e.logprob for c in streamed for e in c.choices[0].logprobs.content] == pytest.approx(
+        [c.logprob for c in content], abs=1e-4)
+
+
+def test_a_reply_sent_back_as_the_client_returned_it_is_accepted(client, bento_tiny):
+    """Multi-turn chat: the assistant message goes back as the openai client parsed it (nulls included)."""
+    messages = [{"role": "user", "content": "Say hello"}]
+    first = client.chat.completions.create(model=bento_tiny.served_model, messages=messages, max_tokens=4,
+                                           temperature=0)
+    messages += [first.choices[0].message.model_dump(), {"role": "user", "content": "Again"}]
+    assert any(v is None for v in messages[1].values())  # refusal, audio, tool_calls, ... as null
+    again = client.chat.completions.create(model=bento_tiny.served_model, messages=messages, max_tokens=4,
+                                           temperature=0)
+    assert again.choices[0].message.role == "assistant"
