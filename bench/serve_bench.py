@@ -121,7 +121,7 @@ def run_level(url: str, models: list[str], clients: int, requests: int, max_toke
 def make_adapters(model: str, root: Path, count: int, rank: int) -> list[dict[str, object]]:
     """``count`` random LoRA adapters (small B: the answers stay text) on the preset's target modules."""
     from presets.catalog import UnknownPresetError, get_preset
-    from presets.local import resolve_model
+    from presets.materialize import resolve_model
     from tests.fixtures.bento import make_lora_adapter
 
     try:

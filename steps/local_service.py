@@ -144,6 +144,9 @@ def _start_local_once(model: str, workdir: str | os.PathLike[str], *, adapters: 
     log_path = workdir / LOG_FILE
     command = [sys.executable, "-m", "bentoml", "serve", SERVICE_IMPORT, "--host", host, "--port", str(port)]
     env = service_env(model, adapters or [], engine, extra_env)
+    # Each `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir when it starts: services
+    # sharing one home would wipe and mix each other's /metrics, so each gets its own.
+    env["BENTOML_HOME"] = str(workdir / "bentoml")
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)

@@ -32,7 +32,7 @@ def test_openai_client_streamed_and_not(bento_smollm2):
 
 @pytest.fixture(scope="module")
 def smollm2_adapters(tmp_path_factory):
-    from presets.local import resolve_model
+    from presets.materialize import resolve_model
     from tests.fixtures.bento import make_lora_adapter
 
     path = resolve_model("smollm2-135m-instruct")
