@@ -469,8 +469,8 @@ def _check_configs(ws: Workspace, companions: list[Mapping[str, Any]], mode: Mod
         found = config_map(ws.inference.config)
         if found is None:
             if mode != "local":
-                warnings.append(FieldError("inference.config", f"ConfigMap {ws.inference.config!r} is not in this file: it must "
-                                           "exist in the Workspace's namespace; its keys are not checked here"))
+                warnings.append(FieldError("inference.config", f"ConfigMap {ws.inference.config!r} is not in this file: its keys "
+                                           "are neither checked nor applied (keep it in the Workspace's file)"))
             else:
                 errors.append(FieldError("inference.config", f"ConfigMap {ws.inference.config!r} must be in the same file "
                                          "for a local run"))
@@ -480,9 +480,6 @@ def _check_configs(ws: Workspace, companions: list[Mapping[str, Any]], mode: Mod
             except ValueError as exc:
                 errors.append(FieldError("inference.config", f"ConfigMap {ws.inference.config!r}: {exc}"))
             else:
-                if mode == "cluster" and (settings.max_prompt_tokens or settings.served_model_name):
-                    warnings.append(FieldError("inference.config", "max-model-len and served-model-name take effect in "
-                                               "`kaiflow run`; the cluster deploy step does not apply them yet"))
                 for key in settings.ignored:
                     warnings.append(FieldError("inference.config", f"{CONFIG_KEY} key {key!r} has no effect on kaiflow's "
                                                "transformers runtime (ignored)"))

@@ -163,6 +163,7 @@ def _render(args: argparse.Namespace) -> int:
     import yaml
 
     from api import WorkspaceValidationError
+    from api.inference_config import read_inference_config
     from api.workspace_validation import load_bundle
     from pipelines import PipelineError, render
 
@@ -174,7 +175,9 @@ def _render(args: argparse.Namespace) -> int:
             companions = bundle.companions_for(ws)
             for doc in companions:  # the Workflow runs in the Workspace's namespace; so must these
                 doc.setdefault("metadata", {}).setdefault("namespace", ws.namespace)
-            workflow = render(ws)
+            inference_map = bundle.config_map(ws.inference.config if ws.inference else None)
+            service_env = read_inference_config(inference_map).as_env() if inference_map is not None else None
+            workflow = render(ws, service_env=service_env)
             if len(workflow.encode()) > MAX_RENDERED_BYTES:
                 print(f"error: {bundle.source}: {ws.name}: the rendered Workflow is {len(workflow.encode())} bytes, over "
                       f"the {MAX_RENDERED_BYTES}-byte limit for one Kubernetes object (etcd); shorten the URL list",

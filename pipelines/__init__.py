@@ -26,14 +26,18 @@ def to_yaml(manifest: dict[str, Any]) -> str:
     return yaml.safe_dump(manifest, sort_keys=False, default_flow_style=False, width=120)
 
 
-def manifest(workspace: Any, target: Target | None = None) -> dict[str, Any]:
-    """The Workflow/CronWorkflow as a plain dict (what Argo receives)."""
-    return build(_as_workspace(workspace), target).to_dict()
+def manifest(workspace: Any, target: Target | None = None, service_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The Workflow/CronWorkflow as a plain dict (what Argo receives).
+
+    ``service_env``: the chat service's settings from the Workspace's ``inference.config`` ConfigMap
+    (``api.inference_config.read_inference_config(cm).as_env()``), when the caller has it.
+    """
+    return build(_as_workspace(workspace), target, service_env).to_dict()
 
 
-def render(workspace: Any, target: Target | None = None) -> str:
+def render(workspace: Any, target: Target | None = None, service_env: dict[str, str] | None = None) -> str:
     """YAML of the Workflow (or CronWorkflow for a scheduled tuning Workspace)."""
-    return to_yaml(manifest(workspace, target))
+    return to_yaml(manifest(workspace, target, service_env))
 
 
 def _as_workspace(workspace: Any) -> Any:

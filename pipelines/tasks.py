@@ -428,7 +428,7 @@ def deploy(target: Target, *, workspace_name: str, namespace: str, preset: str,
            adapters: Sequence[tuple[str, str]], adapter_images: Sequence[str] = (), gpus: int | None = None,
            node_labels: Sequence[str] = (), docker_config_secret: str | None = None,
            workspace_uid: str | None = None, inputs: Iterable[str] = (), name: str = "deploy-inference",
-           service_env: dict[str, str] | None = None) -> Container:
+           service_env: dict[str, str] | None = None, model_access_secret: str | None = None) -> Container:
     """``adapters`` are (NAME, STRENGTH); ``adapter_images`` NAME=IMAGE for the cluster's init container.
 
     Locally the service reads the adapters the earlier tasks left under the data folder; in a
@@ -447,6 +447,9 @@ def deploy(target: Target, *, workspace_name: str, namespace: str, preset: str,
             args += ["--docker-config-secret", docker_config_secret]
         if workspace_uid:
             args += ["--workspace-uid", workspace_uid]
+        if model_access_secret:
+            args += ["--model-access-secret", model_access_secret]
+        args += _flag("--service-env", [f"{k}={v}" for k, v in sorted((service_env or {}).items())])
         if any(target.is_insecure(spec.split("=", 1)[-1]) for spec in adapter_images):
             args.append("--insecure")
     else:
@@ -460,8 +463,9 @@ def deploy(target: Target, *, workspace_name: str, namespace: str, preset: str,
         data_volume=not target.is_cluster,
         deadline=DEADLINES["deploy"], service_account="kaiflow-deployer", kubernetes_api=True,
         description="Roll out the BentoML chat service",
-        # local mode: the service started by the step inherits these (inference.config settings)
-        env=[Env(name=k, value=v) for k, v in sorted((service_env or {}).items())],
+        # local mode: the service started by the step inherits these (inference.config settings);
+        # in a cluster they go to the Deployment through --service-env
+        env=[] if target.is_cluster else [Env(name=k, value=v) for k, v in sorted((service_env or {}).items())],
     )
 
 

@@ -314,7 +314,7 @@ def _tuning(workspace: Any, target: Target) -> Workflow | CronWorkflow:
             # the reference push-adapter actually pushed (with --tag auto it is only known then)
             adapter_images=[f"{name}={tasks.input_ref('adapter-image')}"], inputs=["adapter-image"],
             gpus=scheduling.gpus, node_labels=_node_labels(workspace), docker_config_secret=push_secret,
-            workspace_uid=getattr(workspace.metadata, "uid", None),
+            workspace_uid=getattr(workspace.metadata, "uid", None), model_access_secret=model_secret,
         )
         smoke_t = tasks.smoke_test(target)
         if scheduled:
@@ -395,7 +395,9 @@ def _inference(workspace: Any, target: Target, service_env: dict[str, str] | Non
             adapter_images=[f"{a.source.name}={a.source.image}" for a in adapters], gpus=sku.gpus,
             node_labels=_node_labels(workspace), docker_config_secret=pull_secret,
             workspace_uid=getattr(workspace.metadata, "uid", None),
-            service_env=None if target.is_cluster else service_env,
+            service_env=service_env,
+            model_access_secret=getattr(workspace.inference.preset.preset_options, "model_access_secret", None)
+            if workspace.inference.preset and workspace.inference.preset.preset_options else None,
         )
         smoke_t = tasks.smoke_test(target)
         with DAG(name="inference"):

@@ -66,6 +66,9 @@ class ClusterOptions:
         "help": "sizeLimit of the model cache emptyDir (default: the preset's weights + 10 %% + 2 GiB)"})
     startup_timeout: int = field(default=1800, metadata={
         "help": "seconds a pod may take to download and load the model before it is restarted"})
+    service_env: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "KEY=VALUE setting of the chat service (KAIFLOW_*; e.g. from the Workspace's inference.config); "
+                "repeat", "metavar": "KEY=VALUE"})
     kubeconfig: str | None = field(default=None, metadata={
         "help": "kubeconfig file (default: $KUBECONFIG, ~/.kube/config, then the pod's service account)"})
 
@@ -94,7 +97,17 @@ def cluster_deployment(workspace_name: str, preset: str, strengths: dict[str, fl
     if found.gated and not options.model_access_secret:
         raise StepError(f"--model-access-secret: preset {preset} is gated on the Hugging Face Hub; name the "
                         "Secret holding its HF_TOKEN (the Workspace's presetOptions.modelAccessSecret)")
-    sizes = sizes_for_weights(estimate_inference(found).parts["weights"])
+    if found.sized:
+        sizes = sizes_for_weights(estimate_inference(found).parts["weights"])
+    elif options.memory_request and options.cache_size:
+        sizes = {}
+    else:
+        # a generic Hugging Face ID: nothing is known offline, the pod learns it from config.json
+        raise StepError(f"--preset {preset}: a generic Hugging Face model has no known size here; give "
+                        "--memory-request and --cache-size")
+    for key in options.service_env:
+        if not key.startswith("KAIFLOW_"):
+            raise StepError(f"--service-env {key}: only the service's own KAIFLOW_* settings may be set")
     if not _CPU.fullmatch(options.cpu_request):
         raise StepError(f"--cpu-request: {options.cpu_request!r} is not a CPU quantity (e.g. 500m, 2)")
     for flag, value in (("--memory-request", options.memory_request), ("--cache-size", options.cache_size)):
@@ -110,6 +123,7 @@ def cluster_deployment(workspace_name: str, preset: str, strengths: dict[str, fl
         insecure_registry=options.insecure, cpu_request=options.cpu_request,
         memory_request=options.memory_request or sizes["memory_request"],
         cache_size=options.cache_size or sizes["cache_size"], startup_timeout=options.startup_timeout,
+        env=dict(options.service_env),
     )
 
 

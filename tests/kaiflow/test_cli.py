@@ -124,6 +124,18 @@ def test_render_emits_companions_before_the_workflow(capsys):
     assert any(v.get("configMap", {}).get("name") == "qlora-params" for v in volumes.values())
 
 
+def test_render_applies_the_inference_config_of_the_same_file(capsys):
+    assert main(["render", str(CORPUS / "multi-doc-inference-config-cluster.yaml")]) == 0
+    documents = list(yaml.safe_load_all(capsys.readouterr().out))
+    workflow = documents[-1]
+    deploy = next(t for t in workflow["spec"]["templates"] if t["name"] == "deploy-inference")
+    args = deploy["container"]["args"]
+    settings = [args[i + 1] for i, a in enumerate(args) if a == "--service-env"]
+    assert settings and all(s.startswith("KAIFLOW_") for s in settings)
+    # vllm.max-model-len 4096 becomes the service's prompt + new-token budget
+    assert sorted(settings) == ["KAIFLOW_MAX_NEW_TOKENS=512", "KAIFLOW_MAX_PROMPT_TOKENS=3584"]
+
+
 def test_render_refuses_an_oversized_workflow(tmp_path, capsys):
     raw = yaml.safe_load((ROOT / "examples" / "kaito_workspace_tuning_phi_3.yaml").read_text())
     raw["tuning"]["input"]["urls"] = [f"https://example.com/{'d' * 1900}/part-{n}.parquet" for n in range(600)]

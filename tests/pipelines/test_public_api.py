@@ -12,7 +12,7 @@ from pipelines import runner, templates
 
 def test_public_names():
     assert set(pipelines.__all__) == {"Images", "PipelineError", "Target", "build", "manifest", "render", "to_yaml"}
-    assert list(inspect.signature(pipelines.render).parameters) == ["workspace", "target"]
+    assert list(inspect.signature(pipelines.render).parameters) == ["workspace", "target", "service_env"]
     assert list(inspect.signature(runner.run).parameters)[:3] == ["workspace_path", "workdir", "resume"]
     assert list(inspect.signature(runner.run_cli).parameters)[:3] == ["workspace_path", "workdir", "resume"]
     assert callable(templates.main)
@@ -24,7 +24,7 @@ def test_the_surface_the_controller_fixture_uses():
     assert list(params)[:2] == ["manifest", "workdir"] and params["resume"].kind is inspect.Parameter.KEYWORD_ONLY
     assert inspect.signature(runner.LocalRun.execute).return_annotation in ("RunResult", runner.RunResult)
     assert list(inspect.signature(runner.RunFailed).parameters) == ["task", "exit_code", "log_path", "log_tail", "reason"]
-    assert list(inspect.signature(pipelines.manifest).parameters) == ["workspace", "target"]
+    assert list(inspect.signature(pipelines.manifest).parameters) == ["workspace", "target", "service_env"]
     # its script mode evaluates DAG conditions with the runner's own functions
     from pipelines import expressions
 

@@ -210,3 +210,32 @@ def test_the_deadline_names_what_holds_the_pods(kube):
     message = str(error.value)
     assert 'stuck-1 pull-adapters ImagePullBackOff (Back-off pulling image "kaiflow:nope")' in message
     assert "stuck-2 Unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu." in message
+
+
+def test_service_settings_from_the_inference_config_reach_the_deployment():
+    from steps.deploy_cluster import ClusterOptions, cluster_deployment
+    from steps.deploy_manifests import render_deployment
+
+    options = ClusterOptions(image="img:1", service_env={"KAIFLOW_MAX_PROMPT_TOKENS": "3584"},
+                             model_access_secret="hf-token")
+    deployment = render_deployment(cluster_deployment("ws", "phi-3-mini-4k-instruct", {}, options))
+    env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KAIFLOW_MAX_PROMPT_TOKENS"]["value"] == "3584"
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "HF_TOKEN"}
+
+
+def test_service_env_takes_only_the_services_own_settings():
+    from steps.deploy_cluster import ClusterOptions, cluster_deployment
+
+    with pytest.raises(StepError, match="--service-env PATH"):
+        cluster_deployment("ws", "phi-3-mini-4k-instruct", {}, ClusterOptions(image="img:1", service_env={"PATH": "/x"}))
+
+
+def test_a_generic_hf_model_needs_explicit_sizes():
+    from steps.deploy_cluster import ClusterOptions, cluster_deployment
+
+    with pytest.raises(StepError, match="--memory-request and --cache-size"):
+        cluster_deployment("ws", "someorg/some-model", {}, ClusterOptions(image="img:1"))
+    d = cluster_deployment("ws", "someorg/some-model", {},
+                           ClusterOptions(image="img:1", memory_request="20Gi", cache_size="30Gi"))
+    assert (d.memory_request, d.cache_size) == ("20Gi", "30Gi")
