@@ -313,15 +313,23 @@ def release_nodes(target: Target, *, workspace_name: str, namespace: str, name: 
 
 
 def fetch_dataset(target: Target, *, urls: Sequence[str], max_bytes: str | None = None,
-                  eval_fraction: str | None = None, name: str = "fetch-dataset") -> Container:
+                  eval_fraction: str | None = None, config: str | None = None, config_map: str | None = None,
+                  name: str = "fetch-dataset") -> Container:
+    """``config``: Kaito's training_config.yaml, whose DatasetConfig (columns, split) the step applies."""
     args = [*_flag("--url", [target.dataset_url(u) for u in urls]), "--output-dir", target.data("dataset")]
     if max_bytes:
         args += ["--max-bytes", max_bytes]
     if eval_fraction:
         args += ["--eval-fraction", eval_fraction]
+    mounts = []
+    if config:
+        args += ["--config", config]
+        if target.is_cluster and config_map:
+            mounts.append(m.VolumeMount(name=TRAINING_CONFIG_VOLUME, mount_path=config.rsplit("/", 1)[0], read_only=True))
     return _step(
         target, name=name, module="fetch_dataset", args=args, outputs=["dataset-digest", "summary"], retry=True,
-        deadline=DEADLINES["fetch_dataset"], description="Download and check the training data (parquet/jsonl/csv)",
+        deadline=DEADLINES["fetch_dataset"], mounts=mounts,
+        description="Download and check the training data (parquet/jsonl/json/csv/arrow)",
     )
 
 

@@ -303,7 +303,8 @@ def _tuning(workspace: Any, target: Target) -> Workflow | CronWorkflow:
     }
     with workflow:
         provision_t = _provision_template(workspace, target, instance_type)
-        fetch_t = tasks.fetch_dataset(target, urls=[tasks.workflow_ref(p) for p in dataset])
+        fetch_t = tasks.fetch_dataset(target, urls=[tasks.workflow_ref(p) for p in dataset], config=config_file,
+                                      config_map=tuning.config)
         tune_t = tasks.tune(
             target, preset=preset.name, method=tuning.method, adapter_name=name, config=config_file,
             config_map=tuning.config, scheduling=scheduling, deadline=_tune_deadline(preset),

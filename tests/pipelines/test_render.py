@@ -191,7 +191,7 @@ def test_local_target_changes_only_what_target_defines(tmp_path: Path):
             assert _values(l_args, "--adapters-dir") == [local_target.data("adapters")]
             assert _values(l_args, "--port") == ["4321"]
             continue
-        if name == "tune":
+        if name in ("tune", "fetch-dataset"):  # both read the training config (fetch: its DatasetConfig)
             c_args[c_args.index("--config") + 1] = str(example.parent / "configs" / "tiny_training_config.yaml")
         if name == "push-adapter":
             c_args.insert(c_args.index("--image") + 2, "--insecure")  # 127.0.0.1 is plain http locally

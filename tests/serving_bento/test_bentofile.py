@@ -4,7 +4,10 @@ and the default model needs, at the versions pyproject declares, and has a docke
 from __future__ import annotations
 
 import ast
+import fnmatch
+import json
 import re
+import subprocess
 import sys
 import tomllib
 from importlib.metadata import packages_distributions
@@ -16,10 +19,21 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
 BENTOFILE = ROOT / "serving_bento" / "bentofile.yaml"
-# what runs inside the Bento: the service, the catalog, and the init container's step
-INIT_CONTAINER_STEPS = ("__init__.py", "common.py", "oci.py", "pull_adapters.py", "retry.py")
-SERVICE_MODULES = [*sorted((ROOT / "serving_bento").glob("*.py")), *sorted((ROOT / "presets").glob("*.py")),
-                   *(ROOT / "steps" / f for f in INIT_CONTAINER_STEPS)]
+# what runs inside the Bento: the service and the init container's step (python -m steps.pull_adapters)
+ENTRY_POINTS = ("serving_bento.service", "steps.pull_adapters", "presets.materialize")
+
+
+def _project_modules() -> list[Path]:
+    """The repository's files those entry points import (asked of a fresh interpreter)."""
+    code = ("import importlib, json, sys\n"
+            f"for name in {ENTRY_POINTS!r}: importlib.import_module(name)\n"
+            "print(json.dumps(sorted({m.__file__ for m in list(sys.modules.values()) if getattr(m, '__file__', None)})))")
+    files = json.loads(subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True,
+                                      text=True).stdout)
+    return [Path(f) for f in files if Path(f).is_relative_to(ROOT)]
+
+
+SERVICE_MODULES = _project_modules()
 
 
 def _bento() -> dict:
@@ -64,6 +78,13 @@ def test_every_bento_package_is_declared_in_pyproject_with_the_same_versions():
 def test_the_bento_installs_everything_the_service_imports():
     missing = _imported_distributions() - set(_bento_requirements())
     assert not missing, f"imported by the service but not in bentofile.yaml: {sorted(missing)}"
+
+
+def test_the_bento_includes_every_module_the_service_and_init_container_import():
+    patterns = _bento()["include"]
+    missing = [str(p.relative_to(ROOT)) for p in SERVICE_MODULES
+               if not any(fnmatch.fnmatch(str(p.relative_to(ROOT)), pattern) for pattern in patterns)]
+    assert not missing, f"imported in the Bento but not included by bentofile.yaml: {missing}"
 
 
 def test_the_default_models_runtime_needs_are_packed():
