@@ -89,6 +89,7 @@ class PipelineRun(StatusModel):
     message: str | None = Field(default=None, description="the failing task, its exit code and message")
     promoted: bool | None = Field(default=None, description="scheduled runs: the eval gate's decision")
     adapter_image: str | None = Field(default=None, description="the adapter reference the run pushed")
+    nodes_released: bool | None = Field(default=None, description="its provisioned nodes were freed after it failed")
 
 
 class PipelineStatus(StatusModel):
@@ -98,7 +99,6 @@ class PipelineStatus(StatusModel):
     name: str
     generation: int | None = Field(default=None, description="the Workspace generation it was made for")
     provider: str | None = Field(default=None, description="the provision provider that made the nodes")
-    nodes_released: bool | None = Field(default=None, description="provisioned nodes were freed after the run ended")
     last_run: PipelineRun | None = None
 
 

@@ -126,6 +126,14 @@ def _stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _controller(options: Sequence[str]) -> int:
+    """Replace this process with the operator (same pid, so signals reach it directly)."""
+    import os
+
+    os.execv(sys.executable, [sys.executable, "-m", "controller", *options])
+    return 0  # not reached
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kaiflow", description="Kaito Workspaces on Argo Workflows, or on this machine.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -161,10 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stop", help="stop the service started by `kaiflow run`")
     p.add_argument("--workdir", type=Path, default=Path(".kaiflow"))
     p.set_defaults(func=_stop)
+    p = sub.add_parser("controller", help="run the operator: Workspaces in the cluster become Argo Workflows",
+                       add_help=False)
+    p.add_argument("options", nargs=argparse.REMAINDER, help="see `kaiflow controller --help`")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["controller"]:  # its options are the operator's own (controller/options.py)
+        return _controller(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
