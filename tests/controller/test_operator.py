@@ -1,0 +1,188 @@
+"""The operator as a process against a real HTTP API server, driven with real kubectl.
+
+Argo's part is played by ``tests/fixtures/argo.py`` (script mode: each task's status as Argo
+writes it, no training); the operator (``kaiflow controller``) runs as its own process so that
+SIGKILL is real. Kaito users' path: ``kubectl apply`` → ``kubectl get wks`` → ``kubectl wait`` →
+``kubectl delete``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.fixtures.argo import play_argo
+from tests.fixtures.kaiflow_controller import ApiProxy, proxied_kubeconfig, wait_for
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+WS = "/apis/kaito.sh/v1beta1/namespaces/default/workspaces"
+WF = "/apis/argoproj.io/v1alpha1/namespaces/default/workflows"
+TUNING = "workspace-tuning-phi-3-mini"
+
+
+def workflows(kube, name=None):
+    items = kube.list(WF)
+    return [w for w in items if name is None or w["metadata"]["labels"].get("kaito.sh/workspace") == name]
+
+
+def condition(kube, name, type_):
+    ws = kube.get(f"{WS}/{name}")
+    return next((c for c in (ws.get("status") or {}).get("conditions") or [] if c["type"] == type_), None)
+
+
+def test_apply_get_wait_delete(kaito_kube, kubectl, start_controller):
+    controller = start_controller(kaito_kube, "--resync-s", "5")
+    with play_argo(kaito_kube, task_delay=0.05):
+        kubectl("apply", "-f", str(EXAMPLES / "kaito_workspace_tuning_phi_3.yaml"))
+        wait_for(lambda: workflows(kaito_kube, TUNING), what="the Workflow", on_fail=controller.log)
+        wait = kubectl("wait", "--for=condition=WorkspaceSucceeded", f"wks/{TUNING}", "--timeout=60s", check=False,
+                       timeout=90)
+        assert wait.returncode == 0, wait.stderr + controller.log()[-4000:]
+        table = kubectl("get", "wks").stdout.splitlines()
+        assert table[0].split() == ["NAME", "INSTANCE", "RESOURCEREADY", "INFERENCEREADY", "JOBSTARTED",
+                                    "WORKSPACESUCCEEDED", "TARGETNODECOUNT", "STATE", "AGE"]
+        assert table[1].split()[:8] == [TUNING, "Standard_NC6s_v3", "True", "True", "True", "True", "1", "Succeeded"]
+
+    (workflow,) = workflows(kaito_kube, TUNING)
+    assert workflow["metadata"]["name"] == f"{TUNING}-tuning-1"
+    ws = kaito_kube.get(f"{WS}/{TUNING}")
+    assert workflow["metadata"]["ownerReferences"][0]["uid"] == ws["metadata"]["uid"]
+    assert ws["status"]["observedGeneration"] == 1 and ws["status"]["workerNodes"] == ["aks-ws-node-0"]
+    # kubectl describe tells the story, in order.
+    story = kubectl("describe", "wks", TUNING).stdout.split("\nEvents:")[1]
+    for reason in ("Provisioning", "Provisioned", "Started", "SmokeTestPassed", "workspaceSucceeded"):
+        assert reason in story, story
+    assert story.index("Provisioning") < story.index("Started") < story.index("workspaceSucceeded")
+
+    # The finalizer releases the NodeClaims the provision task labelled for the Workspace.
+    kaito_kube.create("/apis/karpenter.sh/v1/nodeclaims", {
+        "apiVersion": "karpenter.sh/v1", "kind": "NodeClaim",
+        "metadata": {"name": "ws-claim-0", "labels": {"kaito.sh/workspace": TUNING, "kaito.sh/workspacenamespace": "default"}},
+        "spec": {}})
+    kaito_kube.create("/apis/karpenter.sh/v1/nodeclaims", {
+        "apiVersion": "karpenter.sh/v1", "kind": "NodeClaim",
+        "metadata": {"name": "other-claim", "labels": {"kaito.sh/workspace": "other"}}, "spec": {}})
+    kubectl("delete", "wks", TUNING, "--timeout=60s", timeout=90)
+    assert [c["metadata"]["name"] for c in kaito_kube.list("/apis/karpenter.sh/v1/nodeclaims")] == ["other-claim"]
+    assert kubectl("get", "wks", "-o", "name").stdout.strip() == ""
+
+
+def test_invalid_workspace_gets_a_condition_naming_the_field_and_no_workflow(kaito_kube, kubectl, start_controller):
+    controller = start_controller(kaito_kube)
+    bad = yaml.safe_load((EXAMPLES / "kaito_workspace_tuning_phi_3.yaml").read_text())
+    bad["metadata"]["name"] = "bad-method"
+    bad["tuning"]["method"] = "dora"
+    kubectl("apply", "-f", "-", input=yaml.safe_dump(bad))
+    cond = wait_for(lambda: condition(kaito_kube, "bad-method", "WorkspaceSucceeded"), what="the condition",
+                    on_fail=controller.log)
+    assert (cond["status"], cond["reason"]) == ("False", "InvalidWorkspace")
+    assert "tuning.method" in cond["message"]
+    assert kaito_kube.get(f"{WS}/bad-method")["status"]["state"] == "Failed"
+    time.sleep(1)
+    assert workflows(kaito_kube, "bad-method") == []
+    events = kaito_kube.list("/api/v1/namespaces/default/events")
+    assert any(e["reason"] == "InvalidWorkspace" and e["type"] == "Warning"
+               and e["involvedObject"]["name"] == "bad-method" for e in events)
+
+
+def test_spec_change_makes_the_next_generation_and_immutable_fields_are_refused(kaito_kube, kubectl, start_controller):
+    controller = start_controller(kaito_kube)
+    with play_argo(kaito_kube):
+        spec = yaml.safe_load((EXAMPLES / "kaito_workspace_tuning_phi_3.yaml").read_text())
+        kubectl("apply", "-f", "-", input=yaml.safe_dump(spec))
+        wait_for(lambda: workflows(kaito_kube, TUNING), what="generation 1", on_fail=controller.log)
+        spec["tuning"]["input"]["urls"] = ["https://example.com/other.parquet"]
+        kubectl("apply", "-f", "-", input=yaml.safe_dump(spec))
+        wait_for(lambda: len(workflows(kaito_kube, TUNING)) == 2, what="generation 2", on_fail=controller.log)
+        assert sorted(w["metadata"]["name"] for w in workflows(kaito_kube, TUNING)) == [
+            f"{TUNING}-tuning-1", f"{TUNING}-tuning-2"]
+        spec["tuning"]["method"] = "lora"
+        kubectl("apply", "-f", "-", input=yaml.safe_dump(spec))
+        cond = wait_for(lambda: (c := condition(kaito_kube, TUNING, "WorkspaceSucceeded")) and
+                        c["reason"] == "ImmutableFieldChanged" and c, what="the refusal", on_fail=controller.log)
+        assert "tuning.method is immutable" in cond["message"]
+        assert len(workflows(kaito_kube, TUNING)) == 2
+
+
+def test_a_failed_task_and_its_message_reach_the_condition(kaito_kube, kubectl, start_controller):
+    controller = start_controller(kaito_kube, "--resync-s", "5")
+    fail = {"fetch-dataset": (2, "error: tuning.input.urls[0]: HTTP 404 Not Found")}
+    with play_argo(kaito_kube, fail=fail):
+        kubectl("apply", "-f", str(EXAMPLES / "kaito_workspace_tuning_phi_3.yaml"))
+        wait = kubectl("wait", "--for=jsonpath={.status.state}=Failed", f"wks/{TUNING}", "--timeout=60s",
+                       check=False, timeout=90)
+        assert wait.returncode == 0, controller.log()[-4000:]
+    cond = condition(kaito_kube, TUNING, "WorkspaceSucceeded")
+    assert cond["reason"] == "workspaceFailed"
+    assert cond["message"] == "task fetch-dataset failed (exit code 2): error: tuning.input.urls[0]: HTTP 404 Not Found"
+    assert kaito_kube.get(f"{WS}/{TUNING}")["status"]["pipeline"]["lastRun"]["phase"] == "Failed"
+
+
+def test_sigkill_mid_reconcile_still_one_workflow(kaito_kube, kubectl, start_controller):
+    first = start_controller(kaito_kube, name="first")
+    time.sleep(3)  # let it start watching
+    for i in range(5):
+        spec = yaml.safe_load((EXAMPLES / "kaito_workspace_phi_3.yaml").read_text())
+        spec["metadata"]["name"] = f"kill-{i}"
+        kaito_kube.create(WS, spec)
+    wait_for(lambda: workflows(kaito_kube), what="a first Workflow", on_fail=first.log)
+    first.kill()
+    second = start_controller(kaito_kube, name="second")
+    wait_for(lambda: len(workflows(kaito_kube)) >= 5, what="all Workflows", timeout=60, on_fail=second.log)
+    time.sleep(2)  # a replay or a second pass would show up now
+    names = [w["metadata"]["name"] for w in workflows(kaito_kube)]
+    assert sorted(names) == [f"kill-{i}-inference-1" for i in range(5)]
+
+
+def test_api_server_away_for_10_s_then_recovers(kaito_kube, tmp_path, start_controller):
+    proxy = ApiProxy(kaito_kube.url).start()
+    kubeconfig = proxied_kubeconfig(kaito_kube, proxy, tmp_path / "proxied")
+    controller = start_controller(kaito_kube, "--resync-s", "3", kubeconfig=kubeconfig)
+    try:
+        spec = yaml.safe_load((EXAMPLES / "kaito_workspace_phi_3.yaml").read_text())
+        kaito_kube.create(WS, spec)
+        wait_for(lambda: workflows(kaito_kube), what="the first Workflow", on_fail=controller.log)
+        proxy.stop()
+        time.sleep(2)
+        spec["metadata"]["name"] = "during-outage"
+        kaito_kube.create(WS, spec)  # the operator cannot see it yet
+        time.sleep(8)
+        assert controller.process.poll() is None, "the operator died while the API server was away"
+        proxy.start()
+        wait_for(lambda: workflows(kaito_kube, "during-outage"), timeout=60, what="recovery", on_fail=controller.log)
+    finally:
+        proxy.stop()
+
+
+def test_fifty_workspaces_at_once(kaito_kube, start_controller):
+    controller = start_controller(kaito_kube)
+    spec = yaml.safe_load((EXAMPLES / "kaito_workspace_phi_3.yaml").read_text())
+    with play_argo(kaito_kube):
+        for i in range(50):
+            spec["metadata"]["name"] = f"many-{i:02d}"
+            kaito_kube.create(WS, spec)
+
+        def all_ready():
+            items = kaito_kube.list(WS)
+            return sum(1 for w in items if (w.get("status") or {}).get("state") == "Ready") == 50
+
+        wait_for(all_ready, timeout=180, interval=0.5, what="50 Ready Workspaces", on_fail=controller.log)
+    assert len(workflows(kaito_kube)) == 50
+
+
+@pytest.mark.parametrize("opted_in", [False, True])
+def test_opt_in_annotation(kaito_kube, start_controller, opted_in):
+    controller = start_controller(kaito_kube, "--opt-in")
+    spec = yaml.safe_load((EXAMPLES / "kaito_workspace_phi_3.yaml").read_text())
+    if opted_in:
+        spec["metadata"]["annotations"] = {"kaiflow.kaito.sh/managed": "true"}
+    kaito_kube.create(WS, spec)
+    if opted_in:
+        wait_for(lambda: workflows(kaito_kube), what="the Workflow", on_fail=controller.log)
+    else:
+        time.sleep(4)
+        assert workflows(kaito_kube) == []
+        assert "status" not in kaito_kube.get(f"{WS}/{spec['metadata']['name']}")
