@@ -59,6 +59,9 @@ class Operator:
         self.options = options
         self._local = threading.local()
         self._locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+        self._pending: dict[tuple[str, str], int] = defaultdict(int)
+        self._refreshing: set[tuple[str, str]] = set()
+        self._queue_lock = threading.Lock()
 
     # -- API access (steps.kube) ---------------------------------------------------------------
 
@@ -204,6 +207,26 @@ class Operator:
                               what=f"stopping superseded Workflow {meta['name']}")
 
     # -- status -----------------------------------------------------------------------------------
+
+    def request_refresh(self, namespace: str, name: str) -> None:
+        """Refresh soon; a burst of events (a Workflow patched task by task) collapses into one or two."""
+        key = (namespace, name)
+        with self._queue_lock:
+            self._pending[key] += 1
+            if key in self._refreshing:
+                return  # the thread refreshing it now will go round once more
+            self._refreshing.add(key)
+        try:
+            while True:
+                with self._queue_lock:
+                    if not self._pending[key]:
+                        self._pending.pop(key, None)
+                        return
+                    self._pending[key] = 0
+                self.refresh(namespace, name)
+        finally:
+            with self._queue_lock:
+                self._refreshing.discard(key)
 
     def refresh(self, namespace: str, name: str) -> None:
         """Recompute a Workspace's status from its pipeline, Deployment and pods."""
@@ -440,7 +463,7 @@ def registry(options: ControllerOptions) -> tuple[kopf.OperatorRegistry, Operato
         workspace = labels.get(LABEL_WORKSPACE)
         if workspace:
             try:
-                op.refresh(body["metadata"].get("namespace") or "default", workspace)
+                op.request_refresh(body["metadata"].get("namespace") or "default", workspace)
             except Exception as exc:  # event handlers are not retried; the timer refreshes later
                 log.warning("refreshing Workspace %s failed: %s", workspace, exc)
 

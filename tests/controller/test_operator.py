@@ -154,23 +154,26 @@ def test_api_server_away_for_10_s_then_recovers(kaito_kube, tmp_path, start_cont
         proxy.start()
         wait_for(lambda: workflows(kaito_kube, "during-outage"), timeout=60, what="recovery", on_fail=controller.log)
     finally:
+        controller.stop()
         proxy.stop()
 
 
 def test_fifty_workspaces_at_once(kaito_kube, start_controller):
     controller = start_controller(kaito_kube)
     spec = yaml.safe_load((EXAMPLES / "kaito_workspace_phi_3.yaml").read_text())
-    with play_argo(kaito_kube):
-        for i in range(50):
-            spec["metadata"]["name"] = f"many-{i:02d}"
-            kaito_kube.create(WS, spec)
+    for i in range(50):
+        spec["metadata"]["name"] = f"many-{i:02d}"
+        kaito_kube.create(WS, spec)
 
-        def all_ready():
-            items = kaito_kube.list(WS)
-            return sum(1 for w in items if (w.get("status") or {}).get("state") == "Ready") == 50
+    def all_reconciled():
+        items = kaito_kube.list(WS)
+        return sum(1 for w in items if (w.get("status") or {}).get("observedGeneration") == 1) == 50
 
-        wait_for(all_ready, timeout=180, interval=0.5, what="50 Ready Workspaces", on_fail=controller.log)
-    assert len(workflows(kaito_kube)) == 50
+    wait_for(all_reconciled, timeout=240, interval=2, what="50 reconciled Workspaces", on_fail=controller.log)
+    names = sorted(w["metadata"]["name"] for w in workflows(kaito_kube))
+    assert names == [f"many-{i:02d}-inference-1" for i in range(50)]
+    for ws in kaito_kube.list(WS):
+        assert ws["status"]["state"] == "Pending" and ws["status"]["targetNodeCount"] == 1
 
 
 @pytest.mark.parametrize("opted_in", [False, True])
