@@ -8,6 +8,7 @@ SIGKILL is real. Kaito users' path: ``kubectl apply`` â†’ ``kubectl get wks`` â†
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -189,3 +190,86 @@ def test_opt_in_annotation(kaito_kube, start_controller, opted_in):
         time.sleep(4)
         assert workflows(kaito_kube) == []
         assert "status" not in kaito_kube.get(f"{WS}/{spec['metadata']['name']}")
+
+
+def _events(kube, name):
+    return [e for e in kube.list("/api/v1/namespaces/default/events") if e["involvedObject"]["name"] == name]
+
+
+def test_delete_never_hangs_when_release_fails(kaito_kube, kubectl, start_controller):
+    """Kaito #932: a Workspace whose nodes cannot be released is still deleted, after the deadline."""
+    controller = start_controller(kaito_kube, "--provider", "karpenter", "--delete-deadline-s", "4")
+    spec = yaml.safe_load((EXAMPLES / "kaito_workspace_phi_3.yaml").read_text())
+    name = spec["metadata"]["name"]
+    kaito_kube.create(WS, spec)
+    wait_for(lambda: workflows(kaito_kube, name), what="the Workflow", on_fail=controller.log)
+    kaito_kube.create("/apis/karpenter.sh/v1/nodeclaims", {
+        "apiVersion": "karpenter.sh/v1", "kind": "NodeClaim", "spec": {},
+        "metadata": {"name": "stuck", "labels": {"kaito.sh/workspace": name, "kaito.sh/workspacenamespace": "default"}}})
+    kaito_kube.emulator["delete", re.compile(r".*/nodeclaims/.*")] << 500  # the cloud refuses, every time
+    started = time.monotonic()
+    kubectl("delete", "wks", name, "--timeout=60s", timeout=90)
+    assert time.monotonic() - started < 40
+    reasons = {e["reason"] for e in _events(kaito_kube, name)}
+    assert {"Deleting", "ReleaseDeadlineExceeded"} <= reasons, reasons
+
+
+def test_failed_tuning_frees_its_nodes(kaito_kube, kubectl, start_controller):
+    """Kaito #1107: GPUs are released as soon as the Workflow fails (nothing serves from them)."""
+    controller = start_controller(kaito_kube, "--provider", "karpenter")
+    kaito_kube.create("/apis/karpenter.sh/v1/nodeclaims", {
+        "apiVersion": "karpenter.sh/v1", "kind": "NodeClaim", "spec": {},
+        "metadata": {"name": "gpu-0", "labels": {"kaito.sh/workspace": TUNING, "kaito.sh/workspacenamespace": "default"}}})
+    with play_argo(kaito_kube, fail={"tune": (1, "error: CUDA out of memory")}):
+        kubectl("apply", "-f", str(EXAMPLES / "kaito_workspace_tuning_phi_3.yaml"))
+        wait_for(lambda: not kaito_kube.list("/apis/karpenter.sh/v1/nodeclaims"), timeout=60,
+                 what="the NodeClaim released", on_fail=controller.log)
+    last = wait_for(lambda: kaito_kube.get(f"{WS}/{TUNING}")["status"]["pipeline"]["lastRun"].get("nodesReleased") and
+                    kaito_kube.get(f"{WS}/{TUNING}")["status"]["pipeline"]["lastRun"], what="nodesReleased")
+    assert last["phase"] == "Failed" and "task tune failed (exit code 1): error: CUDA out of memory" == last["message"]
+    assert "NodesReleased" in {e["reason"] for e in _events(kaito_kube, TUNING)}
+
+
+def test_scheduled_workspace_shows_last_run_and_gate(kaito_kube, kubectl, start_controller):
+    controller = start_controller(kaito_kube, "--provider", "karpenter")
+    spec = yaml.safe_load((EXAMPLES / "scheduled_tuning_phi_3.yaml").read_text())
+    name = spec["metadata"]["name"]
+    cron_path = "/apis/argoproj.io/v1alpha1/namespaces/default/cronworkflows"
+    with play_argo(kaito_kube, outputs={"eval-gate": {"promote": "false", "current-eval-loss": "0.4"}}) as argo:
+        kubectl("apply", "-f", "-", input=yaml.safe_dump(spec))
+        (cron,) = wait_for(lambda: kaito_kube.list(cron_path), what="the CronWorkflow", on_fail=controller.log)
+        run = argo.trigger(cron["metadata"]["name"])
+        last = wait_for(lambda: ((kaito_kube.get(f"{WS}/{name}").get("status") or {}).get("pipeline") or {}).get("lastRun", {})
+                        .get("phase") == "Succeeded" and kaito_kube.get(f"{WS}/{name}")["status"]["pipeline"]["lastRun"],
+                        timeout=60, what="the run's result", on_fail=controller.log)
+    assert last["name"] == run and last["promoted"] is False
+    status = kaito_kube.get(f"{WS}/{name}")["status"]
+    assert status["pipeline"]["kind"] == "CronWorkflow" and status["state"] == "Succeeded"
+    kubectl("delete", "wks", name, "--timeout=60s", timeout=90)
+    assert kaito_kube.list(cron_path) == []
+
+
+def test_crash_looping_pods_turn_inference_ready_false(kaito_kube, kubectl, start_controller):
+    """Kaito #931: Ready is not reported over crash-looping pods."""
+    controller = start_controller(kaito_kube)
+    spec = yaml.safe_load((EXAMPLES / "kaito_workspace_phi_3.yaml").read_text())
+    name = spec["metadata"]["name"]
+    labels = {"kaito.sh/workspace": name, "app.kubernetes.io/managed-by": "kaiflow"}
+    with play_argo(kaito_kube), kaito_kube.simulate_deployments():
+        kaito_kube.create("/apis/apps/v1/namespaces/default/deployments", {  # what deploy-inference makes
+            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "labels": labels},
+            "spec": {"replicas": 1, "selector": {"matchLabels": {"kaito.sh/workspace": name}},
+                     "template": {"metadata": {"labels": labels}, "spec": {"containers": [{"name": "chat", "image": "x"}]}}}})
+        kubectl("apply", "-f", "-", input=yaml.safe_dump(spec))
+        wait = kubectl("wait", "--for=condition=InferenceReady", f"wks/{name}", "--timeout=60s", check=False, timeout=90)
+        assert wait.returncode == 0, controller.log()[-4000:]
+    kaito_kube.create("/api/v1/namespaces/default/pods", {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{name}-abc", "labels": labels},
+        "spec": {"containers": [{"name": "chat", "image": "x"}]}})
+    kaito_kube.patch(f"/api/v1/namespaces/default/pods/{name}-abc/status", {"status": {"containerStatuses": [
+        {"name": "chat", "ready": False, "restartCount": 5,
+         "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 5m0s restarting failed container"}}}]}})
+    cond = wait_for(lambda: (c := condition(kaito_kube, name, "InferenceReady")) and c["status"] == "False" and c,
+                    what="InferenceReady=False", on_fail=controller.log)
+    assert cond["reason"] == "ContainerCrashLoopBackOff" and "back-off" in cond["message"]
+    assert kaito_kube.get(f"{WS}/{name}")["status"]["state"] == "NotReady"
