@@ -365,9 +365,12 @@ class Operator:
                 log.warning("could not mark %s as deleting: %s", name, exc)
         status = body.get("status") or status
         try:
-            for cron in self._list(ARGO_API_VERSION, "CronWorkflow", namespace,
-                                   f"{LABEL_WORKSPACE}={name},{LABEL_MANAGED_BY}={MANAGED_BY}"):
-                delete(self.client, ARGO_API_VERSION, "CronWorkflow", cron["metadata"]["name"], namespace)
+            # Owner references would take these too; deleting them here makes it immediate and
+            # holds when the Workspace is deleted with --cascade=orphan.
+            selector = f"{LABEL_WORKSPACE}={name},{LABEL_MANAGED_BY}={MANAGED_BY}"
+            for kind in ("CronWorkflow", "Workflow"):
+                for obj in self._list(ARGO_API_VERSION, kind, namespace, selector):
+                    delete(self.client, ARGO_API_VERSION, kind, obj["metadata"]["name"], namespace)
             provider = ((status.get("pipeline") or {}).get("provider")) or self.options.provider
             released = self.release(provider, name, namespace, timeout=max(1.0, min(remaining, 60.0)))
             if released:
