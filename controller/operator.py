@@ -149,7 +149,9 @@ class Operator:
             if meta.get("deletionTimestamp"):
                 return
             generation = int(meta.get("generation") or 1)
-            existing = self.pipelines(namespace, name)
+            # A first generation has no predecessor to compare with or stop: skip the listing (the
+            # create below adopts an object of the same name), which costs most with many objects.
+            existing = self.pipelines(namespace, name) if generation > 1 else []
             current = [p for p in existing if _generation(p) == generation]
             accepted = None if current else self.accepted(existing, generation)
             verdict = decide(body, self.options, accepted)
@@ -433,6 +435,9 @@ def registry(options: ControllerOptions) -> tuple[kopf.OperatorRegistry, Operato
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix=BOOKKEEPING_PREFIX, key="last-handled-configuration")
         settings.posting.level = logging.WARNING
+        # kopf waits this long for more events of an object before handling it (default 0.1 s);
+        # every decision here is idempotent, so intermediate states need not be skipped.
+        settings.batching.batch_window = 0.01
         settings.execution.max_workers = options.workers
         settings.watching.server_timeout = 60
         settings.watching.client_timeout = 90

@@ -26,3 +26,17 @@ def test_local_target_needs_a_root(capsys):
     assert "--local-root is required" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse(["--target", "elsewhere"])
+
+
+def test_kaiflow_controller_is_the_operator():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-m", "kaiflow.cli", "controller", "--help"], capture_output=True,
+                         text=True, env=env, cwd=root, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "usage: kaiflow controller" in out.stdout and "--opt-in" in out.stdout
