@@ -117,6 +117,7 @@ def one_round(latency_n: int, count: int, workdir: Path) -> dict[str, float]:
             controller.stop()
             workflows.close()
             workspaces.close()
+    print("  slowest creates (index, ms):", sorted(((round(v * 1000), i) for i, v in enumerate(latencies)), reverse=True)[:3])
     latencies.sort()
     return {
         "p50_ms": statistics.median(latencies) * 1000,

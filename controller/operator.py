@@ -374,7 +374,8 @@ class Operator:
                 for obj in self._list(ARGO_API_VERSION, kind, namespace, selector):
                     delete(self.client, ARGO_API_VERSION, kind, obj["metadata"]["name"], namespace)
             provider = ((status.get("pipeline") or {}).get("provider")) or self.options.provider
-            released = self.release(provider, name, namespace, timeout=max(1.0, min(remaining, 60.0)))
+            budget = max(1.0, min(remaining, 60.0))
+            released = _within(budget, lambda: self.release(provider, name, namespace, timeout=budget))
             if released:
                 log.info("released %s for Workspace %s/%s", ", ".join(released), namespace, name)
         except Exception as exc:
@@ -383,6 +384,27 @@ class Operator:
             self.event(body, Transition(WORKSPACE_DELETING, "True", REASON_RELEASE_TIMEOUT,
                                         f"gave up releasing after {self.options.delete_deadline_s:.0f} s: {exc}; "
                                         "check for leftover nodes labelled kaito.sh/workspace=" + name))
+
+
+def _within(seconds: float, call: Any) -> Any:
+    """``call()``, or TimeoutError after ``seconds``: a release stuck in a cloud API's retries must
+    not hold the deletion past its deadline (the call finishes, or fails, in the background)."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # handed to the caller below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, name="kaiflow-release", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise TimeoutError(f"no answer within {seconds:.0f} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
 
 
 def _generation(obj: dict[str, Any]) -> int | None:

@@ -56,7 +56,9 @@ def test_apply_get_wait_delete(kaito_kube, kubectl, start_controller):
     story = kubectl("describe", "wks", TUNING).stdout.split("\nEvents:")[1]
     for reason in ("Provisioning", "Provisioned", "Started", "SmokeTestPassed", "workspaceSucceeded"):
         assert reason in story, story
-    assert story.index("Provisioning") < story.index("Started") < story.index("workspaceSucceeded")
+    # describe sorts by second-granular timestamps; the API server's numbering gives the real order.
+    reasons = [e["reason"] for e in sorted(_events(kaito_kube, TUNING), key=lambda e: int(e["metadata"]["resourceVersion"]))]
+    assert reasons.index("Provisioning") < reasons.index("Started") < reasons.index("workspaceSucceeded")
 
     # The finalizer releases the NodeClaims the provision task labelled for the Workspace.
     kaito_kube.create("/apis/karpenter.sh/v1/nodeclaims", {
