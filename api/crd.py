@@ -7,6 +7,10 @@ objects (``volumeSource``, ``template``, unknown status fields) get
 versions share the schema (the shapes are identical, so no conversion webhook is needed);
 ``v1beta1`` is the storage version. ``make crds`` writes ``controller/manifests/``; a test fails
 when the checked-in files drift from the model.
+
+Kaito's immutable fields become CEL transition rules (``self == oldSelf``), so a real API server
+refuses the update; the controller checks the same list (``IMMUTABLE_FIELDS``,
+``immutable_changes``) because not every API server evaluates CEL (the test server does not).
 """
 
 from __future__ import annotations
@@ -18,13 +22,24 @@ import yaml
 from api.workspace_types import GROUP, KIND, STORAGE_VERSION, VERSIONS, Workspace
 
 PLURAL = "workspaces"
-SHORT_NAMES = ["wk"]
+SHORT_NAMES = ["wk", "wks"]
+# Kaito's immutable fields (api/v1beta1/workspace_validation.go: validateUpdate), as dotted paths.
+IMMUTABLE_FIELDS = (
+    "resource.instanceType",
+    "resource.labelSelector",
+    "inference.preset.name",
+    "tuning.preset.name",
+    "tuning.method",
+)
 PRINTER_COLUMNS = [
     {"name": "Instance", "type": "string", "jsonPath": ".resource.instanceType", "description": "GPU instance type"},
     *(
         {"name": cond, "type": "string", "jsonPath": f'.status.conditions[?(@.type=="{cond}")].status'}
         for cond in ("ResourceReady", "InferenceReady", "JobStarted", "WorkspaceSucceeded")
     ),
+    {"name": "TargetNodeCount", "type": "integer", "jsonPath": ".status.targetNodeCount",
+     "description": "GPU nodes the Workspace needs"},
+    {"name": "State", "type": "string", "jsonPath": ".status.state", "description": "Pending, Running, Ready, ..."},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 _DROP = {"title", "x-kaiflow-unsupported", "x-kaiflow-extension"}
@@ -83,6 +98,11 @@ def openapi_schema() -> dict[str, Any]:
     props["kind"] = {"type": "string"}
     props["metadata"] = {"type": "object"}
     props["status"] = {**props["status"], "x-kubernetes-preserve-unknown-fields": True}
+    for path in IMMUTABLE_FIELDS:
+        node = root
+        for part in path.split("."):
+            node = node["properties"][part]
+        node["x-kubernetes-validations"] = [{"rule": "self == oldSelf", "message": f"{path} is immutable"}]
     root["required"] = ["apiVersion", "kind", "metadata"]
     root["description"] = "Workspace is the Schema for the workspaces API (kaito.sh), run by kaiflow on Argo Workflows."
     return root
@@ -135,3 +155,33 @@ def dump_yaml(obj: Any) -> str:
 
 def crd_yaml() -> str:
     return dump_yaml(workspace_crd())
+
+
+def _lookup(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = obj.get(part) if isinstance(obj, dict) else None
+    return obj
+
+
+def immutable_values(workspace: dict[str, Any]) -> dict[str, Any]:
+    """The immutable fields a Workspace sets, by path (what a later update is compared with)."""
+    return {path: value for path in IMMUTABLE_FIELDS if (value := _lookup(workspace, path)) is not None}
+
+
+def immutable_changes(accepted: dict[str, Any], workspace: dict[str, Any]) -> list[str]:
+    """Paths of immutable fields whose value differs from ``accepted`` (from ``immutable_values``).
+
+    Like a CEL transition rule, a field is compared only when both sides set it; preset names and
+    the method are compared lowercased, as Kaito does.
+    """
+    current = immutable_values(workspace)
+    changed = []
+    for path, old in accepted.items():
+        new = current.get(path)
+        if new is None:
+            continue
+        if isinstance(old, str) and isinstance(new, str) and not path.startswith("resource."):
+            old, new = old.lower(), new.lower()
+        if old != new:
+            changed.append(path)
+    return changed

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 from api.defaults import DEFAULT_COUNT, DEFAULT_METHOD
+from api.workspace_status import STATES, Performance, PipelineStatus
 
 GROUP = "kaito.sh"
 KIND = "Workspace"
@@ -58,6 +59,12 @@ class LabelSelector(KaitoModel):
     match_expressions: list[LabelSelectorRequirement] | None = None
 
 
+class GPUPartition(KaitoModel):
+    mode: Literal["mig", "accelerator"] = Field(description="mig (NVIDIA Multi-Instance GPU) or accelerator (whole GPUs)")
+    count: int | None = Field(default=None, ge=1, description="whole GPUs, for mode accelerator")
+    profile: str | None = Field(default=None, description='MIG profile such as "1g.10gb"')
+
+
 class ResourceSpec(KaitoModel):
     """The GPU nodes a Workspace runs on."""
 
@@ -69,6 +76,7 @@ class ResourceSpec(KaitoModel):
     )
     label_selector: LabelSelector = Field(description="labels the provisioned nodes carry and pods select")
     preferred_nodes: list[str] | None = Field(default=None, description="existing nodes to use before provisioning new ones")
+    partition: GPUPartition | None = unsupported("GPU partitioning (MIG) needs Kaito's enableMIG gate; kaiflow schedules whole GPUs")
 
 
 class PresetOptions(KaitoModel):
@@ -163,6 +171,13 @@ class WorkspaceStatus(BaseModel):
 
     conditions: list[Condition] | None = None
     worker_nodes: list[str] | None = None
+    # Kaito's; state is one of api.workspace_status.STATES.
+    state: str | None = Field(default=None, description=f"high-level state: {', '.join(STATES)}")
+    target_node_count: int | None = Field(default=None, description="GPU nodes the Workspace needs")
+    performance: Performance | None = None
+    # kaiflow's own.
+    observed_generation: int | None = Field(default=None, description="the generation this status describes")
+    pipeline: PipelineStatus | None = Field(default=None, description="the Argo Workflow or CronWorkflow that runs it")
 
 
 class Workspace(KaitoModel):

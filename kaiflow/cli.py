@@ -256,6 +256,14 @@ def _registry(args: argparse.Namespace) -> int:
         return 1
 
 
+def _controller(options: Sequence[str]) -> int:
+    """Replace this process with the operator (same pid, so signals reach it directly)."""
+    import os
+
+    os.execv(sys.executable, [sys.executable, "-m", "controller", *options])
+    return 0  # not reached
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kaiflow", description="Kaito Workspaces on Argo Workflows, or on this machine.",
                                      epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -308,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--username", help="require this user (htpasswd); steps then need --docker-config")
     p.add_argument("--password-file", type=Path, help="file holding the password for --username")
     p.set_defaults(func=_registry)
+
+    p = sub.add_parser("controller", help="run the operator: Workspaces in the cluster become Argo Workflows",
+                       add_help=False)
+    p.add_argument("options", nargs=argparse.REMAINDER, help="see `kaiflow controller --help`")
     return parser
 
 
@@ -321,6 +333,9 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["controller"]:  # its options are the operator's own (controller/options.py)
+        return _controller(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

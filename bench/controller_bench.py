@@ -1,0 +1,152 @@
+"""The operator against the emulated API server: create → Workflow latency, 500 Workspaces, memory.
+
+Per round, a fresh API server (``tests/fixtures/kube.py`` with the CRD installed) and a fresh
+operator process (``kaiflow controller``), then:
+
+* throughput: COUNT Workspaces created before the operator starts (an install on a busy cluster,
+  or a restart); the time from starting the operator process until every Workspace has its
+  Workflow and a status with ``observedGeneration`` (reconciled), from watch events. (Created
+  while the operator runs, they are reconciled as fast as this emulator accepts them: ~6 creates/s
+  here, so that figure would measure the emulator.)
+* latency: then LATENCY Workspaces created one at a time beside those (the next once the
+  previous one's Workflow exists); the time from just before the create request to the
+  Workflow's ADDED event on a watch (p50, p99);
+* memory: the operator's RSS at the end (psutil).
+
+Prints each round and the median of ROUNDS. Argo is not played: nothing runs the Workflows,
+so this measures the operator's own work (validate, render with Hera, create, write status).
+
+    python -m bench.controller_bench [--latency 50] [--count 500] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+
+from tests.fixtures.kaiflow_controller import ControllerProcess, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+WS = "/apis/kaito.sh/v1beta1/namespaces/default/workspaces"
+
+
+class Watch:
+    """A watch stream in a thread; records when each object was first ADDED and when reconciled."""
+
+    def __init__(self, url: str, path: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.conn = http.client.HTTPConnection(host, int(port))
+        self.conn.request("GET", path + "?watch=true")
+        self.response = self.conn.getresponse()
+        self.added: dict[str, float] = {}
+        self.reconciled: dict[str, float] = {}
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            for line in self.response:
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                obj = event.get("object") or {}
+                name = (obj.get("metadata") or {}).get("name")
+                now = time.perf_counter()
+                if event.get("type") == "ADDED":
+                    self.added.setdefault(name, now)
+                if (obj.get("status") or {}).get("observedGeneration"):
+                    self.reconciled.setdefault(name, now)
+        except (OSError, ValueError, http.client.HTTPException):
+            return
+
+    def close(self) -> None:
+        # shutdown, not close: close() waits for the reader thread's lock on the response.
+        if self.conn.sock is not None:
+            self.conn.sock.shutdown(socket.SHUT_RDWR)
+
+
+def one_round(latency_n: int, count: int, workdir: Path) -> dict[str, float]:
+    from api.crd import workspace_crd
+    from tests.fixtures.kaito_cluster import crd_emulator_class, install_crd
+    from tests.fixtures.kube import KubeCluster
+
+    spec = yaml.safe_load((ROOT / "examples" / "kaito_workspace_phi_3.yaml").read_text())
+    cluster = KubeCluster(workdir, emulator_class=crd_emulator_class())
+    install_crd(cluster, workspace_crd())
+    with cluster:
+        workflows = Watch(cluster.url, "/apis/argoproj.io/v1alpha1/workflows")
+        workspaces = Watch(cluster.url, WS)
+        # COUNT Workspaces waiting when the operator starts (an install on a busy cluster, or a
+        # restart): how long until every one has its Workflow and a status.
+        names = [f"bulk-{i:04d}" for i in range(count)]
+        for name in names:
+            spec["metadata"]["name"] = name
+            cluster.create(WS, spec)
+        started = time.perf_counter()
+        controller = ControllerProcess(cluster.kubeconfig, workdir, ["--resync-s", "600"]).start()
+        try:
+            wait_for(lambda: all(n in workspaces.reconciled for n in names) and
+                     all(f"{n}-inference-1" in workflows.added for n in names),
+                     timeout=1800, interval=0.2, what=f"{count} reconciled",
+                     on_fail=lambda: f"reconciled {sum(n in workspaces.reconciled for n in names)}\n" + controller.log())
+            total = max(workspaces.reconciled[n] for n in names) - started
+
+            # Then one at a time, beside those COUNT: create → Workflow.
+            latencies = []
+            for i in range(latency_n):
+                name = f"lat-{i}"
+                spec["metadata"]["name"] = name
+                begun = time.perf_counter()
+                cluster.create(WS, spec)
+                wait_for(lambda n=name: f"{n}-inference-1" in workflows.added, timeout=60, interval=0.002,
+                         what=name, on_fail=controller.log)
+                latencies.append(workflows.added[f"{name}-inference-1"] - begun)
+            rss = psutil.Process(controller.pid).memory_info().rss / 2**20
+        finally:
+            controller.stop()
+            workflows.close()
+            workspaces.close()
+    print("  slowest creates (index, ms):", sorted(((round(v * 1000), i) for i, v in enumerate(latencies)), reverse=True)[:3])
+    latencies.sort()
+    return {
+        "p50_ms": statistics.median(latencies) * 1000,
+        "p99_ms": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))] * 1000,
+        "reconcile_s": total,
+        "rss_mib": rss,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--latency", type=int, default=50, help="Workspaces for the latency figures")
+    parser.add_argument("--count", type=int, default=500, help="Workspaces created at once")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    rounds = []
+    for r in range(args.rounds):
+        with tempfile.TemporaryDirectory(prefix="kaiflow-controller-bench-") as tmp:
+            result = one_round(args.latency, args.count, Path(tmp))
+        rounds.append(result)
+        print(f"round {r + 1}: {args.count} waiting Workspaces reconciled {result['reconcile_s']:.1f} s after the "
+              f"operator started; then create→Workflow p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms "
+              f"(n={args.latency}); operator RSS {result['rss_mib']:.0f} MiB", flush=True)
+    med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    print(f"median of {args.rounds}: p50 {med['p50_ms']:.0f} ms, p99 {med['p99_ms']:.0f} ms, "
+          f"{args.count} reconciled in {med['reconcile_s']:.1f} s, RSS {med['rss_mib']:.0f} MiB "
+          f"(load average now {psutil.getloadavg()[0]:.1f} on {psutil.cpu_count()} CPUs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""What must exist for a Workspace at its generation: a pure function of the object and the options.
+
+``decide(body, options, accepted)`` answers with either a ``Desired`` Argo object (a Workflow, or a
+CronWorkflow for ``tuning.schedule``) rendered by ``pipelines.manifest`` for the configured target,
+or a ``Refused`` verdict naming the fields at fault. The handlers in ``controller.operator`` only
+compare that answer with the cluster and apply it; nothing here talks to the API server, so every
+decision is tested without one.
+
+Names are deterministic: ``<workspace>-<kind>-<generation>`` for Workflows (trimmed with a hash to
+Argo's 63 characters), ``<workspace>-tuning`` for the CronWorkflow (one schedule per Workspace,
+applied in place when the spec changes). A restart, a replayed event or a second replica therefore
+finds the object it would create and adopts it instead of making another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from api import WorkspaceValidationError, validate_workspace
+from api.crd import immutable_changes, immutable_values
+from api.labels import ANNOTATION_OWNER, LABEL_MANAGED_BY, LABEL_WORKSPACE, MANAGED_BY, owner_annotation
+from api.workspace_status import REASON_IMMUTABLE, REASON_INVALID
+from controller.options import ControllerOptions
+
+ARGO_API_VERSION = "argoproj.io/v1alpha1"
+LABEL_GENERATION = "kaiflow.kaito.sh/generation"
+# The immutable fields a pipeline was made for (JSON): what a later generation is compared with.
+ANNOTATION_IMMUTABLE = "kaiflow.kaito.sh/immutable"
+MAX_NAME = 63
+
+
+@dataclass(frozen=True)
+class Desired:
+    kind: str  # "Workflow" or "CronWorkflow"
+    name: str
+    namespace: str
+    generation: int
+    manifest: dict[str, Any]
+    target_node_count: int
+    is_tuning: bool
+
+
+@dataclass(frozen=True)
+class Refused:
+    reason: str  # api.workspace_status.REASON_INVALID or REASON_IMMUTABLE
+    message: str
+    fields: tuple[str, ...]
+
+
+def short_name(base: str, limit: int = MAX_NAME) -> str:
+    """``base`` if it fits, else a prefix and a hash of the whole (still unique and stable)."""
+    if len(base) <= limit:
+        return base
+    digest = hashlib.sha256(base.encode()).hexdigest()[:8]
+    return f"{base[: limit - 9].rstrip('-.')}-{digest}"
+
+
+def pipeline_name(workspace: str, kind: str, generation: int, scheduled: bool = False) -> str:
+    if scheduled:
+        return short_name(f"{workspace}-{kind}")
+    return short_name(f"{workspace}-{kind}-{generation}")
+
+
+def target_node_count(workspace: Any) -> int:
+    """GPU nodes the Workspace needs (Kaito's node estimator, ``api.defaults``)."""
+    from api.defaults import target_node_count as estimate
+
+    return estimate(workspace)
+
+
+def target(options: ControllerOptions, namespace: str, name: str) -> Any:
+    """The ``pipelines.Target`` a Workflow is rendered for (the cluster unless told otherwise)."""
+    from pipelines import Target
+
+    if options.target == "local":
+        workdir = Path(options.local_root or ".").resolve() / namespace / name
+        return Target.local(workdir, base_dir=options.local_base_dir)
+    return Target.cluster(provider=options.provider,
+                          insecure_registries=tuple(options.insecure_registry) or None)
+
+
+def spec_of(body: dict[str, Any]) -> dict[str, Any]:
+    """The Workspace as a user wrote it: no status, only the metadata kaiflow reads."""
+    meta = body.get("metadata") or {}
+    kept = {k: meta[k] for k in ("name", "namespace", "labels", "annotations", "uid", "generation") if meta.get(k)}
+    return {**{k: v for k, v in body.items() if k not in ("status", "metadata")}, "metadata": kept}
+
+
+def decide(body: dict[str, Any], options: ControllerOptions, accepted: dict[str, Any] | None = None) -> Desired | Refused:
+    """The pipeline object for this Workspace generation, or why there is none.
+
+    ``accepted`` holds the immutable fields of the pipeline made for an earlier generation (from
+    its ``ANNOTATION_IMMUTABLE``); a change of any of them is refused, as Kaito's webhook does.
+    """
+    from pipelines import PipelineError, manifest
+
+    spec = spec_of(body)
+    try:
+        # Kaito's cluster rules (https-only public dataset URLs, imagePushSecret, ...); a controller
+        # rendering for the local runner (tests, one machine) takes the local ones (file: URLs, 127.0.0.1)
+        workspace = validate_workspace(spec, mode="local" if options.target == "local" else "cluster")
+    except WorkspaceValidationError as exc:
+        return Refused(REASON_INVALID, "; ".join(str(e) for e in exc.errors), tuple(e.path for e in exc.errors))
+    if accepted:
+        changed = immutable_changes(accepted, spec)
+        if changed:
+            return Refused(REASON_IMMUTABLE, "; ".join(
+                f"{path} is immutable (was {json.dumps(accepted[path])}); delete and recreate the Workspace to change it"
+                for path in changed), tuple(changed))
+
+    name, namespace = workspace.name, workspace.namespace
+    generation = int((body.get("metadata") or {}).get("generation") or 1)
+    kind = "tuning" if workspace.is_tuning else "inference"
+    scheduled = bool(workspace.tuning and workspace.tuning.schedule)
+    object_name = pipeline_name(name, kind, generation, scheduled)
+    try:
+        rendered = manifest(workspace, target(options, namespace, object_name))
+    except PipelineError as exc:
+        return Refused(REASON_INVALID, str(exc), ())
+    meta = rendered["metadata"]
+    meta.pop("generateName", None)
+    meta["name"] = object_name
+    meta["namespace"] = namespace
+    meta["labels"] = {**meta.get("labels", {}), LABEL_WORKSPACE: name, LABEL_MANAGED_BY: MANAGED_BY,
+                      LABEL_GENERATION: str(generation)}
+    meta["annotations"] = {**meta.get("annotations", {}), ANNOTATION_OWNER: owner_annotation(namespace, name),
+                           ANNOTATION_IMMUTABLE: json.dumps(immutable_values(spec), sort_keys=True)}
+    _lifetime(rendered, options, scheduled)
+    return Desired(kind="CronWorkflow" if scheduled else "Workflow", name=object_name, namespace=namespace,
+                   generation=generation, manifest=rendered, target_node_count=target_node_count(workspace),
+                   is_tuning=workspace.is_tuning)
+
+
+def _lifetime(rendered: dict[str, Any], options: ControllerOptions, scheduled: bool) -> None:
+    """Apply the install's Workflow TTL and pod GC (Kaito #1107: finished runs free what they hold)."""
+    spec = rendered["spec"]["workflowSpec"] if scheduled else rendered["spec"]
+    if options.workflow_ttl_s is not None:
+        spec["ttlStrategy"] = {"secondsAfterCompletion": options.workflow_ttl_s}
+    if options.pod_gc is not None:
+        spec["podGC"] = {"strategy": options.pod_gc}

@@ -1,0 +1,493 @@
+"""The kopf handlers: compare what ``controller.decide`` wants with the cluster, apply, report.
+
+Design
+------
+* One reconcile per Workspace event (create, update, resume after a restart, and a periodic
+  timer as a safety net): validate, check immutable fields against the pipeline made for the last
+  accepted generation, create that generation's Workflow (or apply the CronWorkflow), stop what
+  an older generation left running, refresh the status. Every step is idempotent, so a replayed
+  event, a restart in the middle or a second replica converge on the same objects.
+* Status follows the Argo objects: events on kaiflow's Workflows, on the Workspace's Deployment
+  and its pods trigger a refresh of that Workspace (``controller.status.observe``); the timer
+  catches anything missed while the API server was away.
+* Every write goes through ``steps.kube`` (one client, one error policy, server-side apply as
+  field manager ``kaiflow``), the Workspace status included: a status refresh is triggered by
+  events on *other* objects, where kopf's patch object for the Workspace does not exist. kopf
+  keeps only its own bookkeeping (annotations prefixed ``kaiflow.kaito.sh``, the finalizer).
+* Deletion: the finalizer releases the nodes the provision task made (``steps.provision.release``)
+  and the CronWorkflow, retrying until ``--delete-deadline-s`` after the deletion started; then it
+  lets go with a Warning event, so a failed or never-provisioned Workspace never hangs (Kaito #932).
+* Kaito #1107: when a Workflow fails and nothing serves from its nodes, they are released at once.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+import kopf
+
+from api.labels import LABEL_MANAGED_BY, LABEL_PIPELINE, LABEL_WORKSPACE, LABEL_WORKSPACE_NAMESPACE, MANAGED_BY
+from api.workspace_status import (
+    REASON_DELETING,
+    REASON_RELEASE_TIMEOUT,
+    WORKSPACE_DELETING,
+    now,
+    set_condition,
+)
+from api.workspace_types import GROUP, KIND
+from controller.decide import ANNOTATION_IMMUTABLE, ARGO_API_VERSION, LABEL_GENERATION, Desired, Refused, decide
+from controller.options import ANNOTATION_OPT_IN, FINALIZER, ControllerOptions
+from controller.status import DONE_PHASES, FAILED_PHASES, Observed, Transition, observe, refused
+
+log = logging.getLogger("kaiflow.controller")
+PLURAL = "workspaces"
+COMPONENT = "kaiflow-controller"
+LABEL_CRON_WORKFLOW = "workflows.argoproj.io/cron-workflow"
+BOOKKEEPING_PREFIX = "kaiflow.kaito.sh"
+RETRY_DELAY_S = 5.0
+
+
+class Operator:
+    """The controller's state: options, one API client per thread, one lock per Workspace."""
+
+    def __init__(self, options: ControllerOptions) -> None:
+        self.options = options
+        self._local = threading.local()
+        self._locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+        self._pending: dict[tuple[str, str], int] = defaultdict(int)
+        self._refreshing: set[tuple[str, str]] = set()
+        self._queue_lock = threading.Lock()
+
+    # -- API access (steps.kube) ---------------------------------------------------------------
+
+    @property
+    def client(self) -> Any:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            from steps.kube import api_client
+
+            client = self._local.client = api_client(self.options.kubeconfig)
+        return client
+
+    def _request(self, method: str, path: str, body: Any = None, *, query: list[tuple[str, str]] | None = None,
+                 content_type: str = "application/json", what: str = "") -> Any:
+        from kubernetes.client.exceptions import ApiException
+
+        from steps.kube import api_error, request
+
+        try:
+            return request(self.client, method, path, body=body, query=query, content_type=content_type)
+        except ApiException as exc:
+            raise api_error(exc, what or f"{method} {path}") from None
+        except Exception as exc:
+            from steps.kube import _is_connection_error
+
+            if _is_connection_error(exc):
+                raise kopf.TemporaryError(f"{what or path}: cannot reach the Kubernetes API: {exc}", delay=RETRY_DELAY_S) from None
+            raise
+
+    def _list(self, api_version: str, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
+        from steps.kube import resource_path
+
+        answer = self._request("GET", resource_path(api_version, kind, namespace=namespace),
+                               query=[("labelSelector", selector)], what=f"listing {kind}s in {namespace}")
+        items = answer.get("items") or []
+        for item in items:
+            item.setdefault("kind", kind)
+        return items
+
+    def _get(self, api_version: str, kind: str, name: str, namespace: str | None) -> dict[str, Any] | None:
+        from steps.kube import get
+
+        return get(self.client, api_version, kind, name, namespace)
+
+    def workspace(self, namespace: str, name: str) -> dict[str, Any] | None:
+        from api.workspace_types import STORAGE_VERSION
+
+        return self._get(f"{GROUP}/{STORAGE_VERSION}", KIND, name, namespace)
+
+    def wanted(self, body: dict[str, Any]) -> bool:
+        if not self.options.opt_in:
+            return True
+        return ((body.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_OPT_IN) == "true"
+
+    # -- reconcile ------------------------------------------------------------------------------
+
+    def pipelines(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        """kaiflow's Workflows and CronWorkflows of a Workspace (CronWorkflow runs excluded)."""
+        selector = f"{LABEL_WORKSPACE}={name},{LABEL_MANAGED_BY}={MANAGED_BY}"
+        found = [w for w in self._list(ARGO_API_VERSION, "Workflow", namespace, selector)
+                 if LABEL_CRON_WORKFLOW not in (w["metadata"].get("labels") or {})]
+        return found + self._list(ARGO_API_VERSION, "CronWorkflow", namespace, selector)
+
+    @staticmethod
+    def accepted(pipelines: list[dict[str, Any]], generation: int) -> dict[str, Any] | None:
+        """Immutable fields recorded on the newest pipeline made for an earlier generation."""
+        import json
+
+        older = [p for p in pipelines if _generation(p) is not None and _generation(p) < generation]
+        if not older:
+            return None
+        newest = max(older, key=lambda p: _generation(p) or 0)
+        raw = (newest["metadata"].get("annotations") or {}).get(ANNOTATION_IMMUTABLE)
+        return json.loads(raw) if raw else None
+
+    def reconcile(self, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        namespace, name = meta.get("namespace") or "default", meta["name"]
+        if meta.get("deletionTimestamp") or not self.wanted(body):
+            return
+        with self._locks[(namespace, name)]:
+            # kopf's copy may predate a status refresh that ran meanwhile: read the current one.
+            body = self.workspace(namespace, name) or body
+            meta = body["metadata"]
+            if meta.get("deletionTimestamp"):
+                return
+            generation = int(meta.get("generation") or 1)
+            # A first generation has no predecessor to compare with or stop: skip the listing (the
+            # create below adopts an object of the same name), which costs most with many objects.
+            existing = self.pipelines(namespace, name) if generation > 1 else []
+            current = [p for p in existing if _generation(p) == generation]
+            accepted = None if current else self.accepted(existing, generation)
+            verdict = decide(body, self.options, accepted)
+            if isinstance(verdict, Refused):
+                self._write_status(body, refused(body.get("status"), verdict.reason, verdict.message, generation))
+                return
+            if not current:
+                self.ensure(verdict, meta.get("uid"))
+            self.supersede(existing, verdict)
+            self._refresh_locked(body, verdict)
+
+    def ensure(self, desired: Desired, uid: str | None) -> dict[str, Any]:
+        """Create this generation's object, or adopt the one already there (a replay, a restart)."""
+        from steps.kube import resource_path, server_side_apply
+
+        if desired.kind == "CronWorkflow":
+            return server_side_apply(self.client, desired.manifest)
+        path = resource_path(ARGO_API_VERSION, "Workflow", namespace=desired.namespace)
+        from kubernetes.client.exceptions import ApiException
+
+        from steps.kube import api_error, request
+
+        try:
+            created = request(self.client, "POST", path, body=desired.manifest)
+            log.info("created Workflow %s/%s", desired.namespace, desired.name)
+            return created
+        except ApiException as exc:
+            if exc.status != 409:
+                raise api_error(exc, f"creating Workflow {desired.namespace}/{desired.name}") from None
+        existing = self._get(ARGO_API_VERSION, "Workflow", desired.name, desired.namespace) or {}
+        owners = {o.get("uid") for o in existing.get("metadata", {}).get("ownerReferences") or []}
+        if uid and owners and uid not in owners:
+            # Left by an earlier Workspace of the same name, waiting for garbage collection.
+            from steps.kube import delete
+
+            delete(self.client, ARGO_API_VERSION, "Workflow", desired.name, desired.namespace)
+            raise kopf.TemporaryError(f"Workflow {desired.name} belonged to an earlier Workspace; deleted it, retrying",
+                                      delay=1)
+        return existing
+
+    def supersede(self, existing: list[dict[str, Any]], desired: Desired) -> None:
+        """An older generation's CronWorkflow goes; its running Workflow is stopped (Argo's shutdown)."""
+        from steps.kube import delete, resource_path
+
+        for obj in existing:
+            if _generation(obj) == desired.generation or obj["metadata"]["name"] == desired.name:
+                continue
+            meta = obj["metadata"]
+            if obj.get("kind") == "CronWorkflow":
+                delete(self.client, ARGO_API_VERSION, "CronWorkflow", meta["name"], meta["namespace"])
+            elif ((obj.get("status") or {}).get("phase") not in DONE_PHASES
+                  and (obj.get("spec") or {}).get("shutdown") != "Terminate"):
+                self._request("PATCH", resource_path(ARGO_API_VERSION, "Workflow", meta["name"], meta["namespace"]),
+                              {"spec": {"shutdown": "Terminate"}}, content_type="application/merge-patch+json",
+                              what=f"stopping superseded Workflow {meta['name']}")
+
+    # -- status -----------------------------------------------------------------------------------
+
+    def request_refresh(self, namespace: str, name: str) -> None:
+        """Refresh soon; a burst of events (a Workflow patched task by task) collapses into one or two."""
+        key = (namespace, name)
+        with self._queue_lock:
+            self._pending[key] += 1
+            if key in self._refreshing:
+                return  # the thread refreshing it now will go round once more
+            self._refreshing.add(key)
+        try:
+            while True:
+                with self._queue_lock:
+                    if not self._pending[key]:
+                        self._pending.pop(key, None)
+                        return
+                    self._pending[key] = 0
+                self.refresh(namespace, name)
+        finally:
+            with self._queue_lock:
+                self._refreshing.discard(key)
+
+    def refresh(self, namespace: str, name: str) -> None:
+        """Recompute a Workspace's status from its pipeline, Deployment and pods."""
+        with self._locks[(namespace, name)]:
+            body = self.workspace(namespace, name)
+            if body is None or body["metadata"].get("deletionTimestamp") or not self.wanted(body):
+                return
+            verdict = decide(body, self.options, None)
+            if isinstance(verdict, Desired):
+                self._refresh_locked(body, verdict)
+
+    def _refresh_locked(self, body: dict[str, Any], desired: Desired) -> None:
+        from steps.kube import resource_path
+
+        meta = body["metadata"]
+        namespace, name = meta.get("namespace") or "default", meta["name"]
+        pipeline = self._get(ARGO_API_VERSION, desired.kind, desired.name, namespace)
+        if pipeline is None:
+            return
+        pipeline.setdefault("kind", desired.kind)
+        run = pipeline
+        if desired.kind == "CronWorkflow":
+            runs = self._list(ARGO_API_VERSION, "Workflow", namespace, f"{LABEL_CRON_WORKFLOW}={desired.name}")
+            run = max(runs, key=lambda w: (w["metadata"].get("creationTimestamp") or "", w["metadata"]["name"])) if runs else None
+        deployment = self._get("apps/v1", "Deployment", name, namespace)
+        if deployment is not None and (deployment["metadata"].get("labels") or {}).get(LABEL_MANAGED_BY) != MANAGED_BY:
+            deployment = None
+        pods: list[dict[str, Any]] = []
+        if deployment is not None:
+            selector = ",".join(f"{k}={v}" for k, v in
+                                (((deployment.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}).items())
+            answer = self._request("GET", resource_path("v1", "Pod", namespace=namespace),
+                                   query=[("labelSelector", selector)] if selector else None, what="listing pods")
+            pods = [p for p in answer.get("items") or [] if LABEL_PIPELINE not in (p["metadata"].get("labels") or {})]
+        released = self._release_after_failure(body, run, deployment)
+        observed = observe(body.get("status"), generation=desired.generation, is_tuning=desired.is_tuning,
+                           target_node_count=desired.target_node_count, pipeline=pipeline, run=run,
+                           deployment=deployment, pods=pods, nodes_released=released)
+        self._write_status(body, observed)
+
+    def _release_after_failure(self, body: dict[str, Any], run: dict[str, Any] | None,
+                               deployment: dict[str, Any] | None) -> bool | None:
+        """Kaito #1107: a failed run's nodes are freed at once, unless a Deployment serves from them."""
+        if run is None or (run.get("status") or {}).get("phase") not in FAILED_PHASES:
+            return None
+        last = (((body.get("status") or {}).get("pipeline") or {}).get("lastRun") or {})
+        if last.get("name") == run["metadata"]["name"] and last.get("nodesReleased"):
+            return True
+        if not self.options.release_after_failure or deployment is not None:
+            return False
+        from controller.status import task_output
+
+        provider = task_output(run, "provision-nodes", "provider") or self.options.provider
+        meta = body["metadata"]
+        try:
+            self.release(provider, meta["name"], meta.get("namespace") or "default", timeout=30)
+        except Exception as exc:  # reported, retried at the next refresh
+            log.warning("releasing the nodes of %s failed: %s", meta["name"], exc)
+            return False
+        self.event(body, Transition("ResourceReady", "False", "NodesReleased",
+                                    f"the Workflow failed; released the nodes ({provider or 'default'} provider)"))
+        return True
+
+    def _write_status(self, body: dict[str, Any], observed: Observed) -> None:
+        from steps.kube import resource_path
+
+        if observed.status == (body.get("status") or {}):
+            return
+        meta = body["metadata"]
+        path = resource_path(f"{GROUP}/{body['apiVersion'].split('/')[-1]}", KIND, meta["name"], meta.get("namespace")) + "/status"
+        self._request("PATCH", path, {"status": observed.status}, content_type="application/merge-patch+json",
+                      what=f"updating the status of Workspace {meta['name']}")
+        body["status"] = observed.status
+        for transition in observed.transitions:
+            self.event(body, transition)
+
+    def event(self, body: dict[str, Any], transition: Transition) -> None:
+        """A Kubernetes Event on the Workspace (``kubectl describe wks`` lists them)."""
+        from steps.kube import resource_path
+
+        meta = body["metadata"]
+        namespace = meta.get("namespace") or "default"
+        stamp = now()
+        message = f"{transition.type}={transition.status}" + (f": {transition.message}" if transition.message else "")
+        event = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": namespace},
+            "involvedObject": {"apiVersion": body.get("apiVersion"), "kind": KIND, "name": meta["name"],
+                               "namespace": namespace, "uid": meta.get("uid")},
+            "reason": transition.reason or transition.type, "message": message[:1024],
+            "type": "Warning" if transition.warning else "Normal",
+            "source": {"component": COMPONENT}, "reportingComponent": COMPONENT, "reportingInstance": COMPONENT,
+            "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
+        }
+        try:
+            self._request("POST", resource_path("v1", "Event", namespace=namespace), event, what="posting an Event")
+        except Exception as exc:  # an Event is a courtesy: never fail a reconcile over it
+            log.warning("could not post an Event for %s: %s", meta["name"], exc)
+
+    # -- deletion ---------------------------------------------------------------------------------
+
+    def release(self, provider: str | None, name: str, namespace: str, *, timeout: float) -> list[str]:
+        from steps.provision import release
+
+        return release(provider or "aks", name, namespace, kubeconfig=self.options.kubeconfig, timeout=timeout)
+
+    def finalize(self, body: dict[str, Any]) -> None:
+        """Release what owner references cannot, within the deadline; raise TemporaryError to retry."""
+        from steps.kube import delete
+
+        meta = body["metadata"]
+        namespace, name = meta.get("namespace") or "default", meta["name"]
+        started = _parse_time(meta.get("deletionTimestamp")) or time.time()
+        remaining = started + self.options.delete_deadline_s - time.time()
+        status = body.get("status") or {}
+        if not any(c.get("type") == WORKSPACE_DELETING for c in status.get("conditions") or []):
+            conditions = set_condition(status.get("conditions"), WORKSPACE_DELETING, True, REASON_DELETING,
+                                       "releasing nodes and the schedule")
+            try:
+                self._write_status(body, Observed({**status, "conditions": conditions}, [
+                    Transition(WORKSPACE_DELETING, "True", REASON_DELETING, "releasing nodes and the schedule")]))
+            except Exception as exc:  # the deletion goes on; the condition is a courtesy
+                log.warning("could not mark %s as deleting: %s", name, exc)
+        status = body.get("status") or status
+        try:
+            # Owner references would take these too; deleting them here makes it immediate and
+            # holds when the Workspace is deleted with --cascade=orphan.
+            selector = f"{LABEL_WORKSPACE}={name},{LABEL_MANAGED_BY}={MANAGED_BY}"
+            for kind in ("CronWorkflow", "Workflow"):
+                for obj in self._list(ARGO_API_VERSION, kind, namespace, selector):
+                    delete(self.client, ARGO_API_VERSION, kind, obj["metadata"]["name"], namespace)
+            provider = ((status.get("pipeline") or {}).get("provider")) or self.options.provider
+            budget = max(1.0, min(remaining, 60.0))
+            released = _within(budget, lambda: self.release(provider, name, namespace, timeout=budget))
+            if released:
+                log.info("released %s for Workspace %s/%s", ", ".join(released), namespace, name)
+        except Exception as exc:
+            if time.time() < started + self.options.delete_deadline_s:
+                raise kopf.TemporaryError(f"releasing the resources of {name}: {exc}", delay=RETRY_DELAY_S) from None
+            self.event(body, Transition(WORKSPACE_DELETING, "True", REASON_RELEASE_TIMEOUT,
+                                        f"gave up releasing after {self.options.delete_deadline_s:.0f} s: {exc}; "
+                                        "check for leftover nodes labelled kaito.sh/workspace=" + name))
+
+
+def _within(seconds: float, call: Any) -> Any:
+    """``call()``, or TimeoutError after ``seconds``: a release stuck in a cloud API's retries must
+    not hold the deletion past its deadline (the call finishes, or fails, in the background)."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # handed to the caller below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, name="kaiflow-release", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise TimeoutError(f"no answer within {seconds:.0f} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+def _generation(obj: dict[str, Any]) -> int | None:
+    value = (obj["metadata"].get("labels") or {}).get(LABEL_GENERATION)
+    return int(value) if value and value.isdigit() else None
+
+
+def _parse_time(value: str | None) -> float | None:
+    if not value:
+        return None
+    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+# ------------------------------------------------------------------------------- registration
+
+
+def registry(options: ControllerOptions) -> tuple[kopf.OperatorRegistry, Operator]:
+    """A kopf registry with kaiflow's handlers bound to ``options``."""
+    reg = kopf.OperatorRegistry()
+    op = Operator(options)
+
+    def opted_in(annotations: Any, **_: Any) -> bool:
+        return not options.opt_in or annotations.get(ANNOTATION_OPT_IN) == "true"
+
+    def _retryable(fn: Any) -> Any:
+        def handler(**kwargs: Any) -> None:
+            from steps.common import RetryableError, StepError
+
+            try:
+                fn(**kwargs)
+            except kopf.TemporaryError:
+                raise
+            except RetryableError as exc:
+                raise kopf.TemporaryError(str(exc), delay=RETRY_DELAY_S) from None
+            except StepError as exc:
+                # 4xx answers (RBAC, a missing CRD): retrying later may still help once fixed.
+                raise kopf.TemporaryError(str(exc), delay=RETRY_DELAY_S * 6) from None
+        handler.__name__ = handler.__qualname__ = fn.__name__  # kopf keys its bookkeeping by handler id
+        return handler
+
+    @kopf.on.login(registry=reg)
+    def login(**kwargs: Any) -> Any:
+        # In a pod: the service account; elsewhere $KUBECONFIG (set from --kubeconfig).
+        return kopf.login_via_client(**kwargs)
+
+    @kopf.on.startup(registry=reg)
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.persistence.finalizer = FINALIZER
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=BOOKKEEPING_PREFIX)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=BOOKKEEPING_PREFIX, key="last-handled-configuration")
+        settings.posting.level = logging.WARNING
+        # kopf waits this long for more events of an object before handling it (default 0.1 s);
+        # every decision here is idempotent, so intermediate states need not be skipped.
+        settings.batching.batch_window = 0.01
+        settings.execution.max_workers = options.workers
+        settings.watching.server_timeout = 60
+        settings.watching.client_timeout = 90
+        settings.watching.connect_timeout = 5
+        settings.networking.request_timeout = 30
+        settings.networking.connect_timeout = 5
+
+    @kopf.on.resume(GROUP, PLURAL, registry=reg, when=opted_in, id="reconcile")
+    @kopf.on.create(GROUP, PLURAL, registry=reg, when=opted_in, id="reconcile")
+    @kopf.on.update(GROUP, PLURAL, registry=reg, when=opted_in, id="reconcile")
+    @_retryable
+    def reconcile(body: Any, **_: Any) -> None:
+        op.reconcile(_plain(body))
+
+    @kopf.timer(GROUP, PLURAL, registry=reg, interval=options.resync_s, initial_delay=options.resync_s,
+                when=opted_in, id="resync")
+    @_retryable
+    def resync(body: Any, **_: Any) -> None:
+        op.reconcile(_plain(body))
+
+    @kopf.on.delete(GROUP, PLURAL, registry=reg, when=opted_in, id="finalize")
+    @_retryable
+    def finalize(body: Any, **_: Any) -> None:
+        op.finalize(_plain(body))
+
+    @kopf.on.event("argoproj.io", "v1alpha1", "workflows", registry=reg, labels={LABEL_MANAGED_BY: MANAGED_BY})
+    @kopf.on.event("apps", "v1", "deployments", registry=reg, labels={LABEL_MANAGED_BY: MANAGED_BY})
+    @kopf.on.event("", "v1", "pods", registry=reg, labels={LABEL_WORKSPACE: kopf.PRESENT})
+    def follow(body: Any, **_: Any) -> None:
+        labels = body.get("metadata", {}).get("labels") or {}
+        workspace = labels.get(LABEL_WORKSPACE)
+        if workspace:
+            try:
+                op.request_refresh(body["metadata"].get("namespace") or "default", workspace)
+            except Exception as exc:  # event handlers are not retried; the timer refreshes later
+                log.warning("refreshing Workspace %s failed: %s", workspace, exc)
+
+    return reg, op
+
+
+def _plain(body: Any) -> dict[str, Any]:
+    import copy
+
+    return copy.deepcopy(dict(body))

@@ -1,0 +1,73 @@
+"""The controller's settings: one dataclass, one command-line option per field (``kaiflow controller``).
+
+Every field can also come from the environment (``KAIFLOW_CONTROLLER_<FIELD>``), which is how the
+Deployment in ``controller/manifests/`` sets them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+# Workspaces carrying this annotation with the value "true" are kaiflow's when --opt-in is set.
+ANNOTATION_OPT_IN = "kaiflow.kaito.sh/managed"
+FINALIZER = "kaiflow.kaito.sh/finalizer"
+ENV_PREFIX = "KAIFLOW_CONTROLLER_"
+
+
+@dataclass(frozen=True)
+class ControllerOptions:
+    kubeconfig: str | None = field(default=None, metadata={
+        "help": "kubeconfig file (default: $KUBECONFIG, ~/.kube/config, then the pod's service account)"})
+    namespace: tuple[str, ...] = field(default=(), metadata={
+        "help": "watch only this namespace (repeatable; default: every namespace)"})
+    opt_in: bool = field(default=False, metadata={
+        "help": f"act only on Workspaces annotated {ANNOTATION_OPT_IN}=true (for clusters that keep Kaito's controller)"})
+    target: str = field(default="cluster", metadata={
+        "help": "render Workflows for Argo in the cluster (default) or for the local runner (tests, one machine)",
+        "choices": ("cluster", "local")})
+    local_root: str | None = field(default=None, metadata={
+        "help": "--target local: folder holding each Workflow's workdir (<root>/<namespace>/<workflow>)"})
+    local_base_dir: str | None = field(default=None, metadata={
+        "help": "--target local: folder relative file: URLs and tuning.config resolve against"})
+    provider: str | None = field(default=None, metadata={
+        "help": "provision provider of the rendered Workflows (default: $KAIFLOW_PROVISIONER or aks)"})
+    insecure_registry: tuple[str, ...] = field(default=(), metadata={
+        "help": "registry host reached over plain http (repeatable)"})
+    workflow_ttl_s: int | None = field(default=None, metadata={
+        "help": "seconds a finished Workflow is kept (default: the pipeline's 7 days)"})
+    pod_gc: str | None = field(default=None, metadata={
+        "help": "Argo podGC strategy of the Workflows (default: OnPodSuccess)",
+        "choices": ("OnPodCompletion", "OnPodSuccess", "OnWorkflowCompletion", "OnWorkflowSuccess")})
+    release_after_failure: bool = field(default=True, metadata={
+        "help": "free the provisioned nodes as soon as a Workflow fails (Kaito #1107)"})
+    delete_deadline_s: float = field(default=120.0, metadata={
+        "help": "seconds a deletion waits for node release before letting the Workspace go (Kaito #932)"})
+    resync_s: float = field(default=30.0, metadata={
+        "help": "seconds between full status refreshes of each Workspace (events refresh at once)"})
+    workers: int = field(default=16, metadata={"help": "threads running handlers"})
+    liveness_port: int | None = field(default=None, metadata={
+        "help": "serve kopf's liveness probe on http://0.0.0.0:PORT/healthz"})
+    verbose: bool = field(default=False, metadata={"help": "log every handler call"})
+
+    @property
+    def watches_all_namespaces(self) -> bool:
+        return not self.namespace
+
+
+def parse(argv: Sequence[str] | None = None) -> ControllerOptions:
+    from dataclasses import fields
+
+    from steps.common import add_dataclass_arguments, dataclass_from_args
+
+    parser = argparse.ArgumentParser(prog="kaiflow controller",
+                                     description="Run the kaiflow operator: Workspaces become Argo Workflows.")
+    # Switches and repeatable options come from the command line only (an env "false" is truthy).
+    env = {f.name: ENV_PREFIX + f.name.upper() for f in fields(ControllerOptions)
+           if f.name not in ("namespace", "insecure_registry", "opt_in", "release_after_failure", "verbose")}
+    add_dataclass_arguments(parser, ControllerOptions, env=env)
+    options = dataclass_from_args(ControllerOptions, parser.parse_args(argv))
+    if options.target == "local" and not options.local_root:
+        parser.error("--local-root is required with --target local")
+    return options
