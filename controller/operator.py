@@ -31,7 +31,7 @@ from typing import Any
 
 import kopf
 
-from api.labels import LABEL_MANAGED_BY, LABEL_PIPELINE, LABEL_WORKSPACE, LABEL_WORKSPACE_NAMESPACE, MANAGED_BY
+from api.labels import LABEL_MANAGED_BY, LABEL_PIPELINE, LABEL_WORKSPACE, MANAGED_BY
 from api.workspace_status import (
     REASON_DELETING,
     REASON_RELEASE_TIMEOUT,
