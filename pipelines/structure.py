@@ -255,7 +255,9 @@ def problems(manifest: dict[str, Any]) -> list[str]:
         return {p["name"] for p in (template.get("outputs") or {}).get("parameters") or []}
 
     # Outside the templates only workflow-level variables exist (metadata, volumes, onExit, ...).
-    outside = {"metadata": manifest.get("metadata") or {}}
+    # The object's own annotations are bookkeeping Argo never evaluates (the controller keeps JSON
+    # there, whose "}}" is no placeholder); its labels and everything in the spec are checked.
+    outside = {"metadata": {k: v for k, v in (manifest.get("metadata") or {}).items() if k != "annotations"}}
     outside |= {k: v for k, v in manifest.get("spec", {}).items() if k not in ("workflowSpec", "templates")}
     outside |= {k: v for k, v in spec.items() if k != "templates"}
     for key, value in outside.items():

@@ -26,7 +26,7 @@ WS = "/apis/kaito.sh/v1beta1/namespaces/default/workspaces"
 
 @pytest.mark.slow
 def test_tiny_tuning_from_kubectl_apply_to_adapter_and_back(kaito_kube, kubectl, start_controller, oci_registry, tmp_path):
-    from steps.deploy import stop_local
+    from steps.local_service import stop_local
 
     runs = tmp_path / "runs"
     base = tmp_path / "ws"
@@ -40,12 +40,17 @@ def test_tiny_tuning_from_kubectl_apply_to_adapter_and_back(kaito_kube, kubectl,
                                   "--local-base-dir", str(base), "--resync-s", "10")
     workflow = f"{name}-tuning-1"
     try:
-        with play_argo(kaito_kube, mode="local", local_root=runs):
+        with play_argo(kaito_kube, mode="local", local_root=runs) as argo:
             kubectl("apply", "-f", "-", input=yaml.safe_dump(spec))
-            wait = kubectl("wait", "--for=condition=WorkspaceSucceeded", f"wks/{name}", "--timeout=900s",
-                           check=False, timeout=960)
-            assert wait.returncode == 0, (wait.stderr, controller.log()[-4000:],
-                                          kaito_kube.get(f"{WS}/{name}").get("status"))
+
+            def succeeded() -> bool:
+                if argo.errors:  # a player that failed to run the Workflow would leave us waiting
+                    raise argo.errors[0]
+                return kubectl("wait", "--for=condition=WorkspaceSucceeded", f"wks/{name}", "--timeout=5s",
+                               check=False, timeout=30).returncode == 0
+
+            wait_for(succeeded, timeout=900, interval=1, what="WorkspaceSucceeded",
+                     on_fail=lambda: f"{controller.log()[-4000:]}\n{kaito_kube.get(f'{WS}/{name}').get('status')}")
     finally:
         stop_local(runs / "default" / workflow / "serve")
 

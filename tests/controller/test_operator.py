@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from api.labels import ANNOTATION_OWNER, LABEL_WORKSPACE, LABEL_WORKSPACE_NAMESPACE, owner_annotation
+
 from tests.fixtures.argo import play_argo
 from tests.fixtures.kaiflow_controller import ApiProxy, proxied_kubeconfig, wait_for
 
@@ -61,15 +63,15 @@ def test_apply_get_wait_delete(kaito_kube, kubectl, start_controller):
     assert reasons.index("Provisioning") < reasons.index("Started") < reasons.index("workspaceSucceeded")
 
     # The finalizer releases the NodeClaims the provision task labelled for the Workspace.
+    _node_claim(kaito_kube, "ws-claim-0", TUNING)
+    _node_claim(kaito_kube, "other-claim", "other")
+    # same labels, but not made by kaiflow's provision step (no owner annotation): left alone
     kaito_kube.create("/apis/karpenter.sh/v1/nodeclaims", {
-        "apiVersion": "karpenter.sh/v1", "kind": "NodeClaim",
-        "metadata": {"name": "ws-claim-0", "labels": {"kaito.sh/workspace": TUNING, "kaito.sh/workspacenamespace": "default"}},
-        "spec": {}})
-    kaito_kube.create("/apis/karpenter.sh/v1/nodeclaims", {
-        "apiVersion": "karpenter.sh/v1", "kind": "NodeClaim",
-        "metadata": {"name": "other-claim", "labels": {"kaito.sh/workspace": "other"}}, "spec": {}})
+        "apiVersion": "karpenter.sh/v1", "kind": "NodeClaim", "spec": {}, "metadata": {
+            "name": "someone-elses", "labels": {"kaito.sh/workspace": TUNING, "kaito.sh/workspacenamespace": "default"}}})
     kubectl("delete", "wks", TUNING, "--timeout=60s", timeout=90)
-    assert [c["metadata"]["name"] for c in kaito_kube.list("/apis/karpenter.sh/v1/nodeclaims")] == ["other-claim"]
+    assert sorted(c["metadata"]["name"] for c in kaito_kube.list("/apis/karpenter.sh/v1/nodeclaims")) == [
+        "other-claim", "someone-elses"]
     assert kubectl("get", "wks", "-o", "name").stdout.strip() == ""
 
 
@@ -205,9 +207,7 @@ def test_delete_never_hangs_when_release_fails(kaito_kube, kubectl, start_contro
     name = spec["metadata"]["name"]
     kaito_kube.create(WS, spec)
     wait_for(lambda: workflows(kaito_kube, name), what="the Workflow", on_fail=controller.log)
-    kaito_kube.create("/apis/karpenter.sh/v1/nodeclaims", {
-        "apiVersion": "karpenter.sh/v1", "kind": "NodeClaim", "spec": {},
-        "metadata": {"name": "stuck", "labels": {"kaito.sh/workspace": name, "kaito.sh/workspacenamespace": "default"}}})
+    _node_claim(kaito_kube, "stuck", name)
     kaito_kube.emulator["delete", re.compile(r".*/nodeclaims/.*")] << 500  # the cloud refuses, every time
     started = time.monotonic()
     kubectl("delete", "wks", name, "--timeout=60s", timeout=90)
@@ -219,9 +219,7 @@ def test_delete_never_hangs_when_release_fails(kaito_kube, kubectl, start_contro
 def test_failed_tuning_frees_its_nodes(kaito_kube, kubectl, start_controller):
     """Kaito #1107: GPUs are released as soon as the Workflow fails (nothing serves from them)."""
     controller = start_controller(kaito_kube, "--provider", "karpenter")
-    kaito_kube.create("/apis/karpenter.sh/v1/nodeclaims", {
-        "apiVersion": "karpenter.sh/v1", "kind": "NodeClaim", "spec": {},
-        "metadata": {"name": "gpu-0", "labels": {"kaito.sh/workspace": TUNING, "kaito.sh/workspacenamespace": "default"}}})
+    _node_claim(kaito_kube, "gpu-0", TUNING)
     with play_argo(kaito_kube, fail={"tune": (1, "error: CUDA out of memory")}):
         kubectl("apply", "-f", str(EXAMPLES / "kaito_workspace_tuning_phi_3.yaml"))
         wait_for(lambda: not kaito_kube.list("/apis/karpenter.sh/v1/nodeclaims"), timeout=60,
@@ -275,3 +273,11 @@ def test_crash_looping_pods_turn_inference_ready_false(kaito_kube, kubectl, star
                     what="InferenceReady=False", on_fail=controller.log)
     assert cond["reason"] == "ContainerCrashLoopBackOff" and "back-off" in cond["message"]
     assert kaito_kube.get(f"{WS}/{name}")["status"]["state"] == "NotReady"
+
+
+def _node_claim(kube, name: str, workspace: str, namespace: str = "default") -> None:
+    """A NodeClaim as the provision step's Karpenter provider makes it: Kaito's labels and kaiflow's owner."""
+    kube.create("/apis/karpenter.sh/v1/nodeclaims", {
+        "apiVersion": "karpenter.sh/v1", "kind": "NodeClaim", "spec": {},
+        "metadata": {"name": name, "labels": {LABEL_WORKSPACE: workspace, LABEL_WORKSPACE_NAMESPACE: namespace},
+                     "annotations": {ANNOTATION_OWNER: owner_annotation(namespace, workspace)}}})

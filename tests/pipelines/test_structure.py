@@ -130,3 +130,12 @@ def test_unknown_fields_are_refused_where_argo_would(tuning_manifest):
     for where in (f"templates[{index}].automountServiceAccountTokn", f"templates[{index}].securityContext.fsGrup",
                   f"templates[{index}].metrics.prometheus[0].gauge.vale", "onExt"):
         assert any(where in p and "unknown field" in p for p in found), where
+
+
+def test_the_objects_own_annotations_are_not_placeholders(tuning_manifest):
+    """Argo never evaluates a Workflow's own annotations: JSON kept there (the controller's) is fine."""
+    broken = copy.deepcopy(tuning_manifest)
+    broken["metadata"].setdefault("annotations", {})["kaiflow.kaito.sh/immutable"] = '{"a": {"b": 1}}'
+    check(broken)
+    broken["spec"]["workflowSpec"]["templates"][0].setdefault("metadata", {})["annotations"] = {"x": "{{oops"}
+    assert any("unbalanced" in p or "oops" in p for p in problems(broken))
