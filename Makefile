@@ -67,6 +67,8 @@ bench: install system-deps
 	$(BIN)/python -m bench.tune_bench
 	$(BIN)/python -m bench.oci_bench
 	$(BIN)/python -m bench.serve_bench
+	$(BIN)/python -m bench.fetch_bench
+	$(BIN)/python -m bench.controller_bench
 
 clean:
 	rm -rf $(VENV) .kaiflow .pytest_cache

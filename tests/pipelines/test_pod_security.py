@@ -79,13 +79,15 @@ def test_uppercase_placeholder_in_an_annotation_is_refused():
     assert any("unknown reference {{INPUTS.PARAMETERS.METHOD}}" in p for p in problems(manifest))
 
 
-@pytest.mark.parametrize("where", ["workflow-annotation", "pod-label", "env"])
+@pytest.mark.parametrize("where", ["workflow-metadata", "pod-label", "env"])
 def test_placeholders_are_checked_everywhere(where: str):
     manifest = pipelines.manifest(ROOT / "examples" / "kaito_workspace_tuning_phi_3.yaml", _cluster())
     broken = copy.deepcopy(manifest)
     tune = next(t for t in workflow_spec(broken)["templates"] if t["name"] == "tune")
-    if where == "workflow-annotation":
-        broken["metadata"]["annotations"]["x"] = "{{inputs.parameters.method}}"  # no inputs at workflow level
+    if where == "workflow-metadata":
+        # spec.workflowMetadata is evaluated by Argo (the object's own annotations are not: they
+        # hold bookkeeping such as the controller's JSON); no inputs exist at workflow level
+        workflow_spec(broken)["workflowMetadata"] = {"annotations": {"x": "{{inputs.parameters.method}}"}}
     elif where == "pod-label":
         workflow_spec(broken)["podMetadata"]["labels"]["x"] = "{{workflow.parameters.nope}}"
     else:

@@ -30,7 +30,8 @@ def _project_modules() -> list[Path]:
             "print(json.dumps(sorted({m.__file__ for m in list(sys.modules.values()) if getattr(m, '__file__', None)})))")
     files = json.loads(subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True,
                                       text=True).stdout)
-    return [Path(f) for f in files if Path(f).is_relative_to(ROOT)]
+    project = {"api", "presets", "steps", "pipelines", "controller", "serving_bento", "kaiflow"}
+    return [Path(f) for f in files if Path(f).is_relative_to(ROOT) and Path(f).relative_to(ROOT).parts[0] in project]
 
 
 SERVICE_MODULES = _project_modules()
