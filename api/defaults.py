@@ -26,6 +26,9 @@ from typing import Any
 DEFAULT_METHOD = "lora"
 DEFAULT_COUNT = 1
 ANNOTATION_OWN_NODES = "kaiflow.kaito.sh/bring-your-own-nodes"
+# The Secret (key ``api-key``) whose value the chat service requires as a bearer key; referenced
+# by the Deployment and the smoke test, never read by kaiflow.
+ANNOTATION_API_KEY_SECRET = "kaiflow.kaito.sh/api-key-secret"
 
 UNKNOWN_NODE_GPUS = 1
 UNKNOWN_NODE_VCPUS = 8
@@ -40,6 +43,12 @@ GENERIC_DATA_VOLUME_GIB = 500
 def uses_own_nodes(workspace: Any) -> bool:
     annotations = workspace.metadata.annotations or {}
     return str(annotations.get(ANNOTATION_OWN_NODES, "")).lower() == "true"
+
+
+def api_key_secret(workspace: Any) -> str | None:
+    """The Secret named by ``ANNOTATION_API_KEY_SECRET``, if the Workspace asks for an API key."""
+    annotations = workspace.metadata.annotations or {}
+    return annotations.get(ANNOTATION_API_KEY_SECRET) or None
 
 
 def tuning_method(workspace: Any) -> str | None:

@@ -31,6 +31,7 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ValidationError
 
+from api.defaults import ANNOTATION_API_KEY_SECRET
 from api.documents import Bundle
 from api.image_ref import ImageRef
 from api.workspace_types import API_VERSIONS, KIND, Workspace
@@ -390,6 +391,10 @@ def _rules(ws: Workspace, mode: Mode, warnings: list[FieldError]) -> Iterator[Fi
         )
     if (ws.inference is None) == (ws.tuning is None):
         yield FieldError("", "exactly one of inference, tuning must be set" + (" (both are)" if ws.inference else ""))
+    key_secret = (ws.metadata.annotations or {}).get(ANNOTATION_API_KEY_SECRET)
+    if key_secret is not None and (not DNS1123_SUBDOMAIN.match(key_secret) or len(key_secret) > 253):
+        yield FieldError(f"metadata.annotations[{ANNOTATION_API_KEY_SECRET}]",
+                         f"must name a Secret (a DNS-1123 subdomain), got {key_secret!r}")
 
     yield from _unsupported(ws)
     warnings.extend(_deprecated(ws))

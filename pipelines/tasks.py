@@ -29,6 +29,7 @@ from pipelines.target import Target
 
 DATA_VOLUME = "kaiflow-data"
 TRAINING_CONFIG_VOLUME = "training-config"
+API_KEY_SECRET_KEY = "api-key"  # the key of the API key Secret (steps.deploy_manifests reads the same)
 OUTPUTS_VOLUME = "kaiflow-outputs"
 # Output parameters are short strings and small JSON documents.
 OUTPUTS_SIZE_LIMIT = "16Mi"
@@ -436,7 +437,8 @@ def deploy(target: Target, *, workspace_name: str, namespace: str, preset: str,
            adapters: Sequence[tuple[str, str]], adapter_images: Sequence[str] = (), gpus: int | None = None,
            node_labels: Sequence[str] = (), docker_config_secret: str | None = None,
            workspace_uid: str | None = None, inputs: Iterable[str] = (), name: str = "deploy-inference",
-           service_env: dict[str, str] | None = None, model_access_secret: str | None = None) -> Container:
+           service_env: dict[str, str] | None = None, model_access_secret: str | None = None,
+           api_key_secret: str | None = None) -> Container:
     """``adapters`` are (NAME, STRENGTH); ``adapter_images`` NAME=IMAGE for the cluster's init container.
 
     Locally the service reads the adapters the earlier tasks left under the data folder; in a
@@ -457,6 +459,8 @@ def deploy(target: Target, *, workspace_name: str, namespace: str, preset: str,
             args += ["--workspace-uid", workspace_uid]
         if model_access_secret:
             args += ["--model-access-secret", model_access_secret]
+        if api_key_secret:
+            args += ["--api-key-secret", api_key_secret]
         args += _flag("--service-env", [f"{k}={v}" for k, v in sorted((service_env or {}).items())])
         if any(target.is_insecure(spec.split("=", 1)[-1]) for spec in adapter_images):
             args.append("--insecure")
@@ -477,9 +481,14 @@ def deploy(target: Target, *, workspace_name: str, namespace: str, preset: str,
     )
 
 
-def smoke_test(target: Target, *, name: str = "smoke-test") -> Container:
+def smoke_test(target: Target, *, api_key_secret: str | None = None, name: str = "smoke-test") -> Container:
+    """``api_key_secret``: the service requires a bearer key; the step reads it as KAIFLOW_API_KEY."""
+    env = []
+    if api_key_secret and target.is_cluster:
+        env.append(m.EnvVar(name="KAIFLOW_API_KEY", value_from=m.EnvVarSource(
+            secret_key_ref=m.SecretKeySelector(name=api_key_secret, key=API_KEY_SECRET_KEY))))
     return _step(
         target, name=name, module="smoke_test", args=["--url", input_ref("service-url")],
-        deadline=DEADLINES["smoke_test"], data_volume=False, retry=True,
+        deadline=DEADLINES["smoke_test"], data_volume=False, retry=True, env=env,
         description="Ask the service one question and check the answer",
     )

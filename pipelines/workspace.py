@@ -37,6 +37,7 @@ from typing import Any
 from hera.workflows import DAG, CronWorkflow, Parameter, Workflow
 from hera.workflows import models as m
 
+from api.defaults import api_key_secret
 from api.image_ref import ImageRef
 from api.labels import ANNOTATION_OWNER, LABEL_MANAGED_BY, LABEL_PIPELINE, LABEL_WORKSPACE, MANAGED_BY, owner_annotation
 from pipelines import tasks
@@ -316,8 +317,9 @@ def _tuning(workspace: Any, target: Target) -> Workflow | CronWorkflow:
             adapter_images=[f"{name}={tasks.input_ref('adapter-image')}"], inputs=["adapter-image"],
             gpus=scheduling.gpus, node_labels=_node_labels(workspace), docker_config_secret=push_secret,
             workspace_uid=getattr(workspace.metadata, "uid", None), model_access_secret=model_secret,
+            api_key_secret=api_key_secret(workspace),
         )
-        smoke_t = tasks.smoke_test(target)
+        smoke_t = tasks.smoke_test(target, api_key_secret=api_key_secret(workspace))
         if scheduled:
             repository_ref = tasks.workflow_ref("output-repository")
             gate_t = tasks.eval_gate(target, adapter_name=name, current_image=f"{repository_ref}:latest",
@@ -399,8 +401,9 @@ def _inference(workspace: Any, target: Target, service_env: dict[str, str] | Non
             service_env=service_env,
             model_access_secret=getattr(workspace.inference.preset.preset_options, "model_access_secret", None)
             if workspace.inference.preset and workspace.inference.preset.preset_options else None,
+            api_key_secret=api_key_secret(workspace),
         )
-        smoke_t = tasks.smoke_test(target)
+        smoke_t = tasks.smoke_test(target, api_key_secret=api_key_secret(workspace))
         with DAG(name="inference"):
             provision = provision_t(name="provision-nodes")
             pull = pull_t(name="pull-adapters") if pull_t is not None else None

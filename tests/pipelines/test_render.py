@@ -204,3 +204,18 @@ def _output_names(template: dict) -> list[str]:
 
 def _values(args: list[str], flag: str) -> list[str]:
     return [args[i + 1] for i, a in enumerate(args) if a == flag]
+
+
+def test_an_api_key_secret_is_referenced_by_the_deployment_and_the_smoke_test():
+    """Annotation kaiflow.kaito.sh/api-key-secret: the service requires the key; its value never appears."""
+    spec = yaml.safe_load((ROOT / "examples" / "kaito_workspace_phi_3.yaml").read_text())
+    spec["metadata"]["annotations"] = {"kaiflow.kaito.sh/api-key-secret": "chat-api-key"}
+    templates = {t["name"]: t for t in workflow_spec(pipelines.manifest(spec, cluster_target()))["templates"]}
+    deploy_args = templates["deploy-inference"]["container"]["args"]
+    assert deploy_args[deploy_args.index("--api-key-secret") + 1] == "chat-api-key"
+    env = {e["name"]: e for e in templates["smoke-test"]["container"]["env"]}
+    assert env["KAIFLOW_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "chat-api-key", "key": "api-key"}
+    # without the annotation the service is open, as Kaito's is
+    plain = workflow_spec(pipelines.manifest(ROOT / "examples" / "kaito_workspace_phi_3.yaml", cluster_target()))
+    assert "--api-key-secret" not in next(t for t in plain["templates"] if t["name"] == "deploy-inference")[
+        "container"]["args"]
