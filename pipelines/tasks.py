@@ -237,6 +237,11 @@ def _security_contexts(target: Target) -> tuple[m.PodSecurityContext, m.Security
     return pod, container
 
 
+def _secret_env(variable: str, secret: str, key: str) -> m.EnvVar:
+    """An environment variable read from a Secret by reference: the value never enters the manifest."""
+    return m.EnvVar(name=variable, value_from=m.EnvVarSource(secret_key_ref=m.SecretKeySelector(name=secret, key=key)))
+
+
 def _flag(flag: str, values: Iterable[str]) -> list[str]:
     return [part for value in values for part in (flag, value)]
 
@@ -357,8 +362,7 @@ def tune(target: Target, *, preset: str, method: str, adapter_name: str, config:
         if config_map:
             mounts.append(m.VolumeMount(name=TRAINING_CONFIG_VOLUME, mount_path=config.rsplit("/", 1)[0], read_only=True))
         if model_access_secret:
-            env.append(m.EnvVar(name="HF_TOKEN", value_from=m.EnvVarSource(
-                secret_key_ref=m.SecretKeySelector(name=model_access_secret, key="HF_TOKEN"))))
+            env.append(_secret_env("HF_TOKEN", model_access_secret, "HF_TOKEN"))
     loss_curve = [
         Artifact(name="loss-curve", path=f"{adapter_dir}/loss.png", archive=NoneArchiveStrategy(), optional=True),
         Artifact(name="loss-history", path=f"{adapter_dir}/loss.json", archive=NoneArchiveStrategy(), optional=True),
@@ -485,8 +489,7 @@ def smoke_test(target: Target, *, api_key_secret: str | None = None, name: str =
     """``api_key_secret``: the service requires a bearer key; the step reads it as KAIFLOW_API_KEY."""
     env = []
     if api_key_secret and target.is_cluster:
-        env.append(m.EnvVar(name="KAIFLOW_API_KEY", value_from=m.EnvVarSource(
-            secret_key_ref=m.SecretKeySelector(name=api_key_secret, key=API_KEY_SECRET_KEY))))
+        env.append(_secret_env("KAIFLOW_API_KEY", api_key_secret, API_KEY_SECRET_KEY))
     return _step(
         target, name=name, module="smoke_test", args=["--url", input_ref("service-url")],
         deadline=DEADLINES["smoke_test"], data_volume=False, retry=True, env=env,
