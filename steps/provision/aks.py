@@ -133,7 +133,6 @@ class AKSProvider(Provider):
         return ContainerServiceClient(credential, opts.subscription_id, **kwargs)
 
     def provision(self) -> ProvisionResult:
-        from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError, ServiceRequestError
         from azure.mgmt.containerservice.models import AgentPool
 
         pool_name = self._validate()
@@ -156,18 +155,9 @@ class AKSProvider(Provider):
                     raise StepError(f"timed out after {config.timeout:g} s waiting for agent pool {pool_name} in {where} "
                                     f"(status {poller.status()})")
                 pool = poller.result()
-        except ClientAuthenticationError as exc:
-            raise _credential_error(exc) from None
-        except ResourceNotFoundError as exc:
-            raise StepError(
-                f"--cluster-name/--resource-group/--subscription-id: AKS cluster {where} not found: {_arm_message(exc)}"
-            ) from None
-        except HttpResponseError as exc:
+        except Exception as exc:
             field_hint = " (--instance-type)" if "vmsize" in str(exc).lower() or "sku" in str(exc).lower() else ""
-            message = f"agent pool {pool_name} in {where}{field_hint}: {_arm_message(exc)}"
-            raise (RetryableError if _transient(exc) else StepError)(message) from None
-        except ServiceRequestError as exc:
-            raise RetryableError(f"--arm-endpoint: cannot reach Azure Resource Manager: {exc}") from None
+            raise _arm_error(exc, where, f"agent pool {pool_name} in {where}{field_hint}") from None
         state = getattr(pool, "provisioning_state", None)
         if state not in (None, "Succeeded"):
             raise StepError(f"agent pool {pool_name} in {where} ended in provisioningState {state}")
@@ -204,9 +194,7 @@ class AKSProvider(Provider):
 
 
     def release(self) -> list[str]:
-        from azure.core.exceptions import (
-            ClientAuthenticationError, HttpResponseError, ResourceNotFoundError, ServiceRequestError,
-        )
+        from azure.core.exceptions import ResourceNotFoundError
 
         pool_name = self._validate(need_instance_type=False)
         _quiet_azure_logs()
@@ -237,17 +225,8 @@ class AKSProvider(Provider):
                     raise RetryableError(f"timed out after {config.timeout:g} s waiting for agent pool {pool_name} "
                                          f"in {where} to be deleted (status {poller.status()})")
                 poller.result()
-        except ClientAuthenticationError as exc:
-            raise _credential_error(exc) from None
-        except ResourceNotFoundError as exc:
-            raise StepError(
-                f"--cluster-name/--resource-group/--subscription-id: AKS cluster {where} not found: {_arm_message(exc)}"
-            ) from None
-        except HttpResponseError as exc:
-            message = f"deleting agent pool {pool_name} in {where}: {_arm_message(exc)}"
-            raise (RetryableError if _transient(exc) else StepError)(message) from None
-        except ServiceRequestError as exc:
-            raise RetryableError(f"--arm-endpoint: cannot reach Azure Resource Manager: {exc}") from None
+        except Exception as exc:
+            raise _arm_error(exc, where, f"deleting agent pool {pool_name} in {where}") from None
         return [pool_name]
 
 
@@ -255,6 +234,32 @@ def _quiet_azure_logs() -> None:
     if not os.environ.get("KAIFLOW_DEBUG"):
         # azure-core logs every request and response header at INFO; keep the step's log readable.
         logging.getLogger("azure").setLevel(logging.WARNING)
+
+
+def _arm_error(exc: Exception, where: str, what: str) -> Exception:
+    """One mapping of Azure SDK errors to step errors for every ARM call (``what`` prefixes HTTP errors).
+
+    StepErrors raised inside the block (timeouts, a stranger's pool) pass through unchanged.
+    """
+    from azure.core.exceptions import (
+        ClientAuthenticationError,
+        HttpResponseError,
+        ResourceNotFoundError,
+        ServiceRequestError,
+    )
+
+    if isinstance(exc, StepError):
+        return exc
+    if isinstance(exc, ClientAuthenticationError):
+        return _credential_error(exc)
+    if isinstance(exc, ResourceNotFoundError):
+        return StepError(f"--cluster-name/--resource-group/--subscription-id: AKS cluster {where} not found: "
+                         f"{_arm_message(exc)}")
+    if isinstance(exc, HttpResponseError):
+        return (RetryableError if _transient(exc) else StepError)(f"{what}: {_arm_message(exc)}")
+    if isinstance(exc, ServiceRequestError):
+        return RetryableError(f"--arm-endpoint: cannot reach Azure Resource Manager: {exc}")
+    return exc
 
 
 def _credential_error(exc: Exception) -> StepError:
