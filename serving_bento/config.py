@@ -14,6 +14,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 
+QUANTIZE_MODES = ("auto", "none", "int8")
+
+
 class ConfigError(ValueError):
     """A bad setting, named by its environment variable."""
 
@@ -96,6 +99,14 @@ class ServiceConfig:
         },
     )
     device: str = field(default="auto", metadata={"env": "KAIFLOW_DEVICE", "help": "auto, cpu or cuda"})
+    quantize: str = field(
+        default="auto",
+        metadata={
+            "env": "KAIFLOW_QUANTIZE",
+            "help": "base weights on a CPU: int8 (torch's dynamic int8 Linear kernels; LoRA deltas stay exact), "
+            "none (fp32), or auto: int8 on a CPU, none on a GPU",
+        },
+    )
     torch_threads: int = field(
         default=0,
         metadata={
@@ -148,6 +159,8 @@ class ServiceConfig:
             raise ConfigError(f"KAIFLOW_ENGINE: {self.engine!r} is not one of batching, naive")
         if self.adapter_mode not in ("merged", "per-request"):
             raise ConfigError(f"KAIFLOW_ADAPTER_MODE: {self.adapter_mode!r} is not one of merged, per-request")
+        if self.quantize not in QUANTIZE_MODES:
+            raise ConfigError(f"KAIFLOW_QUANTIZE: {self.quantize!r} is not one of {', '.join(QUANTIZE_MODES)}")
         if self.adapter_combination not in ("cat", "linear", "svd"):
             raise ConfigError(f"KAIFLOW_ADAPTER_COMBINATION: {self.adapter_combination!r} is not cat, linear or svd")
         for name in ("max_batch_size", "max_prompt_tokens", "max_new_tokens", "max_body_bytes"):

@@ -48,11 +48,12 @@ requests for different adapters decode in one batch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,6 +206,8 @@ class _Engine:
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_token_ids)
         self._queue: queue.Queue[GenerationRequest | None] = queue.Queue()
         self._stopping = threading.Event()
+        self._admitting = threading.Event()  # cleared by hold(): nothing leaves the queue meanwhile
+        self._admitting.set()
         self._thread = threading.Thread(target=self._run_forever, name=f"kaiflow-{self.name}", daemon=True)
         self.active_requests = 0
         self.steps = 0
@@ -231,6 +234,17 @@ class _Engine:
         self._queue.put(request)
         self._report_state()
         return request
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Admit no new request while inside; rows already decoding go on. What is submitted meanwhile
+        waits in the queue and is admitted together (up to ``max_batch_size``) at the first step after:
+        how a test puts known requests in one batch without depending on timing."""
+        self._admitting.clear()
+        try:
+            yield
+        finally:
+            self._admitting.set()
 
     def queue_depth(self) -> int:
         return self._queue.qsize()
@@ -317,6 +331,10 @@ class BatchingEngine(_Engine):
     # -- admission ---------------------------------------------------------------------------
     def _take_waiting(self, block: bool) -> list[GenerationRequest]:
         taken: list[GenerationRequest] = []
+        if not self._admitting.is_set():
+            if block:  # idle and held: wait for the release (or a stop) without spinning
+                self._admitting.wait(0.05)
+            return taken
         room = self.max_batch_size - len(self._rows)
         while len(taken) < room:
             try:
@@ -523,6 +541,8 @@ class NaiveEngine(_Engine):
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
+        if not self._admitting.wait(0.05):
+            return
         try:
             request = self._queue.get(timeout=0.5)
         except queue.Empty:

@@ -96,12 +96,18 @@ def test_seeded_sampling_is_reproducible_and_cancel_frees_the_slot(tiny):
         c.wait(2)
         assert c.tokens[0] == c.tokens[1]
         long = c.request(2, ids, SamplingParams(max_new_tokens=400))
+        on_token = long.on_token
+
+        def cancel_after_five(token: int) -> None:  # the client leaves mid-generation, at a known token
+            on_token(token)
+            if len(c.tokens[2]) == 5:
+                long.cancel()
+
+        long.on_token = cancel_after_five
         engine.submit(long)
-        time.sleep(0.05)
-        long.cancel()
         c.wait(1)
         assert c.reasons[2] in ("cancelled", "stop")
-        assert len(c.tokens[2]) < 400
+        assert len(c.tokens[2]) <= 5  # dropped at the step after the cancel (or stopped before)
     finally:
         engine.stop()
 
@@ -250,15 +256,18 @@ def test_mixed_adapter_batch_equals_each_adapter_alone(tiny_model_path, tiny_ada
     model, router = load_separate_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_path),
                                            tuple(specs.values()))
     engine = BatchingEngine(model.eval(), tok, context_length=512, max_batch_size=8, router=router)
+    rows_per_step: list[int] = []
+    engine.step_observer = rows_per_step.append  # what kaiflow_batch_rows records
     ids = tok(PROMPTS[0])["input_ids"]
     choices = [None, "alpha", "beta", "alpha", None, "beta"]
     engine.start()
     try:
         c = Collector(len(choices))
-        for i, adapter in enumerate(choices):
-            request = c.request(i, ids, SamplingParams(max_new_tokens=10))
-            request.adapter = adapter
-            engine.submit(request)
+        with engine.hold():  # all six queued before the engine admits any: one batch, whatever the timing
+            for i, adapter in enumerate(choices):
+                request = c.request(i, ids, SamplingParams(max_new_tokens=10))
+                request.adapter = adapter
+                engine.submit(request)
         c.wait(len(choices))
         with pytest.raises(ValueError, match="adapter 'gamma' is not loaded"):
             engine.submit(GenerationRequest(ids, SamplingParams(), print, print, adapter="gamma"))
@@ -272,5 +281,6 @@ def test_mixed_adapter_batch_equals_each_adapter_alone(tiny_model_path, tiny_ada
         out = alone.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, pad_token_id=0)
         expected[name] = out[0, len(ids):].tolist()
     assert len({tuple(v) for v in expected.values()}) == 3
+    assert rows_per_step[0] == len(choices), rows_per_step  # the first decode step had every request
     for i, adapter in enumerate(choices):
         assert c.tokens[i] == expected[adapter][: len(c.tokens[i])], (i, adapter)
