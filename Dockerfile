@@ -69,6 +69,7 @@ WORKDIR /opt/kaiflow-src
 COPY pyproject.toml README.md ./
 COPY api ./api
 COPY presets ./presets
+COPY stepkit ./stepkit
 COPY steps ./steps
 COPY pipelines ./pipelines
 COPY controller ./controller
@@ -76,7 +77,7 @@ COPY serving_bento ./serving_bento
 COPY kaiflow ./kaiflow
 # --no-deps: everything was installed above; this adds kaiflow's own packages only.
 RUN pip install --no-deps . \
- && python -c "import steps.common, pipelines, api, presets"
+ && python -c "import stepkit.common, pipelines, api, presets"
 
 # Ubuntu 24.04 images already have a user `ubuntu` with uid/gid 1000: remove it so kaiflow gets that
 # uid, which the rendered Workflows' securityContext (runAsUser, fsGroup) names (pipelines/images.py).

@@ -65,7 +65,7 @@ def main() -> None:
 
     from presets.materialize import resolve_model
     from steps.fetch_dataset import FetchConfig, fetch_dataset
-    from steps.oci import RegistryOptions
+    from stepkit.oci import RegistryOptions
     from steps.push_adapter import PushConfig, push_adapter
     from tests.fixtures.registry import RegistryProcess
 

@@ -123,8 +123,8 @@ def json_readers(work: Path, parquet: Path, json_mb: float) -> tuple[float, floa
     """Seconds per MiB of the JSON-array and the JSON-lines reader on the same records."""
     import pyarrow.parquet as pq
 
-    from steps.dataset_download import Fetched
-    from steps.dataset_readers import DecodedBudget, Limits, Reader
+    from steps.fetch_dataset.download import Fetched
+    from steps.fetch_dataset.readers import DecodedBudget, Limits, Reader
 
     array, lines = work / "rows.json", work / "rows.jsonl"
     with array.open("w") as fa, lines.open("w") as fl:

@@ -39,7 +39,7 @@ import requests
 from pipelines.local_registry import RegistryProcess
 from steps import pull_adapters as pull
 from steps import push_adapter as push
-from steps.oci import RegistryOptions
+from stepkit.oci import RegistryOptions
 
 ADAPTER_CONFIG = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16,
                   "target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": "bench"}

@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the raw figures (every run) and the medians here")
     args = parser.parse_args(argv)
 
-    from steps.local_service import start_local, stop_local
+    from steps.deploy.local_service import start_local, stop_local
 
     scratch = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     adapters = make_adapters(args.model, scratch / "adapters", args.adapters, args.adapter_rank)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 def main(argv: Sequence[str] | None = None) -> int:
     from controller.options import parse
-    from steps.common import StepError
+    from stepkit.common import StepError
 
     try:
         options = parse(argv)

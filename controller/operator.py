@@ -10,7 +10,7 @@ Design
 * Status follows the Argo objects: events on kaiflow's Workflows, on the Workspace's Deployment
   and its pods trigger a refresh of that Workspace (``controller.status.observe``); the timer
   catches anything missed while the API server was away.
-* Every write goes through ``steps.kube`` (one client, one error policy, server-side apply as
+* Every write goes through ``stepkit.kube`` (one client, one error policy, server-side apply as
   field manager ``kaiflow``), the Workspace status included: a status refresh is triggered by
   events on *other* objects, where kopf's patch object for the Workspace does not exist. kopf
   keeps only its own bookkeeping (annotations prefixed ``kaiflow.kaito.sh``, the finalizer).
@@ -63,13 +63,13 @@ class Operator:
         self._refreshing: set[tuple[str, str]] = set()
         self._queue_lock = threading.Lock()
 
-    # -- API access (steps.kube) ---------------------------------------------------------------
+    # -- API access (stepkit.kube) ---------------------------------------------------------------
 
     @property
     def client(self) -> Any:
         client = getattr(self._local, "client", None)
         if client is None:
-            from steps.kube import api_client
+            from stepkit.kube import api_client
 
             client = self._local.client = api_client(self.options.kubeconfig)
         return client
@@ -78,21 +78,21 @@ class Operator:
                  content_type: str = "application/json", what: str = "") -> Any:
         from kubernetes.client.exceptions import ApiException
 
-        from steps.kube import api_error, request
+        from stepkit.kube import api_error, request
 
         try:
             return request(self.client, method, path, body=body, query=query, content_type=content_type)
         except ApiException as exc:
             raise api_error(exc, what or f"{method} {path}") from None
         except Exception as exc:
-            from steps.kube import _is_connection_error
+            from stepkit.kube import _is_connection_error
 
             if _is_connection_error(exc):
                 raise kopf.TemporaryError(f"{what or path}: cannot reach the Kubernetes API: {exc}", delay=RETRY_DELAY_S) from None
             raise
 
     def _list(self, api_version: str, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
-        from steps.kube import resource_path
+        from stepkit.kube import resource_path
 
         answer = self._request("GET", resource_path(api_version, kind, namespace=namespace),
                                query=[("labelSelector", selector)], what=f"listing {kind}s in {namespace}")
@@ -102,7 +102,7 @@ class Operator:
         return items
 
     def _get(self, api_version: str, kind: str, name: str, namespace: str | None) -> dict[str, Any] | None:
-        from steps.kube import get
+        from stepkit.kube import get
 
         return get(self.client, api_version, kind, name, namespace)
 
@@ -165,14 +165,14 @@ class Operator:
 
     def ensure(self, desired: Desired, uid: str | None) -> dict[str, Any]:
         """Create this generation's object, or adopt the one already there (a replay, a restart)."""
-        from steps.kube import resource_path, server_side_apply
+        from stepkit.kube import resource_path, server_side_apply
 
         if desired.kind == "CronWorkflow":
             return server_side_apply(self.client, desired.manifest)
         path = resource_path(ARGO_API_VERSION, "Workflow", namespace=desired.namespace)
         from kubernetes.client.exceptions import ApiException
 
-        from steps.kube import api_error, request
+        from stepkit.kube import api_error, request
 
         try:
             created = request(self.client, "POST", path, body=desired.manifest)
@@ -185,7 +185,7 @@ class Operator:
         owners = {o.get("uid") for o in existing.get("metadata", {}).get("ownerReferences") or []}
         if uid and owners and uid not in owners:
             # Left by an earlier Workspace of the same name, waiting for garbage collection.
-            from steps.kube import delete
+            from stepkit.kube import delete
 
             delete(self.client, ARGO_API_VERSION, "Workflow", desired.name, desired.namespace)
             raise kopf.TemporaryError(f"Workflow {desired.name} belonged to an earlier Workspace; deleted it, retrying",
@@ -194,7 +194,7 @@ class Operator:
 
     def supersede(self, existing: list[dict[str, Any]], desired: Desired) -> None:
         """An older generation's CronWorkflow goes; its running Workflow is stopped (Argo's shutdown)."""
-        from steps.kube import delete, resource_path
+        from stepkit.kube import delete, resource_path
 
         for obj in existing:
             if _generation(obj) == desired.generation or obj["metadata"]["name"] == desired.name:
@@ -241,7 +241,7 @@ class Operator:
                 self._refresh_locked(body, verdict)
 
     def _refresh_locked(self, body: dict[str, Any], desired: Desired) -> None:
-        from steps.kube import resource_path
+        from stepkit.kube import resource_path
 
         meta = body["metadata"]
         namespace, name = meta.get("namespace") or "default", meta["name"]
@@ -293,7 +293,7 @@ class Operator:
         return True
 
     def _write_status(self, body: dict[str, Any], observed: Observed) -> None:
-        from steps.kube import resource_path
+        from stepkit.kube import resource_path
 
         if observed.status == (body.get("status") or {}):
             return
@@ -307,7 +307,7 @@ class Operator:
 
     def event(self, body: dict[str, Any], transition: Transition) -> None:
         """A Kubernetes Event on the Workspace (``kubectl describe wks`` lists them)."""
-        from steps.kube import resource_path
+        from stepkit.kube import resource_path
 
         meta = body["metadata"]
         namespace = meta.get("namespace") or "default"
@@ -337,7 +337,7 @@ class Operator:
 
     def finalize(self, body: dict[str, Any]) -> None:
         """Release what owner references cannot, within the deadline; raise TemporaryError to retry."""
-        from steps.kube import delete
+        from stepkit.kube import delete
 
         meta = body["metadata"]
         namespace, name = meta.get("namespace") or "default", meta["name"]
@@ -418,7 +418,7 @@ def registry(options: ControllerOptions) -> tuple[kopf.OperatorRegistry, Operato
 
     def _retryable(fn: Any) -> Any:
         def handler(**kwargs: Any) -> None:
-            from steps.common import RetryableError, StepError
+            from stepkit.common import RetryableError, StepError
 
             try:
                 fn(**kwargs)

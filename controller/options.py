@@ -59,7 +59,7 @@ class ControllerOptions:
 def parse(argv: Sequence[str] | None = None) -> ControllerOptions:
     from dataclasses import fields
 
-    from steps.common import add_dataclass_arguments, dataclass_from_args
+    from stepkit.common import add_dataclass_arguments, dataclass_from_args
 
     parser = argparse.ArgumentParser(prog="kaiflow controller",
                                      description="Run the kaiflow operator: Workspaces become Argo Workflows.")

@@ -49,7 +49,7 @@ def main() -> int:
     from pipelines.local_registry import ensure_local_registry
     from pipelines.runner import run_cli
     from serving_bento.client import chat
-    from steps.local_service import resolve_url, stop_local
+    from steps.deploy.local_service import resolve_url, stop_local
 
     console = Console(stderr=True)
     registry = ensure_local_registry(f"127.0.0.1:{REGISTRY_PORT}", args.workdir / "registry")

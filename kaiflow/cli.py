@@ -215,8 +215,8 @@ SERVE_SUBDIR = "serve"
 
 def _chat(args: argparse.Namespace) -> int:
     from serving_bento.client import ChatError, chat
-    from steps.common import StepError
-    from steps.local_service import resolve_url
+    from stepkit.common import StepError
+    from steps.deploy.local_service import resolve_url
 
     try:
         answer = chat(
@@ -233,7 +233,7 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    from steps.local_service import stop_local
+    from steps.deploy.local_service import stop_local
 
     stopped = stop_local(args.workdir / SERVE_SUBDIR)
     print("stopped the local service" if stopped else f"no local service was running from {args.workdir}")

@@ -29,7 +29,7 @@ from pipelines.target import Target
 
 DATA_VOLUME = "kaiflow-data"
 TRAINING_CONFIG_VOLUME = "training-config"
-API_KEY_SECRET_KEY = "api-key"  # the key of the API key Secret (steps.deploy_manifests reads the same)
+API_KEY_SECRET_KEY = "api-key"  # the key of the API key Secret (steps.deploy.manifests reads the same)
 OUTPUTS_VOLUME = "kaiflow-outputs"
 # Output parameters are short strings and small JSON documents.
 OUTPUTS_SIZE_LIMIT = "16Mi"

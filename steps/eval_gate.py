@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steps.common import (
+from stepkit.common import (
     StepError,
     add_common_arguments,
     add_dataclass_arguments,
@@ -54,14 +54,15 @@ from steps.common import (
     run_step,
     write_output,
 )
-from steps.oci import (
+from stepkit.oci import (
+    ADAPTER_ANNOTATION_PREFIX,
+    EVAL_LOSS_ANNOTATION,
     ImageRef,
     RegistryClient,
     RegistryNotFoundError,
     RegistryOptions,
     parse_image,
 )
-from steps.push_adapter import ANNOTATION_PREFIX, EVAL_LOSS_ANNOTATION
 
 log = logging.getLogger("kaiflow.steps.eval_gate")
 
@@ -204,7 +205,7 @@ def base_mismatch(candidate_info: dict[str, Any], serving: dict[str, str]) -> st
     """Why the two adapters do not share a base model, or '' when they do (as far as recorded)."""
     for key in ("preset", "base-model"):
         ours = candidate_info.get(key.replace("-", "_"))
-        theirs = serving.get(ANNOTATION_PREFIX + key)
+        theirs = serving.get(ADAPTER_ANNOTATION_PREFIX + key)
         if ours is not None and theirs is not None and str(ours) != str(theirs):
             return f"the serving adapter's {key} is {theirs!r}, the candidate's {ours!r}"
     return ""
@@ -218,7 +219,8 @@ def _pulled_metadata(adapter_dir: Path) -> dict[str, str]:
         return {}
     if not isinstance(document, dict):
         return {}
-    return {ANNOTATION_PREFIX + "preset": document.get("preset"), ANNOTATION_PREFIX + "base-model": document.get("base_model")}
+    return {ADAPTER_ANNOTATION_PREFIX + "preset": document.get("preset"),
+            ADAPTER_ANNOTATION_PREFIX + "base-model": document.get("base_model")}
 
 
 def _loss_text(value: float | None) -> str:

@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from steps.common import (
+from stepkit.common import (
     StepError,
     add_common_arguments,
     add_dataclass_arguments,
@@ -72,7 +72,7 @@ from steps.common import (
     run_step,
     write_output,
 )
-from steps.oci import (
+from stepkit.oci import (
     ANNOTATION_TITLE,
     CHUNK_BYTES,
     DOCKER_MANIFEST_LIST,

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from steps.common import (
+from stepkit.common import (
     StepError,
     add_common_arguments,
     add_dataclass_arguments,
@@ -42,9 +42,11 @@ from steps.common import (
     run_step,
     write_output,
 )
-from steps.oci import (
+from stepkit.oci import (
+    ADAPTER_ANNOTATION_PREFIX,
     ANNOTATION_CREATED,
     ANNOTATION_TITLE,
+    EVAL_LOSS_ANNOTATION,
     TAG_RE,
     ImageRef,
     RegistryClient,
@@ -58,7 +60,6 @@ from steps.oci import (
 log = logging.getLogger("kaiflow.steps.push_adapter")
 
 ARTIFACT_TYPE = "application/vnd.kaito.kaiflow.adapter.v1"
-ANNOTATION_PREFIX = "sh.kaito.kaiflow."
 
 # File name -> layer media type. Files not listed go as application/octet-stream.
 MEDIA_TYPES = {
@@ -73,15 +74,14 @@ DEFAULT_MEDIA_TYPE = "application/octet-stream"
 
 # Manifest annotation -> where its value comes from in kaiflow.json (first key path found wins).
 ANNOTATION_KEYS: dict[str, tuple[tuple[str, ...], ...]] = {
-    ANNOTATION_PREFIX + "base-model": (("base_model",), ("baseModel",), ("model",)),
-    ANNOTATION_PREFIX + "preset": (("preset",),),
-    ANNOTATION_PREFIX + "method": (("method",),),
-    ANNOTATION_PREFIX + "dataset-digest": (("dataset_digest",), ("datasetDigest",)),
-    ANNOTATION_PREFIX + "train-loss": (("metrics", "train_loss"),),
-    ANNOTATION_PREFIX + "eval-loss": (("metrics", "eval_loss"),),
-    ANNOTATION_PREFIX + "workspace": (("workspace",),),
+    ADAPTER_ANNOTATION_PREFIX + "base-model": (("base_model",), ("baseModel",), ("model",)),
+    ADAPTER_ANNOTATION_PREFIX + "preset": (("preset",),),
+    ADAPTER_ANNOTATION_PREFIX + "method": (("method",),),
+    ADAPTER_ANNOTATION_PREFIX + "dataset-digest": (("dataset_digest",), ("datasetDigest",)),
+    ADAPTER_ANNOTATION_PREFIX + "train-loss": (("metrics", "train_loss"),),
+    ADAPTER_ANNOTATION_PREFIX + "eval-loss": (("metrics", "eval_loss"),),
+    ADAPTER_ANNOTATION_PREFIX + "workspace": (("workspace",),),
 }
-EVAL_LOSS_ANNOTATION = ANNOTATION_PREFIX + "eval-loss"
 
 
 @dataclass

@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from steps.common import (
+from stepkit.common import (
     RetryableError,
     StepError,
     add_common_arguments,

@@ -44,12 +44,12 @@ def test_a_planted_violation_breaks_a_contract(tmp_path: Path):
     for package in PACKAGES:
         shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__", "*.yaml"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    common = tmp_path / "steps" / "common.py"
+    common = tmp_path / "stepkit" / "common.py"
     common.write_text(common.read_text() + "\n\ndef _planted():\n    from pipelines import render  # noqa\n")
     result = _lint(tmp_path, tmp_path)
     assert result.returncode != 0
     assert "steps import api and presets only (never pipelines) BROKEN" in result.stdout
-    assert "steps.common -> pipelines" in result.stdout
+    assert "stepkit.common -> pipelines" in result.stdout
 
 
 def _declared() -> set[str]:
@@ -105,7 +105,7 @@ def test_the_walk_sees_imports_inside_functions(tmp_path: Path):
 
 
 def test_light_entry_points_import_no_ml_stack():
-    code = ("import sys, api, presets, pipelines, pipelines.runner, pipelines.templates, steps.common, kaiflow.cli; "
+    code = ("import sys, api, presets, pipelines, pipelines.runner, pipelines.templates, stepkit.common, kaiflow.cli; "
             f"print(sorted(set({sorted(HEAVY)!r}) & {{m.split('.')[0] for m in sys.modules}}))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                             env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})

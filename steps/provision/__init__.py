@@ -12,7 +12,7 @@ import dataclasses
 import os
 from typing import Any
 
-from steps.common import RetryableError, StepError
+from stepkit.common import RetryableError, StepError
 from steps.provision.base import PROVIDERS, Provider, ProvisionConfig, ProvisionResult
 
 __all__ = ["PROVIDERS", "Provider", "ProvisionConfig", "ProvisionResult", "RetryableError", "provider_class",

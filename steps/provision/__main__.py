@@ -6,7 +6,7 @@ provider's details, e.g. the host report or the agent pool) is printed as one JS
 ``--delete`` releases instead what an earlier run made for the Workspace (NodeClaims, the agent
 pool) and writes the output ``released`` (JSON list of names); already gone is fine.
 
-Exit codes (``steps.common.run_step``): 0 done; 2 bad input or a failure only a person can fix
+Exit codes (``stepkit.common.run_step``): 0 done; 2 bad input or a failure only a person can fix
 (``StepError``, the pipeline does not retry it); 1 a failure that may pass (``RetryableError``:
 timeout, no capacity, API unavailable), which the pipeline's retry strategy retries after a backoff.
 """
@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from steps.common import add_common_arguments, add_dataclass_arguments, dataclass_from_args, run_step, write_output
+from stepkit.common import add_common_arguments, add_dataclass_arguments, dataclass_from_args, run_step, write_output
 from steps.provision import provider_class, provision, release
 from steps.provision.aks import AKS_ENV, AKSOptions
 from steps.provision.base import ProvisionConfig

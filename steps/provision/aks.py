@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from api.labels import ANNOTATION_OWNER, GPU_TAINT, LABEL_WORKSPACE, LABEL_WORKSPACE_NAMESPACE
-from steps import kube
-from steps.common import RetryableError, StepError, report_progress
+from stepkit import kube
+from stepkit.common import RetryableError, StepError, report_progress
 from steps.provision.base import Provider, ProvisionResult, node_is_ready, short_name, wait_until
 
 log = logging.getLogger("kaiflow.steps.provision.aks")

@@ -10,7 +10,7 @@ NodeClaims and agent pools are named ``<6 chars of the workspace><4 hex of sha25
 plus the node index for claims: readable, stable across retries (idempotent) and unique per
 namespace/name.
 
-Kubernetes access, retries and the meaning of an API error are :mod:`steps.kube`'s (the steps'
+Kubernetes access, retries and the meaning of an API error are :mod:`stepkit.kube`'s (the steps'
 one Kubernetes layer); Kaito's labels, taints and the owner annotation are :mod:`api.labels`'.
 
 Deleting: ``Provider.release()`` removes what ``provision()`` made for a Workspace (the
@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from api.labels import owner_annotation
-from steps.common import RetryableError, StepError
-from steps.kube import api_error
+from stepkit.common import RetryableError, StepError
+from stepkit.kube import api_error
 
 log = logging.getLogger("kaiflow.steps.provision")
 

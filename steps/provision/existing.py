@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 
-from steps.common import StepError, report_progress
-from steps.kube import api_client, api_error
+from stepkit.common import StepError, report_progress
+from stepkit.kube import api_client, api_error
 from steps.provision.base import Provider, ProvisionResult, node_is_ready, node_matches, wait_until
 
 log = logging.getLogger("kaiflow.steps.provision.existing")

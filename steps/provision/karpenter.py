@@ -37,8 +37,8 @@ from api.labels import (
     ANNOTATION_OWNER, GPU_TAINT, LABEL_INSTANCE_TYPE, LABEL_MANAGED_BY, LABEL_WORKSPACE, LABEL_WORKSPACE_NAMESPACE,
     MANAGED_BY,
 )
-from steps import kube
-from steps.common import RetryableError, StepError, report_progress
+from stepkit import kube
+from stepkit.common import RetryableError, StepError, report_progress
 from steps.provision.base import Provider, ProvisionConfig, ProvisionResult, ready_preferred_nodes, short_name, wait_until
 
 log = logging.getLogger("kaiflow.steps.provision.karpenter")

@@ -4,8 +4,8 @@
 --checkpoint-dir DIR [--config training_config.yaml] [--dataset-digest D] [--max-steps N]``
 
 Settings are layered, later wins: preset and device defaults → Kaito's ``training_config.yaml``
-(``steps.tune.config`` checks every key; ``steps.tune.plan`` layers them) → command-line flags →
-what the workflow must own (paths, checkpointing, reporting). Device-aware defaults:
+(``steps.tune.kaito_training_config`` checks every key; ``steps.tune.plan`` layers them) → command-line
+flags → what the workflow must own (paths, checkpointing, reporting). Device-aware defaults:
 
 * CPU: fp32 weights and fp32 compute everywhere — bf16 matmuls have no fast path on most CPUs
   (NF4 with bf16 compute measured 45 s/step against 5 s/step in fp32) — and no gradient
@@ -33,15 +33,15 @@ Reports: the memory estimate from ``presets.sizing`` before training and the mea
 ``ARGO_PROGRESS_FILE``, held-out loss before and after, tokens/s (real tokens only: there is no
 padding), ``loss.json`` and ``loss.png``, and ``kaiflow.json`` beside the PEFT adapter.
 
-The package, one module per part: ``options`` (the step's flags), ``config`` (Kaito's
-``training_config.yaml``), ``plan`` (settings → ``LoraConfig``, ``SFTConfig``,
+The package, one module per part: ``config`` (``TuneConfig``, the step's flags), ``kaito_training_config``
+(Kaito's ``training_config.yaml`` ConfigMap), ``plan`` (settings → ``LoraConfig``, ``SFTConfig``,
 ``BitsAndBytesConfig``), ``chat`` (the training chat template), ``model`` (tokenizer, base model,
 trainer), ``checkpoints`` (resume), ``report`` (``loss.json``, ``loss.png``), ``run`` (the tune and
 its atomic adapter folder), ``evaluate`` (scoring adapters on held-out rows, for the eval gate).
 Importing it is light: the ML libraries load inside the functions that use them.
 """
 
-from steps.tune.options import TuneConfig
+from steps.tune.config import TuneConfig
 from steps.tune.plan import Plan, detect_device, make_plan
 from steps.tune.run import build_parser, main, tune
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from steps.common import run_step
+from stepkit.common import run_step
 from steps.tune.run import main
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import codecs
 import re
 from pathlib import Path
 
-from steps.common import StepError
+from stepkit.common import StepError
 
 CHATML_TRAINING_TEMPLATE = (
     "{%- set default_system = DEFAULT_SYSTEM -%}"

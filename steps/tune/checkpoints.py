@@ -18,8 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from steps.common import StepError
-from steps.tune.options import TuneConfig
+from stepkit.common import StepError
+from steps.tune.config import TuneConfig
 from steps.tune.plan import RESUMABLE_CHANGES, Plan
 
 log = logging.getLogger("kaiflow.steps.tune")

@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from steps.common import StepError
-from steps.tune.options import TuneConfig
+from stepkit.common import StepError
+from steps.tune.config import TuneConfig
 from steps.tune.plan import detect_device, empty_sections, make_plan
 
 log = logging.getLogger("kaiflow.steps.tune")

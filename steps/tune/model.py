@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from steps.common import StepError, report_progress
+from stepkit.common import StepError, report_progress
 from steps.tune.checkpoints import COMPLETE_MARKER
 from steps.tune.plan import Plan
 

@@ -1,8 +1,8 @@
 """The plan of a tune: every setting resolved, and the library objects that carry them.
 
 Settings are layered, later wins: preset and device defaults → Kaito's ``training_config.yaml``
-(checked key by key in ``steps.tune.config``) → command-line flags → what the workflow must own
-(paths, checkpointing, reporting). Each layer is one small function below, and the plan ends as
+(checked key by key in ``steps.tune.kaito_training_config``) → command-line flags → what the
+workflow must own (paths, checkpointing, reporting). Each layer is one small function below, and the plan ends as
 the objects the libraries take — peft's ``LoraConfig``, trl's ``SFTConfig``, transformers'
 ``BitsAndBytesConfig`` — so a value the library rejects fails here, before any weights load,
 with the section of ``training_config`` it came from. ``record`` keeps what was *chosen* (not the
@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steps.common import StepError
-from steps.tune.config import SECTIONS
-from steps.tune.options import TuneConfig
+from stepkit.common import StepError
+from steps.tune.config import TuneConfig
+from steps.tune.kaito_training_config import SECTIONS
 
 DEFAULT_LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "bias": "none", "task_type": "CAUSAL_LM"}
 # TrainingArguments keys the workflow owns: a config that sets them is told they are ignored.

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from steps.common import (
+from stepkit.common import (
     StepError,
     add_common_arguments,
     add_dataclass_arguments,
@@ -37,7 +37,7 @@ from steps.tune.checkpoints import (
     tokens_at,
     write_run_record,
 )
-from steps.tune.options import TuneConfig
+from steps.tune.config import TuneConfig
 from steps.tune.plan import detect_device, empty_sections, make_plan
 
 log = logging.getLogger("kaiflow.steps.tune")
@@ -73,7 +73,7 @@ def check_inputs(cfg: TuneConfig):
 def read_sections(cfg: TuneConfig) -> dict[str, dict[str, Any]]:
     if not cfg.config:
         return empty_sections()
-    from steps.tune.config import read_training_config
+    from steps.tune.kaito_training_config import read_training_config
 
     return read_training_config(cfg.config)
 

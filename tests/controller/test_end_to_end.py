@@ -26,7 +26,7 @@ WS = "/apis/kaito.sh/v1beta1/namespaces/default/workspaces"
 
 @pytest.mark.slow
 def test_tiny_tuning_from_kubectl_apply_to_adapter_and_back(kaito_kube, kubectl, start_controller, oci_registry, tmp_path):
-    from steps.local_service import stop_local
+    from steps.deploy.local_service import stop_local
 
     runs = tmp_path / "runs"
     base = tmp_path / "ws"

@@ -21,7 +21,7 @@ from pipelines.local_registry import (
     registry_answers,
 )
 from steps import push_adapter as push
-from steps.oci import OCI_MANIFEST, RegistryAuthError, RegistryOptions
+from stepkit.oci import OCI_MANIFEST, RegistryAuthError, RegistryOptions
 from tests.fixtures.registry import make_adapter_dir
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -59,7 +59,7 @@ def _fill(arg: str, arguments: dict[str, str], workflow_parameters: dict[str, st
 
 @pytest.mark.slow
 def test_kaiflow_run_executes_every_task_of_the_tiny_tuning_example(tiny_workspace: Path, tmp_path: Path, oci_registry):
-    from steps.local_service import stop_local
+    from steps.deploy.local_service import stop_local
 
     workdir = tmp_path / "work"
     out = io.StringIO()

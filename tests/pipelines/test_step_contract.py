@@ -112,3 +112,31 @@ def test_a_wrong_flag_is_caught(monkeypatch: pytest.MonkeyPatch, capsys: pytest.
     with pytest.raises(SystemExit):
         _parse_with_step(command[2], [*args, "--output-folder", "/data"], monkeypatch)
     assert "unrecognized arguments: --output-folder" in capsys.readouterr().err
+
+
+def _steps_package_listing() -> set[str]:
+    """Every name directly under ``steps/``: a module or a package (``__init__`` aside)."""
+    listed = set()
+    for path in (ROOT / "steps").iterdir():
+        if path.name.startswith(("_", ".")):
+            continue
+        if path.is_dir():
+            assert (path / "__init__.py").is_file(), f"steps/{path.name}/ is not a package"
+            listed.add(path.name)
+        elif path.suffix == ".py":
+            listed.add(path.stem)
+        else:
+            raise AssertionError(f"steps/{path.name}: only step modules and packages live under steps/")
+    return listed
+
+
+def test_steps_lists_exactly_the_steps_the_pipelines_run(tmp_path: Path):
+    """``ls steps`` is the list of DAG steps: each one is rendered by pipelines/tasks.py and has a main()."""
+    rendered = {command[2].removeprefix("steps.") for _, manifest in _manifests(tmp_path)
+                for _, command, _ in _commands(manifest)}
+    assert _steps_package_listing() == rendered
+    for name in sorted(rendered):
+        module = importlib.import_module(f"steps.{name}")
+        if not hasattr(module, "main"):
+            module = importlib.import_module(f"steps.{name}.__main__")
+        assert callable(module.main), f"steps.{name} has no main()"

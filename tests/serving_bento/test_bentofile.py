@@ -30,7 +30,7 @@ def _project_modules() -> list[Path]:
             "print(json.dumps(sorted({m.__file__ for m in list(sys.modules.values()) if getattr(m, '__file__', None)})))")
     files = json.loads(subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True,
                                       text=True).stdout)
-    project = {"api", "presets", "steps", "pipelines", "controller", "serving_bento", "kaiflow"}
+    project = {"api", "presets", "stepkit", "steps", "pipelines", "controller", "serving_bento", "kaiflow"}
     return [Path(f) for f in files if Path(f).is_relative_to(ROOT) and Path(f).relative_to(ROOT).parts[0] in project]
 
 
@@ -61,7 +61,7 @@ def _imported_distributions() -> set[str]:
                 top.update(a.name.split(".")[0] for a in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 top.add(node.module.split(".")[0])
-    top -= set(sys.stdlib_module_names) | {"serving_bento", "presets", "steps", "api"}
+    top -= set(sys.stdlib_module_names) | {"serving_bento", "presets", "stepkit", "steps", "api"}
     dists = packages_distributions()
     missing = sorted(m for m in top if m not in dists)
     assert not missing, f"imports with no installed distribution: {missing}"

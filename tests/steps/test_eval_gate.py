@@ -8,8 +8,8 @@ import pytest
 
 from steps import eval_gate as gate
 from steps import push_adapter as push
-from steps.common import run_step
-from steps.oci import ImageRef, RegistryClient, RegistryOptions, build_manifest, upload_empty_config
+from stepkit.common import run_step
+from stepkit.oci import ImageRef, RegistryClient, RegistryOptions, build_manifest, upload_empty_config
 from tests.fixtures.registry import free_port, make_adapter_dir
 
 INSECURE = RegistryOptions(insecure=True, attempts=2, backoff_s=0.05, timeout_s=5)
@@ -65,7 +65,7 @@ def test_unannotated_current_image_is_kept(oci_registry, tmp_path, caplog):
     client = RegistryClient(ImageRef.parse(f"{oci_registry.host}/adapters/gate-manual:latest"), INSECURE)
     blob = tmp_path / "adapter_config.json"
     blob.write_text("{}")
-    from steps.oci import file_descriptor
+    from stepkit.oci import file_descriptor
 
     layer = file_descriptor(blob, "application/json", "adapter_config.json")
     client.upload_file(blob, layer)
@@ -194,7 +194,7 @@ def test_same_rows_keep_the_serving_adapter_when_the_candidate_is_worse(oci_regi
 
 def test_another_base_model_falls_back_to_the_annotation(oci_registry, tmp_path, rounds, caplog):
     current = serve(oci_registry, "gate-rows-other-base", rounds["old_adapter"],
-                    f"{push.ANNOTATION_PREFIX}preset=smollm2-135m-instruct")
+                    f"{push.ADAPTER_ANNOTATION_PREFIX}preset=smollm2-135m-instruct")
     with caplog.at_level("WARNING"):
         code, outputs = run_gate(tmp_path, rounds["new_adapter"], current, "--dataset-dir", str(rounds["new_data"]))
     assert code == 0 and outputs["gate-basis"] == "annotation"
@@ -204,7 +204,7 @@ def test_another_base_model_falls_back_to_the_annotation(oci_registry, tmp_path,
 
 def test_unpullable_serving_adapter_falls_back_to_the_annotation(oci_registry, tmp_path, rounds, caplog):
     """A manifest whose layer is neither a titled file nor an image layer: pull refuses it."""
-    from steps.oci import file_descriptor
+    from stepkit.oci import file_descriptor
 
     image = f"{oci_registry.host}/adapters/gate-rows-unpullable:latest"
     client = RegistryClient(ImageRef.parse(image), INSECURE)

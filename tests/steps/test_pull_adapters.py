@@ -13,8 +13,8 @@ import pytest
 
 from steps import pull_adapters as pull
 from steps import push_adapter as push
-from steps.common import RetryableError, run_step
-from steps.oci import (
+from stepkit.common import RetryableError, run_step
+from stepkit.oci import (
     DOCKER_MANIFEST,
     OCI_INDEX,
     ImageRef,

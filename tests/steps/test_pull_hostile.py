@@ -29,7 +29,7 @@ import pytest
 
 from steps import pull_adapters as pull
 from tests.fixtures.peak_rss import run_module_measured
-from steps.oci import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from stepkit.oci import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 
 ROOT = Path(__file__).resolve().parents[2]
 PEAK_RSS_LIMIT = 1 << 30

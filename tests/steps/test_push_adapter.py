@@ -11,8 +11,8 @@ import urllib.request
 import pytest
 
 from steps import push_adapter as push
-from steps.common import run_step
-from steps.oci import OCI_MANIFEST, RegistryOptions, RegistryUnavailableError
+from stepkit.common import run_step
+from stepkit.oci import OCI_MANIFEST, RegistryOptions, RegistryUnavailableError
 from tests.fixtures.registry import free_port, make_adapter_dir
 
 FAST_RETRIES = RegistryOptions(insecure=True, attempts=3, backoff_s=0.05, timeout_s=5)
@@ -195,7 +195,7 @@ def test_bad_input_is_one_line_exit_2(args, expected, tmp_path, capsys):
 def test_same_files_same_auto_tag_suffix(tmp_path):
     import datetime as dt
 
-    from steps.oci import ImageRef, file_descriptor
+    from stepkit.oci import ImageRef, file_descriptor
 
     first = make_adapter_dir(tmp_path / "a")
     second = make_adapter_dir(tmp_path / "b")

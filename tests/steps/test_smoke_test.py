@@ -8,8 +8,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from steps.common import run_step
-from steps.local_service import free_port
+from stepkit.common import run_step
+from steps.deploy.local_service import free_port
 from steps.smoke_test import main
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from steps.common import run_step
+from stepkit.common import run_step
 from steps.provision.__main__ import main
 from steps.provision.base import short_name
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from steps.common import StepError, run_step
+from stepkit.common import StepError, run_step
 from steps.provision.__main__ import main
 from steps.provision.base import ProvisionConfig, short_name
 

@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from steps.common import run_step
+from stepkit.common import run_step
 from steps.provision.__main__ import main
 
 REPO = Path(__file__).resolve().parents[3]

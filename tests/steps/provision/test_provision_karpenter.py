@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from steps.common import run_step
+from stepkit.common import run_step
 from steps.provision.__main__ import main
 from steps.provision.base import short_name
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from steps.common import RetryableError, StepError, run_step
+from stepkit.common import RetryableError, StepError, run_step
 from steps.provision import release
 from steps.provision.__main__ import main
 from steps.provision.base import short_name

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from presets.catalog import get_preset
-from steps.common import StepError
+from stepkit.common import StepError
 from steps.tune import TuneConfig, make_plan
 from steps.tune.plan import empty_sections, training_settings
 

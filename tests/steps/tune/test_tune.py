@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from steps.common import StepError, read_output, run_step
+from stepkit.common import StepError, read_output, run_step
 from steps.fetch_dataset import FetchConfig, fetch_dataset
 from tests.steps.tune.runs import SMOL, TINY, chat_rows, make_dataset, tune_argv
 
@@ -166,7 +166,7 @@ def test_tiny_qlora_with_kaitos_default_configmap(tmp_path, tiny_data):
     ],
 )
 def test_training_config_errors_name_the_key(tmp_path, body, message):
-    from steps.tune.config import read_training_config
+    from steps.tune.kaito_training_config import read_training_config
 
     path = tmp_path / "training_config.yaml"
     path.write_text(body)
