@@ -16,8 +16,9 @@ from serving_bento.adapters import KEEP_FP32, load_separate_adapters, quantize_i
 from serving_bento.config import AdapterSpec, ConfigError, ServiceConfig
 
 # Quality bound for int8 (docs/serving.md, "Quantized base weights"): SmolLM2's loss on HELD_OUT
-# may grow by at most 10 % (measured: +5 to +7 %), and at least 5 of the 6 factual answers must name
-# the expected word (fp32 names 5: it says Neptune is the largest planet).
+# may grow by at most 10 % (measured: +6 %), and of the 10 factual questions int8 must answer at
+# least as many as fp32 less one with the expected word (measured: fp32 7, int8 8; they miss
+# different ones: a 135M model's greedy answers flip on small numeric changes).
 LOSS_RATIO_BOUND = 1.10
 HELD_OUT = (
     "The river rises in the hills above the town and runs for forty miles before it reaches the sea. "
@@ -36,6 +37,10 @@ HELD_OUT = (
 QUESTIONS = [  # (question, a word the answer should contain)
     ("What is the capital of France?", "Paris"),
     ("What is the capital of Sweden? Answer in one sentence.", "Stockholm"),
+    ("What is the capital of Germany?", "Berlin"),
+    ("What is the capital of Italy?", "Rome"),
+    ("What is the capital of Spain?", "Madrid"),
+    ("What is the capital of Japan?", "Tokyo"),
     ("Name three primary colours.", "red"),
     ("What is 2 plus 2?", "4"),
     ("What colour is the sky on a clear day?", "blue"),
@@ -152,36 +157,38 @@ def test_the_engine_serves_an_int8_model_as_generate_does(tiny_model_path):
 
 @pytest.mark.slow
 def test_smollm2_int8_stays_within_the_quality_bound_of_fp32():
+    """Both models loaded as the service loads them (load_model, one torch thread)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from presets.materialize import resolve_model
+    from serving_bento.adapters import load_model
 
-    path = resolve_model("smollm2-135m-instruct")
-    tok = AutoTokenizer.from_pretrained(path)
-    fp32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    int8 = copy.deepcopy(fp32)
-    quantize_int8(int8)
-    ids = tok(HELD_OUT, return_tensors="pt").input_ids
+    def load(quantize: str):
+        return load_model(ServiceConfig(model="smollm2-135m-instruct", torch_threads=1, quantize=quantize))
 
-    def loss(model) -> float:
+    def loss(model, ids) -> float:
         with torch.inference_mode():
             return float(model(input_ids=ids, labels=ids).loss)
 
-    def answers(model) -> list[str]:
+    def answers(model, tok) -> list[str]:
         out = []
         with torch.inference_mode():
             for question, _ in QUESTIONS:
-                enc = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                              return_tensors="pt", return_dict=True)
+                text = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                               tokenize=False)
+                enc = tok(text, add_special_tokens=False, return_tensors="pt")
                 gen = model.generate(**enc, max_new_tokens=24, do_sample=False)
                 out.append(tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
         return out
 
-    loss_fp32, loss_int8 = loss(fp32), loss(int8)
-    said = answers(int8)
-    named = [word.lower() in text.lower() for (_, word), text in zip(QUESTIONS, said, strict=True)]
-    print(f"held-out loss fp32 {loss_fp32:.4f} int8 {loss_int8:.4f} ({loss_int8 / loss_fp32:.3f}x); "
-          f"answers naming the expected word: {sum(named)}/{len(named)}: {said}")
+    figures = {}
+    for quantize in ("none", "int8"):
+        loaded = load(quantize)
+        ids = loaded.tokenizer(HELD_OUT, return_tensors="pt").input_ids
+        said = answers(loaded.model, loaded.tokenizer)
+        named = sum(word.lower() in text.lower() for (_, word), text in zip(QUESTIONS, said, strict=True))
+        figures[quantize] = (loss(loaded.model, ids), named, said)
+    (loss_fp32, named_fp32, _), (loss_int8, named_int8, said_int8) = figures["none"], figures["int8"]
+    print(f"held-out loss fp32 {loss_fp32:.4f} int8 {loss_int8:.4f} ({loss_int8 / loss_fp32:.3f}x); answers naming "
+          f"the expected word: fp32 {named_fp32}/{len(QUESTIONS)}, int8 {named_int8}/{len(QUESTIONS)}: {said_int8}")
     assert loss_int8 <= LOSS_RATIO_BOUND * loss_fp32
-    assert sum(named) >= 5, said
+    assert named_int8 >= named_fp32 - 1, figures
