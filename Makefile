@@ -21,7 +21,7 @@ TORCH_WHEEL ?=
 TORCH_REQUIREMENT := $(if $(TORCH_WHEEL),$(TORCH_WHEEL),torch==2.13.0)
 TORCH_PIP_ARGS := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 
-.PHONY: install system-deps test test-fast demo templates crds layers bench clean
+.PHONY: install system-deps cluster-tools test test-fast demo templates crds layers bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +42,13 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-registry apache2-utils >/dev/null; \
 	fi
 
-test: install system-deps
+# The cluster box's binaries (kube-apiserver, kube-controller-manager, kube-scheduler, etcd, kwok,
+# Argo's workflow-controller/argoexec/argo), built from Go modules once per machine into
+# ~/.cache/kaiflow/cluster-tools/<hash of the pins>/ (tools/cluster/build.sh; docs/testing.md).
+cluster-tools:
+	bash tools/cluster/build.sh
+
+test: install system-deps cluster-tools
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-fast: install system-deps
