@@ -1,0 +1,63 @@
+"""What the cluster-box tests share: kaiflow's install applied once, tenant namespaces made with the
+overlay docs/install.md gives, and steps run as a ServiceAccount of the box."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from itertools import count
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+_tenants = count(1)
+
+OVERLAY = """\
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+namespace: {namespace}
+resources:
+  - {base}
+patches:
+  - target: {{kind: ClusterRoleBinding, name: kaiflow-provisioner-default}}
+    patch: |-
+      - op: replace
+        path: /metadata/name
+        value: kaiflow-provisioner-{namespace}
+"""
+
+
+def namespace_overlay(folder: Path, namespace: str) -> Path:
+    """The overlay docs/install.md gives for Workspaces in another namespace."""
+    folder.mkdir(parents=True)
+    base = os.path.relpath(ROOT / "controller" / "manifests" / "workflows", folder)
+    (folder / "kustomization.yaml").write_text(OVERLAY.format(namespace=namespace, base=base))
+    return folder
+
+
+def run_step(module: str, *args: str, kubeconfig: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """``python -m <module> ...`` with the kubeconfig of a ServiceAccount (as the step's pod would be)."""
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def installed(cluster_box):
+    """The box with ``kubectl apply -k controller/manifests`` done (as an admin would)."""
+    cluster_box.kubectl("apply", "-k", str(ROOT / "controller" / "manifests"))
+    return cluster_box
+
+
+@pytest.fixture
+def tenant(installed, tmp_path) -> Iterator[str]:
+    """A namespace with the Workflow identities installed by the per-namespace overlay."""
+    namespace = f"tenant-{next(_tenants)}"
+    installed.kubectl("create", "namespace", namespace)
+    installed.kubectl("apply", "-k", str(namespace_overlay(tmp_path / f"overlay-{namespace}", namespace)))
+    yield namespace
+    installed.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+    installed.kubectl("delete", "clusterrolebinding", f"kaiflow-provisioner-{namespace}", check=False)
