@@ -23,12 +23,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from api.labels import ANNOTATION_API_KEY_SECRET, ANNOTATION_OWN_NODES
+
 DEFAULT_METHOD = "lora"
 DEFAULT_COUNT = 1
-ANNOTATION_OWN_NODES = "kaiflow.kaito.sh/bring-your-own-nodes"
-# The Secret (key ``api-key``) whose value the chat service requires as a bearer key; referenced
-# by the Deployment and the smoke test, never read by kaiflow.
-ANNOTATION_API_KEY_SECRET = "kaiflow.kaito.sh/api-key-secret"
 
 UNKNOWN_NODE_GPUS = 1
 UNKNOWN_NODE_VCPUS = 8

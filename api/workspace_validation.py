@@ -31,9 +31,9 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ValidationError
 
-from api.defaults import ANNOTATION_API_KEY_SECRET
 from api.documents import Bundle
 from api.image_ref import ImageRef
+from api.labels import ANNOTATION_API_KEY_SECRET, ANNOTATION_OWN_NODES
 from api.workspace_types import API_VERSIONS, KIND, Workspace
 
 Mode = Literal["cluster", "local"] | None
@@ -259,7 +259,7 @@ def _check_resource(ws: Workspace, warnings: list[FieldError]) -> Iterator[Field
     own_nodes = uses_own_nodes(ws)
     if own_nodes and resource.instance_type:
         yield FieldError("resource.instanceType", "must be empty with bring-your-own nodes (annotation "
-                         "kaiflow.kaito.sh/bring-your-own-nodes: \"true\"): the nodes labelSelector matches are used")
+                         f"{ANNOTATION_OWN_NODES}: \"true\"): the nodes labelSelector matches are used")
         return
     if ws.preset_name is None:
         return

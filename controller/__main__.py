@@ -8,22 +8,24 @@ import os
 import sys
 from collections.abc import Sequence
 
+from controller.options import parse
+from stepkit.common import StepError
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from controller.options import parse
-    from stepkit.common import StepError
-
     try:
         options = parse(argv)
     except StepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if options.kubeconfig:
-        # kopf logs in through the kubernetes client, which reads $KUBECONFIG when first imported.
         os.environ["KUBECONFIG"] = options.kubeconfig
+    # Imported only now: the kubernetes client reads $KUBECONFIG when first imported (kopf and
+    # controller.operator import it).
     import kopf
 
     from controller.operator import registry
+
     kopf.configure(verbose=options.verbose, log_prefix=True)
     if not options.verbose:
         # kopf logs every handler call at INFO; kaiflow's own decisions stay visible.

@@ -14,7 +14,6 @@ finds the object it would create and adopts it instead of making another.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,15 +21,22 @@ from typing import Any
 
 from api import WorkspaceValidationError, validate_workspace
 from api.crd import immutable_changes, immutable_values
-from api.labels import ANNOTATION_OWNER, LABEL_MANAGED_BY, LABEL_WORKSPACE, MANAGED_BY, owner_annotation
+from api.defaults import target_node_count as estimate_node_count
+from api.labels import (
+    ANNOTATION_IMMUTABLE,
+    ANNOTATION_OWNER,
+    LABEL_GENERATION,
+    LABEL_MANAGED_BY,
+    LABEL_WORKSPACE,
+    MANAGED_BY,
+    owner_annotation,
+)
 from api.workspace_status import REASON_IMMUTABLE, REASON_INVALID
 from controller.options import ControllerOptions
+from pipelines import PipelineError, Target, manifest
+from pipelines.names import dns1123_label
 
 ARGO_API_VERSION = "argoproj.io/v1alpha1"
-LABEL_GENERATION = "kaiflow.kaito.sh/generation"
-# The immutable fields a pipeline was made for (JSON): what a later generation is compared with.
-ANNOTATION_IMMUTABLE = "kaiflow.kaito.sh/immutable"
-MAX_NAME = 63
 
 
 @dataclass(frozen=True)
@@ -51,31 +57,19 @@ class Refused:
     fields: tuple[str, ...]
 
 
-def short_name(base: str, limit: int = MAX_NAME) -> str:
-    """``base`` if it fits, else a prefix and a hash of the whole (still unique and stable)."""
-    if len(base) <= limit:
-        return base
-    digest = hashlib.sha256(base.encode()).hexdigest()[:8]
-    return f"{base[: limit - 9].rstrip('-.')}-{digest}"
-
-
 def pipeline_name(workspace: str, kind: str, generation: int, scheduled: bool = False) -> str:
     if scheduled:
-        return short_name(f"{workspace}-{kind}")
-    return short_name(f"{workspace}-{kind}-{generation}")
+        return dns1123_label(f"{workspace}-{kind}")
+    return dns1123_label(f"{workspace}-{kind}-{generation}")
 
 
 def target_node_count(workspace: Any) -> int:
     """GPU nodes the Workspace needs (Kaito's node estimator, ``api.defaults``)."""
-    from api.defaults import target_node_count as estimate
-
-    return estimate(workspace)
+    return estimate_node_count(workspace)
 
 
 def target(options: ControllerOptions, namespace: str, name: str) -> Any:
     """The ``pipelines.Target`` a Workflow is rendered for (the cluster unless told otherwise)."""
-    from pipelines import Target
-
     if options.target == "local":
         workdir = Path(options.local_root or ".").resolve() / namespace / name
         return Target.local(workdir, base_dir=options.local_base_dir)
@@ -96,8 +90,6 @@ def decide(body: dict[str, Any], options: ControllerOptions, accepted: dict[str,
     ``accepted`` holds the immutable fields of the pipeline made for an earlier generation (from
     its ``ANNOTATION_IMMUTABLE``); a change of any of them is refused, as Kaito's webhook does.
     """
-    from pipelines import PipelineError, manifest
-
     spec = spec_of(body)
     try:
         # Kaito's cluster rules (https-only public dataset URLs, imagePushSecret, ...); a controller

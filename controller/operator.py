@@ -22,7 +22,9 @@ Design
 
 from __future__ import annotations
 
+import copy
 import datetime
+import json
 import logging
 import threading
 import time
@@ -30,8 +32,21 @@ from collections import defaultdict
 from typing import Any
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
-from api.labels import LABEL_MANAGED_BY, LABEL_PIPELINE, LABEL_WORKSPACE, MANAGED_BY
+from api.labels import (
+    ANNOTATION_IMMUTABLE,
+    ANNOTATION_OPT_IN,
+    CONTROLLER_COMPONENT,
+    FINALIZER,
+    KAIFLOW_PREFIX,
+    LABEL_CRON_WORKFLOW,
+    LABEL_GENERATION,
+    LABEL_MANAGED_BY,
+    LABEL_PIPELINE,
+    LABEL_WORKSPACE,
+    MANAGED_BY,
+)
 from api.workspace_status import (
     REASON_DELETING,
     REASON_RELEASE_TIMEOUT,
@@ -39,16 +54,18 @@ from api.workspace_status import (
     now,
     set_condition,
 )
-from api.workspace_types import GROUP, KIND
-from controller.decide import ANNOTATION_IMMUTABLE, ARGO_API_VERSION, LABEL_GENERATION, Desired, Refused, decide
-from controller.options import ANNOTATION_OPT_IN, FINALIZER, ControllerOptions
-from controller.status import DONE_PHASES, FAILED_PHASES, Observed, Transition, observe, refused
+from api.workspace_types import GROUP, KIND, STORAGE_VERSION
+from controller.decide import ARGO_API_VERSION, Desired, Refused, decide
+from controller.options import ControllerOptions
+from controller.status import DONE_PHASES, FAILED_PHASES, Observed, Transition, observe, refused, task_output
+from pipelines.names import OUTPUT_PROVIDER, TASK_PROVISION
+from stepkit.common import RetryableError, StepError
+from stepkit.kube import (api_client, api_error, delete, get, is_unreachable, request, resource_path, server_side_apply,
+                          unreachable_error)
+from steps.provision.release import release as release_nodes
 
 log = logging.getLogger("kaiflow.controller")
 PLURAL = "workspaces"
-COMPONENT = "kaiflow-controller"
-LABEL_CRON_WORKFLOW = "workflows.argoproj.io/cron-workflow"
-BOOKKEEPING_PREFIX = "kaiflow.kaito.sh"
 RETRY_DELAY_S = 5.0
 
 
@@ -69,31 +86,21 @@ class Operator:
     def client(self) -> Any:
         client = getattr(self._local, "client", None)
         if client is None:
-            from stepkit.kube import api_client
-
             client = self._local.client = api_client(self.options.kubeconfig)
         return client
 
     def _request(self, method: str, path: str, body: Any = None, *, query: list[tuple[str, str]] | None = None,
                  content_type: str = "application/json", what: str = "") -> Any:
-        from kubernetes.client.exceptions import ApiException
-
-        from stepkit.kube import api_error, request
-
         try:
             return request(self.client, method, path, body=body, query=query, content_type=content_type)
         except ApiException as exc:
             raise api_error(exc, what or f"{method} {path}") from None
         except Exception as exc:
-            from stepkit.kube import _is_connection_error
-
-            if _is_connection_error(exc):
-                raise kopf.TemporaryError(f"{what or path}: cannot reach the Kubernetes API: {exc}", delay=RETRY_DELAY_S) from None
+            if is_unreachable(exc):
+                raise kopf.TemporaryError(str(unreachable_error(exc, what or path)), delay=RETRY_DELAY_S) from None
             raise
 
     def _list(self, api_version: str, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
-        from stepkit.kube import resource_path
-
         answer = self._request("GET", resource_path(api_version, kind, namespace=namespace),
                                query=[("labelSelector", selector)], what=f"listing {kind}s in {namespace}")
         items = answer.get("items") or []
@@ -102,13 +109,9 @@ class Operator:
         return items
 
     def _get(self, api_version: str, kind: str, name: str, namespace: str | None) -> dict[str, Any] | None:
-        from stepkit.kube import get
-
         return get(self.client, api_version, kind, name, namespace)
 
     def workspace(self, namespace: str, name: str) -> dict[str, Any] | None:
-        from api.workspace_types import STORAGE_VERSION
-
         return self._get(f"{GROUP}/{STORAGE_VERSION}", KIND, name, namespace)
 
     def wanted(self, body: dict[str, Any]) -> bool:
@@ -128,7 +131,6 @@ class Operator:
     @staticmethod
     def accepted(pipelines: list[dict[str, Any]], generation: int) -> dict[str, Any] | None:
         """Immutable fields recorded on the newest pipeline made for an earlier generation."""
-        import json
 
         older = [p for p in pipelines if _generation(p) is not None and _generation(p) < generation]
         if not older:
@@ -165,14 +167,10 @@ class Operator:
 
     def ensure(self, desired: Desired, uid: str | None) -> dict[str, Any]:
         """Create this generation's object, or adopt the one already there (a replay, a restart)."""
-        from stepkit.kube import resource_path, server_side_apply
 
         if desired.kind == "CronWorkflow":
             return server_side_apply(self.client, desired.manifest)
         path = resource_path(ARGO_API_VERSION, "Workflow", namespace=desired.namespace)
-        from kubernetes.client.exceptions import ApiException
-
-        from stepkit.kube import api_error, request
 
         try:
             created = request(self.client, "POST", path, body=desired.manifest)
@@ -185,7 +183,6 @@ class Operator:
         owners = {o.get("uid") for o in existing.get("metadata", {}).get("ownerReferences") or []}
         if uid and owners and uid not in owners:
             # Left by an earlier Workspace of the same name, waiting for garbage collection.
-            from stepkit.kube import delete
 
             delete(self.client, ARGO_API_VERSION, "Workflow", desired.name, desired.namespace)
             raise kopf.TemporaryError(f"Workflow {desired.name} belonged to an earlier Workspace; deleted it, retrying",
@@ -194,7 +191,6 @@ class Operator:
 
     def supersede(self, existing: list[dict[str, Any]], desired: Desired) -> None:
         """An older generation's CronWorkflow goes; its running Workflow is stopped (Argo's shutdown)."""
-        from stepkit.kube import delete, resource_path
 
         for obj in existing:
             if _generation(obj) == desired.generation or obj["metadata"]["name"] == desired.name:
@@ -241,8 +237,6 @@ class Operator:
                 self._refresh_locked(body, verdict)
 
     def _refresh_locked(self, body: dict[str, Any], desired: Desired) -> None:
-        from stepkit.kube import resource_path
-
         meta = body["metadata"]
         namespace, name = meta.get("namespace") or "default", meta["name"]
         pipeline = self._get(ARGO_API_VERSION, desired.kind, desired.name, namespace)
@@ -279,9 +273,8 @@ class Operator:
             return True
         if not self.options.release_after_failure or deployment is not None:
             return False
-        from controller.status import task_output
 
-        provider = task_output(run, "provision-nodes", "provider") or self.options.provider
+        provider = task_output(run, TASK_PROVISION, OUTPUT_PROVIDER) or self.options.provider
         meta = body["metadata"]
         try:
             self.release(provider, meta["name"], meta.get("namespace") or "default", timeout=30)
@@ -293,8 +286,6 @@ class Operator:
         return True
 
     def _write_status(self, body: dict[str, Any], observed: Observed) -> None:
-        from stepkit.kube import resource_path
-
         if observed.status == (body.get("status") or {}):
             return
         meta = body["metadata"]
@@ -307,7 +298,6 @@ class Operator:
 
     def event(self, body: dict[str, Any], transition: Transition) -> None:
         """A Kubernetes Event on the Workspace (``kubectl describe wks`` lists them)."""
-        from stepkit.kube import resource_path
 
         meta = body["metadata"]
         namespace = meta.get("namespace") or "default"
@@ -320,7 +310,8 @@ class Operator:
                                "namespace": namespace, "uid": meta.get("uid")},
             "reason": transition.reason or transition.type, "message": message[:1024],
             "type": "Warning" if transition.warning else "Normal",
-            "source": {"component": COMPONENT}, "reportingComponent": COMPONENT, "reportingInstance": COMPONENT,
+            "source": {"component": CONTROLLER_COMPONENT}, "reportingComponent": CONTROLLER_COMPONENT,
+            "reportingInstance": CONTROLLER_COMPONENT,
             "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
         }
         try:
@@ -331,13 +322,10 @@ class Operator:
     # -- deletion ---------------------------------------------------------------------------------
 
     def release(self, provider: str | None, name: str, namespace: str, *, timeout: float) -> list[str]:
-        from steps.provision import release
-
-        return release(provider or "aks", name, namespace, kubeconfig=self.options.kubeconfig, timeout=timeout)
+        return release_nodes(provider or "aks", name, namespace, kubeconfig=self.options.kubeconfig, timeout=timeout)
 
     def finalize(self, body: dict[str, Any]) -> None:
         """Release what owner references cannot, within the deadline; raise TemporaryError to retry."""
-        from stepkit.kube import delete
 
         meta = body["metadata"]
         namespace, name = meta.get("namespace") or "default", meta["name"]
@@ -370,7 +358,7 @@ class Operator:
                 raise kopf.TemporaryError(f"releasing the resources of {name}: {exc}", delay=RETRY_DELAY_S) from None
             self.event(body, Transition(WORKSPACE_DELETING, "True", REASON_RELEASE_TIMEOUT,
                                         f"gave up releasing after {self.options.delete_deadline_s:.0f} s: {exc}; "
-                                        "check for leftover nodes labelled kaito.sh/workspace=" + name))
+                                        f"check for leftover nodes labelled {LABEL_WORKSPACE}={name}"))
 
 
 def _within(seconds: float, call: Any) -> Any:
@@ -418,8 +406,6 @@ def registry(options: ControllerOptions) -> tuple[kopf.OperatorRegistry, Operato
 
     def _retryable(fn: Any) -> Any:
         def handler(**kwargs: Any) -> None:
-            from stepkit.common import RetryableError, StepError
-
             try:
                 fn(**kwargs)
             except kopf.TemporaryError:
@@ -440,9 +426,9 @@ def registry(options: ControllerOptions) -> tuple[kopf.OperatorRegistry, Operato
     @kopf.on.startup(registry=reg)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.persistence.finalizer = FINALIZER
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=BOOKKEEPING_PREFIX)
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KAIFLOW_PREFIX)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix=BOOKKEEPING_PREFIX, key="last-handled-configuration")
+            prefix=KAIFLOW_PREFIX, key="last-handled-configuration")
         settings.posting.level = logging.WARNING
         # kopf waits this long for more events of an object before handling it (default 0.1 s);
         # every decision here is idempotent, so intermediate states need not be skipped.
@@ -488,6 +474,4 @@ def registry(options: ControllerOptions) -> tuple[kopf.OperatorRegistry, Operato
 
 
 def _plain(body: Any) -> dict[str, Any]:
-    import copy
-
     return copy.deepcopy(dict(body))

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+
+from api.labels import ANNOTATION_OPT_IN
+from stepkit.common import add_dataclass_arguments, dataclass_from_args
 
 # Workspaces carrying this annotation with the value "true" are kaiflow's when --opt-in is set.
-ANNOTATION_OPT_IN = "kaiflow.kaito.sh/managed"
-FINALIZER = "kaiflow.kaito.sh/finalizer"
 ENV_PREFIX = "KAIFLOW_CONTROLLER_"
 
 
@@ -57,10 +58,6 @@ class ControllerOptions:
 
 
 def parse(argv: Sequence[str] | None = None) -> ControllerOptions:
-    from dataclasses import fields
-
-    from stepkit.common import add_dataclass_arguments, dataclass_from_args
-
     parser = argparse.ArgumentParser(prog="kaiflow controller",
                                      description="Run the kaiflow operator: Workspaces become Argo Workflows.")
     # Switches and repeatable options come from the command line only (an env "false" is truthy).

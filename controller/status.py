@@ -25,6 +25,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from api import workspace_status as ws
+from pipelines.names import (
+    OUTPUT_IMAGE,
+    OUTPUT_NODES,
+    OUTPUT_PROMOTE,
+    OUTPUT_PROVIDER,
+    OUTPUT_SERVICE_URL,
+    TASK_DEPLOY,
+    TASK_EVAL_GATE,
+    TASK_PROVISION,
+    TASK_PUSH_ADAPTER,
+    TASK_SMOKE_TEST,
+    TASK_TUNE,
+)
 
 FAILED_PHASES = ("Failed", "Error")
 DONE_PHASES = ("Succeeded", "Failed", "Error")
@@ -124,10 +137,10 @@ def run_summary(run: dict[str, Any] | None) -> dict[str, Any] | None:
             summary[key] = status[key]
     if status.get("phase") in FAILED_PHASES:
         summary["message"] = failure(run)
-    promote = task_output(run, "eval-gate", "promote")
+    promote = task_output(run, TASK_EVAL_GATE, OUTPUT_PROMOTE)
     if promote is not None:
         summary["promoted"] = promote.strip().lower() == "true"
-    image = task_output(run, "push-adapter", "image")
+    image = task_output(run, TASK_PUSH_ADAPTER, OUTPUT_IMAGE)
     if image:
         summary["adapterImage"] = image
     return summary
@@ -193,9 +206,9 @@ def observe(status: dict[str, Any] | None, *, generation: int, is_tuning: bool, 
     why = failure(run) if failed else None
 
     # ResourceReady / NodesReady / NodeClaimReady from the provision task.
-    provision = task_phase(run, "provision-nodes")
-    provider = task_output(run, "provision-nodes", "provider")
-    worker_nodes = _json_list(task_output(run, "provision-nodes", "nodes"))
+    provision = task_phase(run, TASK_PROVISION)
+    provider = task_output(run, TASK_PROVISION, OUTPUT_PROVIDER)
+    worker_nodes = _json_list(task_output(run, TASK_PROVISION, OUTPUT_NODES))
     if provision == "Succeeded":
         listed = ", ".join(worker_nodes) or "none reported"
         conditions = ws.set_condition(conditions, ws.RESOURCE_READY, True, ws.REASON_PROVISIONED, f"nodes: {listed}", **gen)
@@ -205,27 +218,27 @@ def observe(status: dict[str, Any] | None, *, generation: int, is_tuning: bool, 
             conditions = ws.set_condition(conditions, ws.NODECLAIM_READY, True, ws.REASON_PROVISIONED,
                                           "NodeClaims launched and registered", **gen)
     elif provision in FAILED_PHASES:
-        message = failure(run) or "provision-nodes failed"
+        message = failure(run) or f"{TASK_PROVISION} failed"
         conditions = ws.set_condition(conditions, ws.RESOURCE_READY, False, ws.REASON_PROVISION_FAILED, message, **gen)
     else:
         conditions = ws.set_condition(conditions, ws.RESOURCE_READY, False, ws.REASON_PROVISIONING,
-                                      "waiting for the provision-nodes task", **gen)
+                                      f"waiting for the {TASK_PROVISION} task", **gen)
 
     # Tuning: JobStarted.
     if is_tuning:
-        tune = task_phase(run, "tune")
+        tune = task_phase(run, TASK_TUNE)
         if tune in FAILED_PHASES or (failed and tune is None):
             conditions = ws.set_condition(conditions, ws.JOB_STARTED, False, ws.REASON_JOB_FAILED, why or "", **gen)
         elif tune is not None and tune != "Pending":
             conditions = ws.set_condition(conditions, ws.JOB_STARTED, True, ws.REASON_JOB_STARTED,
-                                          "the tune task started", **gen)
+                                          f"the {TASK_TUNE} task started", **gen)
         else:
             conditions = ws.set_condition(conditions, ws.JOB_STARTED, False, ws.REASON_JOB_PENDING,
-                                          "waiting for the tune task", **gen)
+                                          f"waiting for the {TASK_TUNE} task", **gen)
 
     # InferenceReady: the smoke test first, then the pods.
     previous = ws.find_condition(old.get("conditions"), ws.INFERENCE_READY)
-    smoke_passed = task_phase(run, "smoke-test") == "Succeeded"
+    smoke_passed = task_phase(run, TASK_SMOKE_TEST) == "Succeeded"
     established = smoke_passed or (previous is not None and previous.get("reason") in ESTABLISHED_REASONS)
     if established:
         problem = pod_problem(pods or [])
@@ -240,14 +253,14 @@ def observe(status: dict[str, Any] | None, *, generation: int, is_tuning: bool, 
             conditions = ws.set_condition(conditions, ws.INFERENCE_READY, True, ws.REASON_PODS_READY,
                                           f"smoke test passed; deployment {deployment['metadata']['name']} ready", **gen)
         else:
-            url = task_output(run, "deploy-inference", "service-url")
+            url = task_output(run, TASK_DEPLOY, OUTPUT_SERVICE_URL)
             conditions = ws.set_condition(conditions, ws.INFERENCE_READY, True, ws.REASON_SMOKE_TEST_PASSED,
                                           f"smoke test passed{' at ' + url if url else ''}", **gen)
     elif failed and not is_tuning:
         conditions = ws.set_condition(conditions, ws.INFERENCE_READY, False, ws.REASON_PIPELINE_FAILED, why or "", **gen)
     elif not failed:
         conditions = ws.set_condition(conditions, ws.INFERENCE_READY, False, ws.REASON_DEPLOYING,
-                                      "waiting for the deploy-inference and smoke-test tasks", **gen)
+                                      f"waiting for the {TASK_DEPLOY} and {TASK_SMOKE_TEST} tasks", **gen)
     inference_ready = ws.condition_status(conditions, ws.INFERENCE_READY) == "True"
 
     # WorkspaceSucceeded and state.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from pipelines.names import OUTPUT_IMAGE, OUTPUT_SERVICE_URL, TASK_DEPLOY, TASK_PUSH_ADAPTER
 from pipelines.runner import RunFailed, RunnerError, run
 
 # the exit code of a run ended by Ctrl-C or SIGTERM (128 + SIGINT, as shells report it)
@@ -45,7 +46,7 @@ def run_cli(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[s
         console.print(f"interrupted; the running task was ended. Continue with: kaiflow run {workspace_path} "
                       f"--workdir {workdir} --resume", highlight=False)
         return INTERRUPTED
-    for task, name in (("push-adapter", "image"), ("deploy-inference", "service-url")):
+    for task, name in ((TASK_PUSH_ADAPTER, OUTPUT_IMAGE), (TASK_DEPLOY, OUTPUT_SERVICE_URL)):
         record = result.tasks.get(task)
         if record and name in record.outputs:
             console.print(f"{task}: {name} = {record.outputs[name]}", highlight=False)

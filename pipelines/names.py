@@ -1,4 +1,9 @@
-"""Kubernetes names derived from user-given ones (Secret names, Workspace names).
+"""The DAG's task and output names, and Kubernetes names derived from user-given ones.
+
+Task and output names are read across packages: ``pipelines.workspace`` names the tasks,
+``controller.status`` reads a Workflow's nodes by them, the local console prints their outputs.
+They live here once; ``tests/api/test_names_live_once.py`` fails on such a literal elsewhere.
+
 
 A Secret name is a DNS-1123 *subdomain* (``acr.push`` is fine), but a volume name must be a
 DNS-1123 *label*: no dots, at most 63 characters. ``dns1123_label`` maps any text to a valid label
@@ -15,6 +20,34 @@ import re
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 MAX_LABEL = 63
 HASH_CHARS = 8
+
+# DAG task names.
+TASK_PROVISION = "provision-nodes"
+TASK_FETCH_DATASET = "fetch-dataset"
+TASK_TUNE = "tune"
+TASK_EVAL_GATE = "eval-gate"
+TASK_PUSH_ADAPTER = "push-adapter"
+TASK_PUSH_CANDIDATE = "push-candidate"
+TASK_PULL_ADAPTERS = "pull-adapters"
+TASK_DEPLOY = "deploy-inference"
+TASK_SMOKE_TEST = "smoke-test"
+TASK_RELEASE_NODES = "release-nodes"
+TASKS = (TASK_PROVISION, TASK_FETCH_DATASET, TASK_TUNE, TASK_EVAL_GATE, TASK_PUSH_ADAPTER, TASK_PUSH_CANDIDATE,
+         TASK_PULL_ADAPTERS, TASK_DEPLOY, TASK_SMOKE_TEST, TASK_RELEASE_NODES)
+
+# Output parameters read by later tasks, the controller or the console (the step writes a file of
+# the same name: stepkit.common.write_output).
+OUTPUT_NODES = "nodes"
+OUTPUT_PROVIDER = "provider"
+OUTPUT_DATASET_DIGEST = "dataset-digest"
+OUTPUT_PROMOTE = "promote"
+OUTPUT_IMAGE = "image"
+OUTPUT_SERVICE_URL = "service-url"
+
+
+def task_output_ref(task: str, output: str) -> str:
+    """Argo's reference to another task's output parameter."""
+    return f"{{{{tasks.{task}.outputs.parameters.{output}}}}}"
 
 
 def is_dns1123_label(name: str) -> bool:

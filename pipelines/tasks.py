@@ -23,19 +23,40 @@ from dataclasses import dataclass, field
 from hera.workflows import Artifact, Container, Env, NoneArchiveStrategy, Parameter, RetryStrategy
 from hera.workflows import models as m
 
-from api.labels import GPU_TOLERATION
-from pipelines.names import dns1123_label
+from api.labels import (
+    ANNOTATION_ARGO_DESCRIPTION,
+    API_KEY_SECRET_KEY,
+    DEPLOYER_SERVICE_ACCOUNT,
+    GPU_TOLERATION,
+    MODEL_ACCESS_SECRET_KEY,
+    PROVISIONER_SERVICE_ACCOUNT,
+    WORKFLOW_SERVICE_ACCOUNT,
+)
+from pipelines.names import (
+    OUTPUT_DATASET_DIGEST,
+    OUTPUT_IMAGE,
+    OUTPUT_NODES,
+    OUTPUT_PROMOTE,
+    OUTPUT_PROVIDER,
+    OUTPUT_SERVICE_URL,
+    TASK_DEPLOY,
+    TASK_EVAL_GATE,
+    TASK_FETCH_DATASET,
+    TASK_PROVISION,
+    TASK_PULL_ADAPTERS,
+    TASK_PUSH_ADAPTER,
+    TASK_RELEASE_NODES,
+    TASK_SMOKE_TEST,
+    TASK_TUNE,
+    dns1123_label,
+)
 from pipelines.target import Target
 
 DATA_VOLUME = "kaiflow-data"
 TRAINING_CONFIG_VOLUME = "training-config"
-API_KEY_SECRET_KEY = "api-key"  # the key of the API key Secret (steps.deploy.manifests reads the same)
 OUTPUTS_VOLUME = "kaiflow-outputs"
 # Output parameters are short strings and small JSON documents.
 OUTPUTS_SIZE_LIMIT = "16Mi"
-# Argo's executor sidecar reports outputs through the API, so it needs a token even where the
-# step's own container gets none (the same account the Workflow runs as).
-EXECUTOR_SERVICE_ACCOUNT = "kaiflow-workflow"
 
 # Deadlines per step (seconds). Tuning gets its own from the Workspace size (see workspace.py).
 DEADLINES = {
@@ -158,7 +179,7 @@ def _step(
     if cluster and data_volume:
         volume_mounts.insert(0, m.VolumeMount(name=DATA_VOLUME, mount_path=target.data_root))
     scheduling = scheduling if cluster else None
-    annotations = {"workflows.argoproj.io/description": description} if description else None
+    annotations = {ANNOTATION_ARGO_DESCRIPTION: description} if description else None
     volumes: list[m.Volume] = []
     if cluster and outputs:
         # The output files live in a small emptyDir rather than the container's writable layer.
@@ -172,7 +193,9 @@ def _step(
             # No token in pods that never call the API; Argo's executor sidecar still needs one,
             # from its own service account (Argo requires executor.serviceAccountName then).
             automount = False
-            executor = m.ExecutorConfig(service_account_name=EXECUTOR_SERVICE_ACCOUNT)
+            # Argo's executor sidecar reports outputs through the API, so it needs a token even
+            # where the step's own container gets none (the same account the Workflow runs as).
+            executor = m.ExecutorConfig(service_account_name=WORKFLOW_SERVICE_ACCOUNT)
     return Container(
         name=name,
         image=target.images.pipeline,
@@ -289,7 +312,7 @@ def _azure_identity(target: Target) -> tuple[list[Env | m.EnvVar], dict[str, str
 
 
 def provision(target: Target, *, workspace_name: str, namespace: str, instance_type: str | None, count: str,
-              labels: Sequence[str], preferred_nodes: Sequence[str] = (), name: str = "provision-nodes") -> Container:
+              labels: Sequence[str], preferred_nodes: Sequence[str] = (), name: str = TASK_PROVISION) -> Container:
     args = ["--provider", target.provider, "--workspace-name", workspace_name, "--namespace", namespace]
     if instance_type:
         args += ["--instance-type", instance_type]
@@ -297,14 +320,14 @@ def provision(target: Target, *, workspace_name: str, namespace: str, instance_t
     args += _flag("--preferred-node", preferred_nodes)
     env, pod_labels = _azure_identity(target)
     return _step(
-        target, name=name, module="provision", args=args, outputs=["nodes", "provider"], retry=True,
-        deadline=DEADLINES["provision"], data_volume=False, env=env, service_account="kaiflow-provisioner",
+        target, name=name, module="provision", args=args, outputs=[OUTPUT_NODES, OUTPUT_PROVIDER], retry=True,
+        deadline=DEADLINES["provision"], data_volume=False, env=env, service_account=PROVISIONER_SERVICE_ACCOUNT,
         kubernetes_api=True,
         labels=pod_labels, description="Provision the GPU nodes the Workspace runs on",
     )
 
 
-def release_nodes(target: Target, *, workspace_name: str, namespace: str, name: str = "release-nodes") -> Container:
+def release_nodes(target: Target, *, workspace_name: str, namespace: str, name: str = TASK_RELEASE_NODES) -> Container:
     """The exit handler's step: delete the nodes ``provision`` made for this Workspace.
 
     One function so that the delete command line (``steps.provision --delete``) changes in one place.
@@ -313,14 +336,14 @@ def release_nodes(target: Target, *, workspace_name: str, namespace: str, name: 
     env, pod_labels = _azure_identity(target)
     return _step(
         target, name=name, module="provision", args=args, retry=True, deadline=DEADLINES["provision"],
-        data_volume=False, service_account="kaiflow-provisioner", kubernetes_api=True, env=env, labels=pod_labels,
+        data_volume=False, service_account=PROVISIONER_SERVICE_ACCOUNT, kubernetes_api=True, env=env, labels=pod_labels,
         description="Release the nodes provision-nodes made (exit handler of a hand-submitted Workflow)",
     )
 
 
 def fetch_dataset(target: Target, *, urls: Sequence[str], max_bytes: str | None = None,
                   eval_fraction: str | None = None, config: str | None = None, config_map: str | None = None,
-                  name: str = "fetch-dataset") -> Container:
+                  name: str = TASK_FETCH_DATASET) -> Container:
     """``config``: Kaito's training_config.yaml, whose DatasetConfig (columns, split) the step applies."""
     args = [*_flag("--url", [target.dataset_url(u) for u in urls]), "--output-dir", target.data("dataset")]
     if max_bytes:
@@ -333,7 +356,7 @@ def fetch_dataset(target: Target, *, urls: Sequence[str], max_bytes: str | None 
         if target.is_cluster and config_map:
             mounts.append(m.VolumeMount(name=TRAINING_CONFIG_VOLUME, mount_path=config.rsplit("/", 1)[0], read_only=True))
     return _step(
-        target, name=name, module="fetch_dataset", args=args, outputs=["dataset-digest", "summary"], retry=True,
+        target, name=name, module="fetch_dataset", args=args, outputs=[OUTPUT_DATASET_DIGEST, "summary"], retry=True,
         deadline=DEADLINES["fetch_dataset"], mounts=mounts,
         description="Download and check the training data (parquet/jsonl/json/csv/arrow)",
     )
@@ -341,7 +364,7 @@ def fetch_dataset(target: Target, *, urls: Sequence[str], max_bytes: str | None 
 
 def tune(target: Target, *, preset: str, method: str, adapter_name: str, config: str | None,
          config_map: str | None, scheduling: Scheduling | None, deadline: int, max_steps: str | None = None,
-         model_access_secret: str | None = None, epochs: str | None = None, name: str = "tune") -> Container:
+         model_access_secret: str | None = None, epochs: str | None = None, name: str = TASK_TUNE) -> Container:
     adapter_dir = target.data("adapters", adapter_name)
     args = [
         "--preset", preset, "--method", method, "--dataset-dir", target.data("dataset"),
@@ -362,7 +385,8 @@ def tune(target: Target, *, preset: str, method: str, adapter_name: str, config:
         if config_map:
             mounts.append(m.VolumeMount(name=TRAINING_CONFIG_VOLUME, mount_path=config.rsplit("/", 1)[0], read_only=True))
         if model_access_secret:
-            env.append(_secret_env("HF_TOKEN", model_access_secret, "HF_TOKEN"))
+            # the Hub reads the token from the variable of the key's name
+            env.append(_secret_env(MODEL_ACCESS_SECRET_KEY, model_access_secret, MODEL_ACCESS_SECRET_KEY))
     loss_curve = [
         Artifact(name="loss-curve", path=f"{adapter_dir}/loss.png", archive=NoneArchiveStrategy(), optional=True),
         Artifact(name="loss-history", path=f"{adapter_dir}/loss.json", archive=NoneArchiveStrategy(), optional=True),
@@ -385,7 +409,7 @@ def tune(target: Target, *, preset: str, method: str, adapter_name: str, config:
 
 def eval_gate(target: Target, *, adapter_name: str, current_image: str, docker_config: str | None,
               mounts: Sequence[m.VolumeMount] = (), registry_image: str | None = None, same_rows: bool = False,
-              scheduling: Scheduling | None = None, name: str = "eval-gate") -> Container:
+              scheduling: Scheduling | None = None, name: str = TASK_EVAL_GATE) -> Container:
     """``registry_image``: the literal reference whose registry decides ``--insecure`` when
     ``current_image`` is a placeholder. ``same_rows``: score both adapters on the candidate's
     held-out rows (the base model loads here too, on the tune's GPU scheduling)."""
@@ -398,7 +422,7 @@ def eval_gate(target: Target, *, adapter_name: str, current_image: str, docker_c
     args += _registry_flags(target, registry_image or current_image, docker_config)
     return _step(
         target, name=name, module="eval_gate", args=args,
-        outputs=["promote", "current-eval-loss", "candidate-eval-loss", "gate-basis"], retry=True,
+        outputs=[OUTPUT_PROMOTE, "current-eval-loss", "candidate-eval-loss", "gate-basis"], retry=True,
         deadline=DEADLINES["eval_gate"], mounts=mounts, env=env, scheduling=scheduling if same_rows else None,
         description="Promote the new adapter only if its held-out loss is no worse than the serving one",
     )
@@ -407,7 +431,7 @@ def eval_gate(target: Target, *, adapter_name: str, current_image: str, docker_c
 def push_adapter(target: Target, *, adapter_name: str, image: str, docker_config: str | None,
                  tag: str | None = None, also_tag: str | None = None, annotations: dict[str, str] | None = None,
                  mounts: Sequence[m.VolumeMount] = (), registry_image: str | None = None,
-                 name: str = "push-adapter") -> Container:
+                 name: str = TASK_PUSH_ADAPTER) -> Container:
     """``registry_image`` as for ``eval_gate``."""
     args = ["--adapter-dir", target.data("adapters", adapter_name), "--image", image]
     if tag:
@@ -418,13 +442,13 @@ def push_adapter(target: Target, *, adapter_name: str, image: str, docker_config
     args += _flag("--annotation", [f"{k}={v}" for k, v in (annotations or {}).items()])
     return _step(
         target, name=name, module="push_adapter", args=args,
-        outputs=["adapter-digest", "image"], retry=True, deadline=DEADLINES["push_adapter"], mounts=mounts,
+        outputs=["adapter-digest", OUTPUT_IMAGE], retry=True, deadline=DEADLINES["push_adapter"], mounts=mounts,
         description=f"Push the adapter to {image} with ORAS",
     )
 
 
 def pull_adapters(target: Target, *, adapters: Sequence[str], docker_config: str | None,
-                  mounts: Sequence[m.VolumeMount] = (), name: str = "pull-adapters") -> Container:
+                  mounts: Sequence[m.VolumeMount] = (), name: str = TASK_PULL_ADAPTERS) -> Container:
     """``adapters`` are ``NAME=IMAGE`` specs, as the step takes them."""
     args = [*_flag("--adapter", adapters), "--dest", target.data("adapters")]
     if docker_config:
@@ -440,7 +464,7 @@ def pull_adapters(target: Target, *, adapters: Sequence[str], docker_config: str
 def deploy(target: Target, *, workspace_name: str, namespace: str, preset: str,
            adapters: Sequence[tuple[str, str]], adapter_images: Sequence[str] = (), gpus: int | None = None,
            node_labels: Sequence[str] = (), docker_config_secret: str | None = None,
-           workspace_uid: str | None = None, inputs: Iterable[str] = (), name: str = "deploy-inference",
+           workspace_uid: str | None = None, inputs: Iterable[str] = (), name: str = TASK_DEPLOY,
            service_env: dict[str, str] | None = None, model_access_secret: str | None = None,
            api_key_secret: str | None = None) -> Container:
     """``adapters`` are (NAME, STRENGTH); ``adapter_images`` NAME=IMAGE for the cluster's init container.
@@ -475,9 +499,9 @@ def deploy(target: Target, *, workspace_name: str, namespace: str, preset: str,
         if target.port:
             args += ["--port", str(target.port)]
     return _step(
-        target, name=name, module="deploy", args=args, inputs=inputs, outputs=["service-url"],
+        target, name=name, module="deploy", args=args, inputs=inputs, outputs=[OUTPUT_SERVICE_URL],
         data_volume=not target.is_cluster,
-        deadline=DEADLINES["deploy"], service_account="kaiflow-deployer", kubernetes_api=True,
+        deadline=DEADLINES["deploy"], service_account=DEPLOYER_SERVICE_ACCOUNT, kubernetes_api=True,
         description="Roll out the BentoML chat service",
         # local mode: the service started by the step inherits these (inference.config settings);
         # in a cluster they go to the Deployment through --service-env
@@ -485,7 +509,7 @@ def deploy(target: Target, *, workspace_name: str, namespace: str, preset: str,
     )
 
 
-def smoke_test(target: Target, *, api_key_secret: str | None = None, name: str = "smoke-test") -> Container:
+def smoke_test(target: Target, *, api_key_secret: str | None = None, name: str = TASK_SMOKE_TEST) -> Container:
     """``api_key_secret``: the service requires a bearer key; the step reads it as KAIFLOW_API_KEY."""
     env = []
     if api_key_secret and target.is_cluster:

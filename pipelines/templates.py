@@ -33,7 +33,14 @@ from typing import Any
 from hera.workflows import Container, Parameter, WorkflowTemplate
 from hera.workflows import models as m
 
-from api.labels import LABEL_MANAGED_BY, MANAGED_BY
+from api.labels import (
+    ANNOTATION_ARGO_DESCRIPTION,
+    DOCKER_CONFIG_SECRET_KEY,
+    LABEL_COMPONENT,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+    WORKFLOW_SERVICE_ACCOUNT,
+)
 from pipelines import tasks
 from pipelines.target import Target
 
@@ -131,7 +138,7 @@ def build_template(step: str, target: Target | None = None) -> WorkflowTemplate:
     if any(p == "docker-config-secret" for p in params):
         volumes.append(m.Volume(name=DOCKER_CONFIG_VOLUME, secret=m.SecretVolumeSource(
             secret_name="{{workflow.parameters.docker-config-secret}}",
-            items=[m.KeyToPath(key=".dockerconfigjson", path="config.json")])))
+            items=[m.KeyToPath(key=DOCKER_CONFIG_SECRET_KEY, path="config.json")])))
     all_params = dict(params)
     if step not in ("provision", "smoke-test"):
         all_params["data-pvc"] = ("kaiflow-data", "existing PersistentVolumeClaim the steps share data through")
@@ -139,12 +146,12 @@ def build_template(step: str, target: Target | None = None) -> WorkflowTemplate:
             claim_name="{{workflow.parameters.data-pvc}}")))
     with WorkflowTemplate(
         name=f"kaiflow-{step}",
-        labels={LABEL_MANAGED_BY: MANAGED_BY, "app.kubernetes.io/component": step},
-        annotations={"workflows.argoproj.io/description": f"kaiflow step {step} (python -m steps.{step.replace('-', '_')})"},
+        labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_COMPONENT: step},
+        annotations={ANNOTATION_ARGO_DESCRIPTION: f"kaiflow step {step} (python -m steps.{step.replace('-', '_')})"},
         arguments=[Parameter(name=n, value=d, description=desc) if d is not None else Parameter(name=n, description=desc)
                    for n, (d, desc) in all_params.items()],
         volumes=volumes or None,
-        service_account_name="kaiflow-workflow",
+        service_account_name=WORKFLOW_SERVICE_ACCOUNT,
     ) as template:
         container = builder(target)
     template.entrypoint = container.name

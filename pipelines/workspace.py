@@ -39,8 +39,39 @@ from hera.workflows import models as m
 
 from api.defaults import api_key_secret
 from api.image_ref import ImageRef
-from api.labels import ANNOTATION_OWNER, LABEL_MANAGED_BY, LABEL_PIPELINE, LABEL_WORKSPACE, MANAGED_BY, owner_annotation
+from api.labels import (
+    ANNOTATION_ARGO_DESCRIPTION,
+    ANNOTATION_ARGO_TITLE,
+    ANNOTATION_DATASET_DIGEST,
+    ANNOTATION_METHOD,
+    ANNOTATION_OWNER,
+    ANNOTATION_PRESET,
+    DOCKER_CONFIG_SECRET_KEY,
+    LABEL_MANAGED_BY,
+    LABEL_PIPELINE,
+    LABEL_WORKSPACE,
+    MANAGED_BY,
+    WORKFLOW_SERVICE_ACCOUNT,
+    owner_annotation,
+)
 from pipelines import tasks
+from pipelines.names import (
+    OUTPUT_DATASET_DIGEST,
+    OUTPUT_IMAGE,
+    OUTPUT_PROMOTE,
+    OUTPUT_SERVICE_URL,
+    TASK_DEPLOY,
+    TASK_EVAL_GATE,
+    TASK_FETCH_DATASET,
+    TASK_PROVISION,
+    TASK_PULL_ADAPTERS,
+    TASK_PUSH_ADAPTER,
+    TASK_PUSH_CANDIDATE,
+    TASK_RELEASE_NODES,
+    TASK_SMOKE_TEST,
+    TASK_TUNE,
+    task_output_ref,
+)
 from pipelines.target import TRAINING_CONFIG_KEY, Target
 
 # What a hand-submitted Workflow's exit handler does with the nodes provision-nodes made
@@ -118,8 +149,8 @@ def _metadata(workspace: Any, kind: str) -> dict[str, Any]:
     labels = {LABEL_WORKSPACE: name, LABEL_MANAGED_BY: MANAGED_BY, LABEL_PIPELINE: kind}
     annotations = {
         ANNOTATION_OWNER: owner_annotation(namespace, name),
-        "workflows.argoproj.io/title": f"{name} ({kind})",
-        "workflows.argoproj.io/description": _description(workspace, kind),
+        ANNOTATION_ARGO_TITLE: f"{name} ({kind})",
+        ANNOTATION_ARGO_DESCRIPTION: _description(workspace, kind),
     }
     owner_references = None
     uid = getattr(workspace.metadata, "uid", None)
@@ -147,7 +178,7 @@ def _workflow_spec(workspace: Any, target: Target, kind: str, volume_gib: int, s
         return spec
     volumes: list[Any] = [
         m.Volume(name=tasks.docker_config_volume_name(s), secret=m.SecretVolumeSource(
-            secret_name=s, items=[m.KeyToPath(key=".dockerconfigjson", path="config.json")]))
+            secret_name=s, items=[m.KeyToPath(key=DOCKER_CONFIG_SECRET_KEY, path="config.json")]))
         for s in dict.fromkeys(secrets)
     ]
     if config_map:
@@ -170,7 +201,7 @@ def _workflow_spec(workspace: Any, target: Target, kind: str, volume_gib: int, s
         ttl_strategy=m.TTLStrategy(seconds_after_completion=TTL_AFTER_COMPLETION_S),
         pod_gc=m.PodGC(strategy="OnPodSuccess"),
         volume_claim_gc=m.VolumeClaimGC(strategy="OnWorkflowCompletion"),
-        service_account_name="kaiflow-workflow",
+        service_account_name=WORKFLOW_SERVICE_ACCOUNT,
     )
     return spec
 
@@ -222,7 +253,8 @@ def _releases_nodes(workspace: Any, target: Target) -> bool:
 def _release_arguments(workspace: Any, target: Target) -> dict[str, tuple[str, str]]:
     if not _releases_nodes(workspace, target):
         return {}
-    return {"release-nodes": ("on-failure", "when the exit handler deletes the nodes provision-nodes made: "
+    # the argument is named after the task it controls
+    return {TASK_RELEASE_NODES: ("on-failure", f"when the exit handler deletes the nodes {TASK_PROVISION} made: "
                                             + ", ".join(RELEASE_MODES))}
 
 
@@ -233,7 +265,7 @@ def _exit_handler(workspace: Any, target: Target) -> str | None:
     release_t = tasks.release_nodes(target, workspace_name=workspace.metadata.name,
                                     namespace=workspace.metadata.namespace or "default")
     with DAG(name="exit-handler"):
-        release_t(name="release-nodes", when=RELEASE_WHEN)
+        release_t(name=TASK_RELEASE_NODES, when=RELEASE_WHEN)
     return "exit-handler"
 
 
@@ -297,10 +329,10 @@ def _tuning(workspace: Any, target: Target) -> Workflow | CronWorkflow:
 
     mounts = tasks.docker_config_mount(target, push_secret)
     annotations = {
-        "kaito.sh/workspace": f"{namespace}/{name}",
-        "kaito.sh/preset": preset.name,
-        "kaiflow.kaito.sh/method": tuning.method,
-        "kaiflow.kaito.sh/dataset-digest": tasks.input_ref("dataset-digest"),
+        LABEL_WORKSPACE: f"{namespace}/{name}",
+        ANNOTATION_PRESET: preset.name,
+        ANNOTATION_METHOD: tuning.method,
+        ANNOTATION_DATASET_DIGEST: tasks.input_ref("dataset-digest"),
     }
     with workflow:
         provision_t = _provision_template(workspace, target, instance_type)
@@ -330,7 +362,7 @@ def _tuning(workspace: Any, target: Target) -> Workflow | CronWorkflow:
                                         registry_image=repository)
             candidate_t = tasks.push_adapter(target, adapter_name=name, image=repository_ref, tag="auto",
                                              docker_config=docker_config, annotations=annotations, mounts=mounts,
-                                             registry_image=repository, name="push-candidate")
+                                             registry_image=repository, name=TASK_PUSH_CANDIDATE)
         else:
             push_t = tasks.push_adapter(target, adapter_name=name, image=tasks.workflow_ref("output-image"),
                                         docker_config=docker_config, annotations=annotations, mounts=mounts,
@@ -338,26 +370,26 @@ def _tuning(workspace: Any, target: Target) -> Workflow | CronWorkflow:
         on_exit = _exit_handler(workspace, target)
 
         with DAG(name="tuning"):
-            digest = {"dataset-digest": "{{tasks.fetch-dataset.outputs.parameters.dataset-digest}}"}
-            pushed = {"adapter-image": "{{tasks.push-adapter.outputs.parameters.image}}"}
-            provision = provision_t(name="provision-nodes")
-            fetch_dataset_task = fetch_t(name="fetch-dataset")
-            train = tune_t(name="tune", arguments=digest)
+            digest = {"dataset-digest": task_output_ref(TASK_FETCH_DATASET, OUTPUT_DATASET_DIGEST)}
+            pushed = {"adapter-image": task_output_ref(TASK_PUSH_ADAPTER, OUTPUT_IMAGE)}
+            provision = provision_t(name=TASK_PROVISION)
+            fetch_dataset_task = fetch_t(name=TASK_FETCH_DATASET)
+            train = tune_t(name=TASK_TUNE, arguments=digest)
             provision >> fetch_dataset_task >> train
             if scheduled:
-                promoted = "{{tasks.eval-gate.outputs.parameters.promote}}"
-                gate = gate_t(name="eval-gate")
-                push = push_t(name="push-adapter", arguments=digest, when=f"{promoted} == true")
-                candidate = candidate_t(name="push-candidate", arguments=digest, when=f"{promoted} != true")
+                promoted = task_output_ref(TASK_EVAL_GATE, OUTPUT_PROMOTE)
+                gate = gate_t(name=TASK_EVAL_GATE)
+                push = push_t(name=TASK_PUSH_ADAPTER, arguments=digest, when=f"{promoted} == true")
+                candidate = candidate_t(name=TASK_PUSH_CANDIDATE, arguments=digest, when=f"{promoted} != true")
                 train >> gate >> [push, candidate]
-                deploy = deploy_t(name="deploy-inference", depends="push-adapter.Succeeded", arguments=pushed)
+                deploy = deploy_t(name=TASK_DEPLOY, depends=f"{TASK_PUSH_ADAPTER}.Succeeded", arguments=pushed)
             else:
-                push = push_t(name="push-adapter", arguments=digest)
+                push = push_t(name=TASK_PUSH_ADAPTER, arguments=digest)
                 train >> push
-                deploy = deploy_t(name="deploy-inference", arguments=pushed)
+                deploy = deploy_t(name=TASK_DEPLOY, arguments=pushed)
                 push >> deploy
-            smoke_t(name="smoke-test", depends="deploy-inference.Succeeded",
-                    arguments={"service-url": "{{tasks.deploy-inference.outputs.parameters.service-url}}"})
+            smoke_t(name=TASK_SMOKE_TEST, depends=f"{TASK_DEPLOY}.Succeeded",
+                    arguments={OUTPUT_SERVICE_URL: task_output_ref(TASK_DEPLOY, OUTPUT_SERVICE_URL)})
     workflow.on_exit = on_exit
     return workflow
 
@@ -405,15 +437,15 @@ def _inference(workspace: Any, target: Target, service_env: dict[str, str] | Non
         )
         smoke_t = tasks.smoke_test(target, api_key_secret=api_key_secret(workspace))
         with DAG(name="inference"):
-            provision = provision_t(name="provision-nodes")
-            pull = pull_t(name="pull-adapters") if pull_t is not None else None
-            deploy = deploy_t(name="deploy-inference")
+            provision = provision_t(name=TASK_PROVISION)
+            pull = pull_t(name=TASK_PULL_ADAPTERS) if pull_t is not None else None
+            deploy = deploy_t(name=TASK_DEPLOY)
             if pull is not None:
                 provision >> pull >> deploy
             else:
                 provision >> deploy
-            smoke_t(name="smoke-test", depends="deploy-inference.Succeeded",
-                    arguments={"service-url": "{{tasks.deploy-inference.outputs.parameters.service-url}}"})
+            smoke_t(name=TASK_SMOKE_TEST, depends=f"{TASK_DEPLOY}.Succeeded",
+                    arguments={OUTPUT_SERVICE_URL: task_output_ref(TASK_DEPLOY, OUTPUT_SERVICE_URL)})
     workflow.on_exit = on_exit
     return workflow
 

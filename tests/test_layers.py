@@ -1,8 +1,10 @@
 """Checks that keep the layers (issue 9): import arrows, declared dependencies, light imports.
 
 * The import arrows of DEVELOPERS.md are import-linter contracts in pyproject.toml
-  (``[tool.importlinter]``); ``lint-imports`` must keep them all, and a planted violation must
-  break one (so the contracts are not vacuous).
+  (``[tool.importlinter]``): one ``layers`` contract, the controller's one way into ``steps/``, the
+  steps' independence. ``lint-imports`` must keep them all, a planted violation must break each
+  (so the contracts are not vacuous), and the independence contract names every step.
+* No module imports a private name (``_x``) from another top-level package.
 * Every third-party package a module imports directly (walking the AST of every module, imports
   inside functions included) is declared in pyproject.toml, in the dependencies or an extra.
 * The light entry points (``kaiflow validate``/``render``, the runner) import no ML stack.
@@ -18,6 +20,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,16 +43,48 @@ def test_import_arrows_are_kept():
     assert f"Contracts: {len(PYPROJECT['tool']['importlinter']['contracts'])} kept, 0 broken." in result.stdout
 
 
-def test_a_planted_violation_breaks_a_contract(tmp_path: Path):
+PLANTS = [
+    # (module, planted import, broken contract, the chain reported)
+    ("stepkit/common.py", "from pipelines import render", "layers:", "stepkit.common -> pipelines"),
+    ("controller/status.py", "from steps.tune import config", "the controller reaches steps/ only through",
+     "controller.status -> steps.tune.config"),
+    ("steps/smoke_test.py", "from steps.push_adapter import main", "the steps are independent of each other",
+     "steps.smoke_test -> steps.push_adapter"),
+]
+
+
+@pytest.mark.parametrize(("module", "planted", "contract", "chain"), PLANTS, ids=[p[2] for p in PLANTS])
+def test_a_planted_violation_breaks_its_contract(tmp_path: Path, module: str, planted: str, contract: str, chain: str):
     for package in PACKAGES:
         shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__", "*.yaml"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    common = tmp_path / "stepkit" / "common.py"
-    common.write_text(common.read_text() + "\n\ndef _planted():\n    from pipelines import render  # noqa\n")
+    target = tmp_path / module
+    target.write_text(target.read_text() + f"\n\ndef _planted():\n    {planted}  # noqa\n")
     result = _lint(tmp_path, tmp_path)
     assert result.returncode != 0
-    assert "steps import api and presets only (never pipelines) BROKEN" in result.stdout
-    assert "stepkit.common -> pipelines" in result.stdout
+    names = {c["name"] for c in PYPROJECT["tool"]["importlinter"]["contracts"] if c["name"].startswith(contract)}
+    report = " ".join(result.stdout.split())  # import-linter wraps long contract names
+    assert [n for n in names if f"{n} BROKEN" in report], result.stdout
+    assert chain in result.stdout
+
+
+def test_the_independence_contract_names_every_step():
+    contract, = [c for c in PYPROJECT["tool"]["importlinter"]["contracts"] if c["type"] == "independence"]
+    steps = {p.stem for p in (ROOT / "steps").iterdir() if not p.name.startswith(("_", "."))}
+    assert {m.removeprefix("steps.") for m in contract["modules"]} == steps
+
+
+def test_no_private_name_is_imported_across_packages():
+    crossing = []  # tests may reach into what they test; the packages may not reach into each other
+    for path in (p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))):
+        home = path.relative_to(ROOT).parts[0]
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                top = node.module.split(".")[0]
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                if top in OURS and top != home and private:
+                    crossing.append(f"{path.relative_to(ROOT)}:{node.lineno}: from {node.module} import {', '.join(private)}")
+    assert not crossing, "\n".join(crossing)
 
 
 def _declared() -> set[str]:
@@ -111,3 +146,29 @@ def test_light_entry_points_import_no_ml_stack():
                             env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_only_bench_imports_the_test_fixtures():
+    """bench/ reuses tests/fixtures (the registry, the Kubernetes API, the controller process): the one
+    exception, stated in DEVELOPERS.md. Nothing else outside tests/ imports tests."""
+    found = []
+    for path in _modules():
+        folder = path.relative_to(ROOT).parts[0]
+        if folder == "tests":
+            continue
+        for top, line in _direct_imports(path):
+            if top == "tests":
+                module = _imported_module(path, line)
+                if folder != "bench" or not module.startswith("tests.fixtures"):
+                    found.append(f"{path.relative_to(ROOT)}:{line}: imports {module}")
+    assert not found, "\n".join(found)
+
+
+def _imported_module(path: Path, line: int) -> str:
+    for node in ast.walk(ast.parse(path.read_text())):
+        if getattr(node, "lineno", None) == line:
+            if isinstance(node, ast.ImportFrom):
+                return node.module or ""
+            if isinstance(node, ast.Import):
+                return next(a.name for a in node.names if a.name.split(".")[0] == "tests")
+    return "tests"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from api.labels import DOCKER_CONFIG_SECRET_KEY
 from stepkit.common import StepError
 
 __all__ = ["Credentials", "credentials_for", "load_docker_config"]
@@ -44,7 +45,7 @@ def load_docker_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     path = Path(path)
     if path.is_dir():
-        found = [path / name for name in (".dockerconfigjson", "config.json") if (path / name).is_file()]
+        found = [path / name for name in (DOCKER_CONFIG_SECRET_KEY, "config.json") if (path / name).is_file()]
         if not found:
             raise StepError(f"--docker-config {path}: directory without .dockerconfigjson or config.json")
         path = found[0]

@@ -165,14 +165,15 @@ def rollout_state(deployment: dict[str, Any], replicas: int) -> tuple[bool, str]
 
 def pod_problems(api: Any, d: ClusterDeployment) -> str:
     """Why the Workspace's pods are not ready, in a line: unschedulable, image pulls, crash loops."""
-    import urllib3.exceptions
     from kubernetes.client.exceptions import ApiException
 
     selector = ",".join(f"{k}={v}" for k, v in d.selector.items())
     try:
         pods = kube.request(api, "GET", kube.resource_path("v1", "Pod", None, d.namespace),
                             query=[("labelSelector", selector)]).get("items") or []
-    except (ApiException, urllib3.exceptions.HTTPError) as exc:
+    except Exception as exc:
+        if not (isinstance(exc, ApiException) or kube.is_unreachable(exc)):
+            raise
         # This only decorates the deadline error being raised: never replace it with another.
         log.debug("cannot list the pods of %s: %s", d.workspace_name, exc)
         return ""
@@ -196,8 +197,6 @@ def pod_problems(api: Any, d: ClusterDeployment) -> str:
 def deploy_cluster(d: ClusterDeployment, ready_timeout: float, *, kubeconfig: str | None = None,
                    poll: float = 1.0) -> str:
     """Apply the Deployment and Service, wait for the rollout; the Service's in-cluster URL."""
-    import urllib3.exceptions
-
     deployment, service = render_deployment(d), render_service(d)
     try:
         with kube.api_client(kubeconfig) as api:
@@ -220,7 +219,9 @@ def deploy_cluster(d: ClusterDeployment, ready_timeout: float, *, kubeconfig: st
                     raise RetryableError(f"Deployment {d.namespace}/{d.workspace_name}: {state} after "
                                          f"{ready_timeout:.0f} s" + (f"; pods: {problems}" if problems else ""))
                 time.sleep(poll)
-    except urllib3.exceptions.HTTPError as exc:  # the client's own retries could not reach the API server
-        raise RetryableError(f"cannot reach the Kubernetes API: {exc}") from None
+    except Exception as exc:
+        if kube.is_unreachable(exc):  # the client's own retries could not reach the API server
+            raise kube.unreachable_error(exc) from None
+        raise
     log.info("Deployment %s/%s rolled out", d.namespace, d.workspace_name)
     return service_url(d.workspace_name, d.namespace)

@@ -34,7 +34,18 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from api.labels import GPU_TOLERATION, LABEL_MANAGED_BY, LABEL_WORKSPACE, MANAGED_BY
+from api.labels import (
+    API_KEY_SECRET_KEY,
+    DOCKER_CONFIG_SECRET_KEY,
+    GPU_TOLERATION,
+    LABEL_INSTANCE,
+    LABEL_MANAGED_BY,
+    LABEL_NAME,
+    LABEL_WORKSPACE,
+    MANAGED_BY,
+    MODEL_ACCESS_SECRET_KEY,
+)
+from api.workspace_types import GROUP, STORAGE_VERSION
 
 BENTO_PORT = 3000
 ADAPTERS_MOUNT = "/adapters"
@@ -42,12 +53,9 @@ CACHE_MOUNT = "/var/cache/kaiflow"
 DOCKER_CONFIG_MOUNT = "/var/run/kaiflow/docker"
 SERVICE_IMPORT = "serving_bento.service:KaiflowChat"
 GPU_RESOURCE = "nvidia.com/gpu"
-WORKSPACE_API_VERSION = "kaito.sh/v1beta1"
+WORKSPACE_API_VERSION = f"{GROUP}/{STORAGE_VERSION}"
 # The serving image's user (Dockerfile: useradd --uid 1000).
 RUN_AS_USER = 1000
-# Secret keys: the API key's is kaiflow's; the Hub token's is Kaito's (modelAccessSecret holds HF_TOKEN).
-API_KEY_SECRET_KEY = "api-key"
-MODEL_ACCESS_SECRET_KEY = "HF_TOKEN"
 GIB = 2**30
 
 
@@ -87,8 +95,8 @@ class ClusterDeployment:
     @property
     def labels(self) -> dict[str, str]:
         return {
-            "app.kubernetes.io/name": "kaiflow-chat",
-            "app.kubernetes.io/instance": self.workspace_name,
+            LABEL_NAME: "kaiflow-chat",
+            LABEL_INSTANCE: self.workspace_name,
             LABEL_MANAGED_BY: MANAGED_BY,
             LABEL_WORKSPACE: self.workspace_name,
         }
@@ -240,7 +248,7 @@ def with_adapters(manifest: dict[str, Any], d: ClusterDeployment) -> dict[str, A
         args += ["--docker-config", f"{DOCKER_CONFIG_MOUNT}/config.json"]
         mounts.append({"name": "docker-config", "mountPath": DOCKER_CONFIG_MOUNT, "readOnly": True})
         pod["volumes"].append({"name": "docker-config", "secret": {
-            "secretName": d.docker_config_secret, "items": [{"key": ".dockerconfigjson", "path": "config.json"}]}})
+            "secretName": d.docker_config_secret, "items": [{"key": DOCKER_CONFIG_SECRET_KEY, "path": "config.json"}]}})
     if d.insecure_registry:
         args.append("--insecure")
     pod["initContainers"] = [{
@@ -284,7 +292,7 @@ def with_api_key(manifest: dict[str, Any], d: ClusterDeployment) -> dict[str, An
 def with_model_access_secret(manifest: dict[str, Any], d: ClusterDeployment) -> dict[str, Any]:
     """Gated models: Kaito's ``presetOptions.modelAccessSecret`` gives the Hub token as ``HF_TOKEN``."""
     if d.model_access_secret:
-        _set_env(_chat(manifest), "HF_TOKEN", valueFrom={
+        _set_env(_chat(manifest), MODEL_ACCESS_SECRET_KEY, valueFrom={  # the Hub reads the variable of the key's name
             "secretKeyRef": {"name": d.model_access_secret, "key": MODEL_ACCESS_SECRET_KEY}})
     return manifest
 

@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 from api.labels import ANNOTATION_OWNER, GPU_TAINT, LABEL_WORKSPACE, LABEL_WORKSPACE_NAMESPACE
 from stepkit import kube
 from stepkit.common import RetryableError, StepError, report_progress
-from steps.provision.base import Provider, ProvisionResult, node_is_ready, short_name, wait_until
+from steps.provision.base import Provider, ProvisionResult, node_is_ready, pool_safe_name, wait_until
 
 log = logging.getLogger("kaiflow.steps.provision.aks")
 
@@ -106,7 +106,7 @@ class AKSProvider(Provider):
                 raise StepError(f"--{name.replace('_', '-')} (or ${env}) is required for provider aks")
         if not _GUID.match(opts.subscription_id or ""):
             raise StepError(f"--subscription-id: {opts.subscription_id!r} is not a subscription GUID")
-        pool = opts.pool_name or short_name(config.workspace_name, config.namespace)
+        pool = opts.pool_name or pool_safe_name(config.workspace_name, config.namespace)
         if not _POOL_NAME.match(pool):
             raise StepError(f"--pool-name: {pool!r} must be 1-12 lowercase letters/digits starting with a letter")
         if opts.arm_endpoint and not opts.arm_endpoint.startswith("https://"):

@@ -141,8 +141,11 @@ class Provider(ABC):
 # -- names and labels ---------------------------------------------------------------------------
 
 
-def short_name(workspace: str, namespace: str, index: int | None = None) -> str:
-    """A stable name that is a valid AKS agent pool name (≤ 12 lowercase alphanumerics)."""
+def pool_safe_name(workspace: str, namespace: str, index: int | None = None) -> str:
+    """A stable name that is a valid AKS agent pool name (≤ 12 lowercase alphanumerics).
+
+    Karpenter's NodeClaims take the same names, so both providers name a Workspace's nodes alike.
+    """
     readable = re.sub(r"[^a-z0-9]", "", workspace.lower())
     if not readable or not readable[0].isalpha():
         readable = "ws" + readable

@@ -12,7 +12,7 @@ reports back in the claim's status. The claim carries:
 * an owner annotation (NodeClaims are cluster-scoped, so no ownerReference to the namespaced
   Workspace is possible) and ``karpenter.sh/do-not-disrupt`` so a training job is not consolidated.
 
-Idempotent: claim names are stable (``base.short_name``); an existing claim is reused after
+Idempotent: claim names are stable (``base.pool_safe_name``); an existing claim is reused after
 checking it asks for the same instance type (Karpenter treats a claim's spec as immutable), and
 every claim is written with server-side apply (field manager ``kaiflow``), so a retried step
 converges on the same claims. Then it waits with a deadline until
@@ -39,7 +39,7 @@ from api.labels import (
 )
 from stepkit import kube
 from stepkit.common import RetryableError, StepError, report_progress
-from steps.provision.base import Provider, ProvisionConfig, ProvisionResult, ready_preferred_nodes, short_name, wait_until
+from steps.provision.base import Provider, ProvisionConfig, ProvisionResult, ready_preferred_nodes, pool_safe_name, wait_until
 
 log = logging.getLogger("kaiflow.steps.provision.karpenter")
 
@@ -111,7 +111,7 @@ class KarpenterProvider(Provider):
             raise StepError("--instance-type is required for provider karpenter (the VM size each NodeClaim asks for)")
         with kube.api_client(config.kubeconfig) as api:
             reused = ready_preferred_nodes(client.CoreV1Api(api), config)
-            claims = [short_name(config.workspace_name, config.namespace, i) for i in range(config.count - len(reused))]
+            claims = [pool_safe_name(config.workspace_name, config.namespace, i) for i in range(config.count - len(reused))]
             for name in claims:
                 self._apply(api, nodeclaim_body(config, options, name))
 

@@ -4,17 +4,9 @@ from pathlib import Path
 
 import yaml
 
-from api.labels import ANNOTATION_OWNER, LABEL_WORKSPACE
+from api.labels import ANNOTATION_IMMUTABLE, ANNOTATION_OWNER, LABEL_GENERATION, LABEL_WORKSPACE
 from api.workspace_status import REASON_IMMUTABLE, REASON_INVALID
-from controller.decide import (
-    ANNOTATION_IMMUTABLE,
-    LABEL_GENERATION,
-    Desired,
-    Refused,
-    decide,
-    pipeline_name,
-    short_name,
-)
+from controller.decide import Desired, Refused, decide, pipeline_name
 from controller.options import ControllerOptions
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -97,4 +89,4 @@ def test_names_fit_argo_and_stay_unique():
     long = "w" * 70
     assert len(pipeline_name(long, "inference", 12)) <= 63
     assert pipeline_name(long, "inference", 12) != pipeline_name(long, "inference", 13)
-    assert short_name("short") == "short"
+    assert pipeline_name("short", "inference", 1) == "short-inference-1"

@@ -1,7 +1,25 @@
-"""Status from Workflow, Deployment and pods: Kaito's conditions, reasons and states (pure)."""
+"""Status from Workflow, Deployment and pods: Kaito's conditions, reasons and states (pure).
+
+The Workflows are built from the task and output names ``pipelines.workspace`` renders
+(``pipelines.names``), so renaming a task cannot leave the status reading the old name.
+"""
 
 from api.workspace_status import condition_status, find_condition
 from controller.status import observe, refused
+from pipelines.names import (
+    OUTPUT_IMAGE,
+    OUTPUT_NODES,
+    OUTPUT_PROMOTE,
+    OUTPUT_PROVIDER,
+    TASK_DEPLOY,
+    TASK_EVAL_GATE,
+    TASK_FETCH_DATASET,
+    TASK_PROVISION,
+    TASK_PUSH_ADAPTER,
+    TASK_PUSH_CANDIDATE,
+    TASK_SMOKE_TEST,
+    TASK_TUNE,
+)
 
 
 def workflow(phase, tasks, message=""):
@@ -11,8 +29,8 @@ def workflow(phase, tasks, message=""):
     return {"kind": "Workflow", "metadata": {"name": "wf"}, "status": {"phase": phase, "nodes": nodes, "message": message}}
 
 
-def ok(**outputs):
-    return {"phase": "Succeeded", "outputs": {"parameters": [{"name": k, "value": v} for k, v in outputs.items()]}}
+def ok(outputs=None):
+    return {"phase": "Succeeded", "outputs": {"parameters": [{"name": k, "value": v} for k, v in (outputs or {}).items()]}}
 
 
 def test_tuning_from_pending_to_succeeded():
@@ -21,16 +39,16 @@ def test_tuning_from_pending_to_succeeded():
     assert condition_status(pending.status["conditions"], "JobStarted") == "False"
     assert find_condition(pending.status["conditions"], "WorkspaceSucceeded")["reason"] == "workspacePending"
 
-    running = workflow("Running", {"provision-nodes": ok(nodes='["n1","n2"]', provider="karpenter"),
-                                   "fetch-dataset": ok(), "tune": {"phase": "Running"}})
+    running = workflow("Running", {TASK_PROVISION: ok({OUTPUT_NODES: '["n1","n2"]', OUTPUT_PROVIDER: "karpenter"}),
+                                   TASK_FETCH_DATASET: ok(), TASK_TUNE: {"phase": "Running"}})
     step = observe(pending.status, generation=1, is_tuning=True, target_node_count=2, pipeline=running, run=running)
     conds = step.status["conditions"]
     assert step.status["state"] == "Running" and step.status["workerNodes"] == ["n1", "n2"]
     assert [condition_status(conds, t) for t in ("ResourceReady", "NodesReady", "NodeClaimReady", "JobStarted")] == ["True"] * 4
     assert {t.type for t in step.transitions} >= {"ResourceReady", "JobStarted"}
 
-    done = workflow("Succeeded", {"provision-nodes": ok(nodes='["n1"]', provider="aks"), "tune": ok(),
-                                  "push-adapter": ok(image="r/a:1"), "smoke-test": ok()})
+    done = workflow("Succeeded", {TASK_PROVISION: ok({OUTPUT_NODES: '["n1"]', OUTPUT_PROVIDER: "aks"}), TASK_TUNE: ok(),
+                                  TASK_PUSH_ADAPTER: ok({OUTPUT_IMAGE: "r/a:1"}), TASK_SMOKE_TEST: ok()})
     final = observe(step.status, generation=1, is_tuning=True, target_node_count=2, pipeline=done, run=done)
     assert final.status["state"] == "Succeeded" and final.status["targetNodeCount"] == 2
     assert condition_status(final.status["conditions"], "WorkspaceSucceeded") == "True"
@@ -41,7 +59,7 @@ def test_tuning_from_pending_to_succeeded():
 
 
 def test_a_failed_task_reaches_the_condition_with_exit_code_and_message():
-    failed = workflow("Failed", {"provision-nodes": ok(), "fetch-dataset": {
+    failed = workflow("Failed", {TASK_PROVISION: ok(), TASK_FETCH_DATASET: {
         "phase": "Failed", "message": "error: tuning.input.urls[0]: 404 Not Found", "outputs": {"exitCode": "2"}}},
         message="child 'wf-fetch-dataset' failed")
     result = observe(None, generation=1, is_tuning=True, target_node_count=1, pipeline=failed, run=failed)
@@ -63,12 +81,12 @@ def deployment(ready):
 
 
 def test_inference_ready_only_after_smoke_test_and_only_while_pods_are_ready():
-    deploying = workflow("Running", {"provision-nodes": ok(), "deploy-inference": {"phase": "Running"}})
+    deploying = workflow("Running", {TASK_PROVISION: ok(), TASK_DEPLOY: {"phase": "Running"}})
     before = observe(None, generation=1, is_tuning=False, target_node_count=1, pipeline=deploying, run=deploying,
                      deployment=deployment(1))
     assert condition_status(before.status["conditions"], "InferenceReady") == "False"
 
-    done = workflow("Succeeded", {"provision-nodes": ok(), "deploy-inference": ok(), "smoke-test": ok()})
+    done = workflow("Succeeded", {TASK_PROVISION: ok(), TASK_DEPLOY: ok(), TASK_SMOKE_TEST: ok()})
     ready = observe(before.status, generation=1, is_tuning=False, target_node_count=1, pipeline=done, run=done,
                     deployment=deployment(1))
     assert condition_status(ready.status["conditions"], "InferenceReady") == "True"
@@ -94,7 +112,7 @@ def test_inference_ready_only_after_smoke_test_and_only_while_pods_are_ready():
 
 
 def test_scheduled_run_shows_the_eval_gate_decision():
-    run = workflow("Succeeded", {"eval-gate": ok(promote="false"), "push-candidate": ok(image="r/a:20261130")})
+    run = workflow("Succeeded", {TASK_EVAL_GATE: ok({OUTPUT_PROMOTE: "false"}), TASK_PUSH_CANDIDATE: ok({OUTPUT_IMAGE: "r/a:20261130"})})
     cron = {"kind": "CronWorkflow", "metadata": {"name": "ws-tuning"}}
     result = observe(None, generation=1, is_tuning=True, target_node_count=1, pipeline=cron, run=run)
     assert result.status["pipeline"]["kind"] == "CronWorkflow"

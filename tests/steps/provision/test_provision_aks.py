@@ -8,10 +8,10 @@ import pytest
 
 from stepkit.common import run_step
 from steps.provision.__main__ import main
-from steps.provision.base import short_name
+from steps.provision.base import pool_safe_name
 
 SKU = "Standard_NC24ads_A100_v4"
-POOL = short_name("phi-3", "team-a")
+POOL = pool_safe_name("phi-3", "team-a")
 
 
 @pytest.fixture

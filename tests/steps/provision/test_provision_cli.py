@@ -14,7 +14,7 @@ import pytest
 
 from stepkit.common import StepError, run_step
 from steps.provision.__main__ import main
-from steps.provision.base import ProvisionConfig, short_name
+from steps.provision.base import ProvisionConfig, pool_safe_name
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -74,12 +74,12 @@ def test_unknown_provider_is_refused_by_the_parser(capsys):
 
 
 def test_short_names_are_valid_stable_aks_pool_names():
-    names = {short_name(ws, ns, i) for ws in ("phi-3-tuning", "9lives", "a" * 60, "x") for ns in ("default", "team-a")
+    names = {pool_safe_name(ws, ns, i) for ws in ("phi-3-tuning", "9lives", "a" * 60, "x") for ns in ("default", "team-a")
              for i in (None, 0, 99)}
     assert len(names) == 4 * 2 * 3
     assert all(re.fullmatch(r"[a-z][a-z0-9]{0,11}", n) for n in names), names
-    assert short_name("phi-3-tuning", "default") == short_name("phi-3-tuning", "default")
-    assert short_name("phi-3-tuning", "default").startswith("phi3tu")
+    assert pool_safe_name("phi-3-tuning", "default") == pool_safe_name("phi-3-tuning", "default")
+    assert pool_safe_name("phi-3-tuning", "default").startswith("phi3tu")
 
 
 def test_config_validation_names_the_field():

@@ -6,7 +6,7 @@ import json
 
 from stepkit.common import run_step
 from steps.provision.__main__ import main
-from steps.provision.base import short_name
+from steps.provision.base import pool_safe_name
 
 CLAIMS = "/apis/karpenter.sh/v1/nodeclaims"
 SKU = "Standard_NC24ads_A100_v4"
@@ -21,7 +21,7 @@ def argv(kube, outputs, *extra: str) -> list[str]:
 def test_creates_nodeclaims_like_kaito_and_reports_the_nodes(kube, tmp_path):
     with kube.simulate_karpenter(delay=0.2) as handled:
         assert run_step(main, argv(kube, tmp_path, "--count", "2")) == 0
-    names = [short_name("phi-3", "team-a", i) for i in range(2)]
+    names = [pool_safe_name("phi-3", "team-a", i) for i in range(2)]
     assert sorted(handled) == names
     nodes = json.loads((tmp_path / "nodes").read_text())
     assert nodes == [f"aks-{n}-vmss000000" for n in names]
@@ -76,7 +76,7 @@ def test_ready_preferred_nodes_count_towards_the_total(kube, tmp_path):
     kube.add_node("gpu-old", labels={"apps": "phi-3"})
     with kube.simulate_karpenter() as handled:
         assert run_step(main, argv(kube, tmp_path, "--count", "2", "--preferred-node", "gpu-old")) == 0
-    assert handled == [short_name("phi-3", "team-a", 0)]
+    assert handled == [pool_safe_name("phi-3", "team-a", 0)]
     assert json.loads((tmp_path / "nodes").read_text())[0] == "gpu-old"
 
 

@@ -10,7 +10,7 @@ import pytest
 from stepkit.common import RetryableError, StepError, run_step
 from steps.provision import release
 from steps.provision.__main__ import main
-from steps.provision.base import short_name
+from steps.provision.base import pool_safe_name
 
 CLAIMS = "/apis/karpenter.sh/v1/nodeclaims"
 SKU = "Standard_NC24ads_A100_v4"
@@ -33,7 +33,7 @@ def test_karpenter_release_deletes_only_the_workspaces_claims(kube, tmp_path):
         "name": "other", "labels": {"kaito.sh/workspace": "other", "kaito.sh/workspacenamespace": "team-a"},
         "annotations": {"kaiflow.kaito.sh/owner": "kaito.sh/Workspace/team-a/other"}}})
     released = release("karpenter", "phi-3", "team-a", kubeconfig=str(kube.kubeconfig), timeout=10)
-    assert released == [short_name("phi-3", "team-a", i) for i in range(2)]
+    assert released == [pool_safe_name("phi-3", "team-a", i) for i in range(2)]
     assert sorted(c["metadata"]["name"] for c in kube.list(CLAIMS)) == ["kaito-made", "other"]
     # idempotent: nothing left to release is fine
     assert release("karpenter", "phi-3", "team-a", kubeconfig=str(kube.kubeconfig), timeout=10) == []
@@ -88,7 +88,7 @@ def test_delete_cli_writes_what_it_released(kube, tmp_path, capsys):
     argv = ["--delete", "--provider", "karpenter", "--workspace-name", "phi-3", "--namespace", "team-a",
             "--kubeconfig", str(kube.kubeconfig), "--poll-interval", "0.05", "--timeout", "10"]
     assert run_step(main, [*argv, "--outputs", str(tmp_path / "b")]) == 0, capsys.readouterr().err
-    assert json.loads((tmp_path / "b" / "released").read_text()) == [short_name("phi-3", "team-a", 0)]
+    assert json.loads((tmp_path / "b" / "released").read_text()) == [pool_safe_name("phi-3", "team-a", 0)]
     assert run_step(main, [*argv, "--outputs", str(tmp_path / "c")]) == 0
     assert json.loads((tmp_path / "c" / "released").read_text()) == []
 
@@ -105,7 +105,7 @@ def arm(azure_arm, monkeypatch):
 
 def test_aks_release_deletes_the_pool_and_is_idempotent(arm, tmp_path):
     assert run_step(main, provision_argv("aks", tmp_path, "--no-wait-for-nodes", *arm.cli_args)) == 0
-    pool = short_name("phi-3", "team-a")
+    pool = pool_safe_name("phi-3", "team-a")
     assert list(arm.pools) == [pool]
     options = {"arm_endpoint": arm.url, "ca_bundle": str(arm.ca_bundle)}  # subscription etc. from the environment
     assert release("aks", "phi-3", "team-a", options=options, timeout=20) == [pool]
@@ -116,7 +116,7 @@ def test_aks_release_deletes_the_pool_and_is_idempotent(arm, tmp_path):
 
 def test_aks_release_refuses_a_pool_kaiflow_did_not_make_for_the_workspace(arm, tmp_path):
     assert run_step(main, provision_argv("aks", tmp_path, "--no-wait-for-nodes", *arm.cli_args)) == 0
-    pool = short_name("phi-3", "team-a")
+    pool = pool_safe_name("phi-3", "team-a")
     arm.pools[pool]["properties"]["tags"] = {"team": "gpu-admins"}
     options = {"arm_endpoint": arm.url, "ca_bundle": str(arm.ca_bundle)}
     with pytest.raises(StepError, match=f"--pool-name: agent pool {pool} .* is not the one kaiflow made"):
@@ -147,5 +147,5 @@ def test_delete_from_the_command_line_as_an_onexit_handler_runs_it(kube, tmp_pat
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
-        "provider": "karpenter", "released": [short_name("phi-3", "team-a", 0)]}
+        "provider": "karpenter", "released": [pool_safe_name("phi-3", "team-a", 0)]}
     assert kube.list(CLAIMS) == []
