@@ -72,6 +72,7 @@ COPY presets ./presets
 COPY stepkit ./stepkit
 COPY steps ./steps
 COPY pipelines ./pipelines
+COPY local_runner ./local_runner
 COPY controller ./controller
 COPY serving_bento ./serving_bento
 COPY kaiflow ./kaiflow

@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 import requests
 
-from pipelines.local_registry import RegistryProcess
+from local_runner.local_registry import RegistryProcess
 from steps import pull_adapters as pull
 from steps import push_adapter as push
 from stepkit.oci import RegistryOptions

@@ -46,8 +46,8 @@ def main() -> int:
 
     from rich.console import Console
 
-    from pipelines.local_registry import ensure_local_registry
-    from pipelines.runner import run_cli
+    from local_runner.local_registry import ensure_local_registry
+    from local_runner.runner import run_cli
     from serving_bento.client import chat
     from steps.deploy.local_service import resolve_url, stop_local
 

@@ -198,7 +198,7 @@ def _run(args: argparse.Namespace) -> int:
     """0 every task finished; 1 invalid Workspace or a task failed; 2 the DAG cannot run here."""
     from api import WorkspaceValidationError
     from api.workspace_validation import load_bundle
-    from pipelines.runner import run_cli
+    from local_runner.runner import run_cli
 
     try:
         bundle = load_bundle(args.file, mode="local")
@@ -241,7 +241,7 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 def _registry(args: argparse.Namespace) -> int:
-    from pipelines.local_registry import LocalRegistryError, serve
+    from local_runner.local_registry import LocalRegistryError, serve
 
     password = None
     if args.username:

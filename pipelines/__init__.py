@@ -1,10 +1,9 @@
-"""The one Hera definition of every kaiflow DAG, its renderings and the local runner.
+"""The one Hera definition of every kaiflow DAG and its renderings (the local runner is ``local_runner``).
 
 Public face:
 
 * ``build(workspace, target=None)`` - the Hera ``Workflow``/``CronWorkflow`` for a Workspace.
 * ``render(workspace, target=None)`` - its YAML (what ``kaiflow render`` prints).
-* ``pipelines.runner.run(workspace_path, workdir, resume=False)`` - ``kaiflow run``.
 * ``pipelines.templates`` - ``python -m pipelines.templates workflow_templates/``.
 * ``pipelines.structure.check(manifest)`` - the structural checks Argo's loose schema does not do.
 
@@ -17,7 +16,7 @@ from typing import Any
 
 from pipelines.images import Images
 from pipelines.target import Target
-from pipelines.workspace import PipelineError, build
+from pipelines.dags import PipelineError, build
 
 
 def to_yaml(manifest: dict[str, Any]) -> str:

@@ -1,6 +1,6 @@
 """The DAG's task and output names, and Kubernetes names derived from user-given ones.
 
-Task and output names are read across packages: ``pipelines.workspace`` names the tasks,
+Task and output names are read across packages: ``pipelines.dags`` names the tasks,
 ``controller.status`` reads a Workflow's nodes by them, the local console prints their outputs.
 They live here once; ``tests/api/test_names_live_once.py`` fails on such a literal elsewhere.
 

@@ -35,9 +35,10 @@ import typing
 from collections.abc import Iterator
 from typing import Any
 
-from pipelines.expressions import REFERENCE
 from pipelines.names import is_dns1123_label
 
+# An Argo expression reference, {{ ... }} (the local runner evaluates them with the same pattern).
+REFERENCE = re.compile(r"\{\{\s*([^{}]+?)\s*\}\}")
 DEPENDS_TOKEN = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z]+)?|&&|\|\||!|\(|\)")
 TASK_RESULTS = {"Succeeded", "Failed", "Errored", "Skipped", "Omitted", "Daemoned", "AnySucceeded", "AllFailed"}
 # Argo globals our templates may use; anything else must be declared.

@@ -1,7 +1,9 @@
 """Where a pipeline runs: the one place where an Argo cluster and this machine differ.
 
-Every DAG is defined once, in ``pipelines.workspace`` and ``pipelines.tasks``. The builder takes a
-``Target`` and asks it for everything that is not the same in both places; nothing else in
+Every DAG is defined once, in ``pipelines.dags`` and ``pipelines.tasks``. The builder takes a
+``Target`` and asks it for everything that is not the same in both places: two small types behind
+one interface, ``ClusterTarget`` and ``LocalTarget`` (``Target.cluster(...)``/``Target.local(...)``
+make them); nothing else in
 ``pipelines/`` tests which mode it is in except to leave out Kubernetes-only scheduling fields
 (resources, tolerations, volumes), which the local runner would ignore anyway.
 
@@ -27,9 +29,10 @@ insecure registries    ``$KAIFLOW_INSECURE_REGISTRIES``    plus 127.0.0.1 and lo
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar
 from urllib.parse import urlparse
 
 from pipelines.images import Images
@@ -43,8 +46,9 @@ LOCAL_REGISTRY_HOSTS = ("127.0.0.1", "localhost")
 
 
 @dataclass(frozen=True)
-class Target:
-    mode: Literal["cluster", "local"] = field(metadata={"help": "cluster: Argo on Kubernetes; local: kaiflow run"})
+class Target(ABC):
+    """What the DAG builder asks of the place a pipeline runs."""
+
     data_root: str = field(metadata={"help": "folder the tasks pass datasets, adapters and checkpoints through"})
     outputs_dir: str = field(metadata={"help": "folder each task writes its output parameters to"})
     provider: str = field(metadata={"help": "provision provider (local, aks, karpenter, existing)"})
@@ -52,21 +56,14 @@ class Target:
     insecure_registries: tuple[str, ...] = field(
         default=(), metadata={"help": "registry hosts reached over plain http (host or host:port)"}
     )
-    docker_config_file: str | None = field(
-        default=None, metadata={"help": "local mode: docker config file used for imagePushSecret/imagePullSecrets"}
-    )
-    base_dir: str | None = field(
-        default=None, metadata={"help": "local mode: folder relative file: URLs and tuning.config resolve against"}
-    )
-    workdir: str | None = field(default=None, metadata={"help": "local mode: the runner's work folder"})
-    port: int | None = field(default=None, metadata={"help": "local mode: port the chat service listens on"})
+    is_cluster: ClassVar[bool]
+    deploy_mode: ClassVar[str]  # the deploy step's --mode
 
-    @classmethod
-    def cluster(cls, images: Images | None = None, provider: str | None = None,
-                insecure_registries: tuple[str, ...] | None = None) -> Target:
+    @staticmethod
+    def cluster(images: Images | None = None, provider: str | None = None,
+                insecure_registries: tuple[str, ...] | None = None) -> ClusterTarget:
         env_insecure = tuple(h for h in os.environ.get("KAIFLOW_INSECURE_REGISTRIES", "").split(",") if h)
-        return cls(
-            mode="cluster",
+        return ClusterTarget(
             data_root=CLUSTER_DATA_ROOT,
             outputs_dir=CLUSTER_OUTPUTS_DIR,
             provider=provider or os.environ.get("KAIFLOW_PROVISIONER") or "aks",
@@ -74,13 +71,12 @@ class Target:
             insecure_registries=insecure_registries if insecure_registries is not None else env_insecure,
         )
 
-    @classmethod
-    def local(cls, workdir: str | os.PathLike[str], *, base_dir: str | os.PathLike[str] | None = None,
+    @staticmethod
+    def local(workdir: str | os.PathLike[str], *, base_dir: str | os.PathLike[str] | None = None,
               port: int | None = None, docker_config_file: str | os.PathLike[str] | None = None,
-              images: Images | None = None) -> Target:
+              images: Images | None = None) -> LocalTarget:
         root = Path(workdir).resolve()
-        return cls(
-            mode="local",
+        return LocalTarget(
             data_root=str(root / "data"),
             outputs_dir=str(root / "outputs" / "{{pod.name}}"),
             provider="local",
@@ -92,35 +88,21 @@ class Target:
             port=port,
         )
 
-    @property
-    def is_cluster(self) -> bool:
-        return self.mode == "cluster"
-
     # -- what differs -------------------------------------------------------------------------
 
+    @abstractmethod
     def dataset_url(self, url: str) -> str:
-        """Local mode: ``file:data/x.parquet`` becomes an absolute ``file:///.../data/x.parquet``."""
-        parsed = urlparse(url)
-        if self.is_cluster or parsed.scheme != "file" or parsed.netloc or parsed.path.startswith("/"):
-            return url
-        return Path(self.base_dir or ".").resolve().joinpath(parsed.path).as_uri()
+        """The URL the fetch step is given for a ``tuning.input.urls`` entry."""
 
+    @abstractmethod
     def training_config(self, config: str | None) -> str | None:
-        """The file the tune step reads: a mounted ConfigMap key, or a local file path."""
-        if config is None:
-            return None
-        if self.is_cluster:
-            return f"{CLUSTER_TRAINING_CONFIG_DIR}/{TRAINING_CONFIG_KEY}"
-        path = Path(config)
-        return str(path if path.is_absolute() else Path(self.base_dir or ".").resolve() / path)
+        """The file the tune step reads for ``tuning.config`` (None: none)."""
 
+    @abstractmethod
     def docker_config(self, secret_name: str | None) -> str | None:
         """Path of the docker config a registry step reads for ``secret_name`` (None: anonymous)."""
-        if secret_name is None:
-            return None
-        if self.is_cluster:
-            return f"{CLUSTER_DOCKER_CONFIG_DIR}/{secret_name}/config.json"
-        return self.docker_config_file
+
+    # -- the same in both ---------------------------------------------------------------------
 
     def is_insecure(self, image: str) -> bool:
         host = image.split("/", 1)[0]
@@ -131,3 +113,52 @@ class Target:
 
     def output_path(self, name: str) -> str:
         return f"{self.outputs_dir}/{name}"
+
+
+@dataclass(frozen=True)
+class ClusterTarget(Target):
+    """Argo on Kubernetes: a PVC for data, mounted Secrets and ConfigMaps."""
+
+    is_cluster: ClassVar[bool] = True
+    deploy_mode: ClassVar[str] = "cluster"
+
+    def dataset_url(self, url: str) -> str:
+        return url
+
+    def training_config(self, config: str | None) -> str | None:
+        return None if config is None else f"{CLUSTER_TRAINING_CONFIG_DIR}/{TRAINING_CONFIG_KEY}"
+
+    def docker_config(self, secret_name: str | None) -> str | None:
+        return None if secret_name is None else f"{CLUSTER_DOCKER_CONFIG_DIR}/{secret_name}/config.json"
+
+
+@dataclass(frozen=True)
+class LocalTarget(Target):
+    """``kaiflow run``: a work folder, files given by path, the chat service on a local port."""
+
+    docker_config_file: str | None = field(
+        default=None, metadata={"help": "docker config file used for imagePushSecret/imagePullSecrets"}
+    )
+    base_dir: str | None = field(
+        default=None, metadata={"help": "folder relative file: URLs and tuning.config resolve against"}
+    )
+    workdir: str | None = field(default=None, metadata={"help": "the runner's work folder"})
+    port: int | None = field(default=None, metadata={"help": "port the chat service listens on"})
+    is_cluster: ClassVar[bool] = False
+    deploy_mode: ClassVar[str] = "local"
+
+    def dataset_url(self, url: str) -> str:
+        """``file:data/x.parquet`` becomes an absolute ``file:///.../data/x.parquet``."""
+        parsed = urlparse(url)
+        if parsed.scheme != "file" or parsed.netloc or parsed.path.startswith("/"):
+            return url
+        return Path(self.base_dir or ".").resolve().joinpath(parsed.path).as_uri()
+
+    def training_config(self, config: str | None) -> str | None:
+        if config is None:
+            return None
+        path = Path(config)
+        return str(path if path.is_absolute() else Path(self.base_dir or ".").resolve() / path)
+
+    def docker_config(self, secret_name: str | None) -> str | None:
+        return None if secret_name is None else self.docker_config_file

@@ -4,7 +4,7 @@ Each builder returns a ``hera.workflows.Container`` that runs ``python -m steps.
 pipeline image with the command line fixed by DEVELOPERS.md ("Step command lines"). A value a
 builder receives is either literal (known when the Workspace is rendered) or an Argo expression
 such as ``{{inputs.parameters.dataset-digest}}``; the builders do not care which, so the same
-builders make the per-Workspace Workflow (``pipelines.workspace``) and the reusable
+builders make the per-Workspace Workflow (``pipelines.dags``) and the reusable
 WorkflowTemplates (``pipelines.templates``).
 
 Around the command line a builder adds what Argo needs: output parameters read from the files a
@@ -50,7 +50,7 @@ from pipelines.names import (
     TASK_TUNE,
     dns1123_label,
 )
-from pipelines.target import Target
+from pipelines.target import LocalTarget, Target
 
 DATA_VOLUME = "kaiflow-data"
 TRAINING_CONFIG_VOLUME = "training-config"
@@ -473,7 +473,7 @@ def deploy(target: Target, *, workspace_name: str, namespace: str, preset: str,
     cluster the serving pods cannot see the workflow's volume (it is gone when the workflow ends),
     so they pull the same images themselves.
     """
-    args = ["--mode", target.mode, "--workspace-name", workspace_name, "--namespace", namespace, "--preset", preset]
+    args = ["--mode", target.deploy_mode, "--workspace-name", workspace_name, "--namespace", namespace, "--preset", preset]
     if target.is_cluster:
         args += _flag("--adapter", [f"{n}:{s}" for n, s in adapters])
         args += _flag("--adapter-image", adapter_images)
@@ -493,6 +493,7 @@ def deploy(target: Target, *, workspace_name: str, namespace: str, preset: str,
         if any(target.is_insecure(spec.split("=", 1)[-1]) for spec in adapter_images):
             args.append("--insecure")
     else:
+        assert isinstance(target, LocalTarget)
         if adapters:
             args += ["--adapters-dir", target.data("adapters"), *_flag("--adapter", [f"{n}:{s}" for n, s in adapters])]
         args += ["--workdir", f"{target.workdir}/serve"]

@@ -140,7 +140,7 @@ def test_the_walk_sees_imports_inside_functions(tmp_path: Path):
 
 
 def test_light_entry_points_import_no_ml_stack():
-    code = ("import sys, api, presets, pipelines, pipelines.runner, pipelines.templates, stepkit.common, kaiflow.cli; "
+    code = ("import sys, api, presets, pipelines, local_runner.runner, pipelines.templates, stepkit.common, kaiflow.cli; "
             f"print(sorted(set({sorted(HEAVY)!r}) & {{m.split('.')[0] for m in sys.modules}}))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                             env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})

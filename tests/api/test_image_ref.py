@@ -101,7 +101,7 @@ def test_is_digest(text, expected):
 
 def test_validation_and_pipeline_use_the_parser():
     from api.workspace_validation import _check_image
-    from pipelines.workspace import PipelineError, _repository
+    from pipelines.dags import PipelineError, _repository
 
     assert list(_check_image("myadapter:0.1", "x")) == []
     assert list(_check_image("ACR_REPO_HERE.azurecr.io/ADAPTER_HERE:0.0.1", "x")) == []

@@ -1,6 +1,6 @@
 """Status from Workflow, Deployment and pods: Kaito's conditions, reasons and states (pure).
 
-The Workflows are built from the task and output names ``pipelines.workspace`` renders
+The Workflows are built from the task and output names ``pipelines.dags`` renders
 (``pipelines.names``), so renaming a task cannot leave the status reading the old name.
 """
 

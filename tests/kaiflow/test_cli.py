@@ -153,7 +153,7 @@ def test_render_refuses_local_files_for_a_cluster(capsys):
 
 def test_run_takes_the_training_config_from_the_same_file(tmp_path):
     """``kaiflow run`` on a Workspace + ConfigMap file: the tune step reads the ConfigMap's training_config.yaml."""
-    from pipelines.runner import local_manifest
+    from local_runner.runner import local_manifest
 
     workspace = yaml.safe_load((ROOT / "examples" / "local_tuning_tiny.yaml").read_text())
     workspace["tuning"]["config"] = "tiny-params"
@@ -191,7 +191,7 @@ def test_render_reads_standard_input_and_needs_a_workspace():
 
 def test_run_applies_the_inference_config_of_the_same_file(tmp_path):
     """``kaiflow run`` on a Workspace + inference ConfigMap: the local service gets max-model-len's limits."""
-    from pipelines.runner import local_manifest
+    from local_runner.runner import local_manifest
 
     path = tmp_path / "inference.yaml"
     path.write_text((CORPUS / "multi-doc-inference-config-local.yaml").read_text())

@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import pipelines
-from pipelines import runner, templates
+from local_runner import runner
+from pipelines import templates
 
 
 def test_public_names():
@@ -26,7 +27,7 @@ def test_the_surface_the_controller_fixture_uses():
     assert list(inspect.signature(runner.RunFailed).parameters) == ["task", "exit_code", "log_path", "log_tail", "reason"]
     assert list(inspect.signature(pipelines.manifest).parameters) == ["workspace", "target", "service_env"]
     # its script mode evaluates DAG conditions with the runner's own functions
-    from pipelines import expressions
+    from local_runner import expressions
 
     assert (runner.evaluate_depends, runner.evaluate_when, runner.substitute) == (
         expressions.evaluate_depends, expressions.evaluate_when, expressions.substitute)
@@ -34,7 +35,7 @@ def test_the_surface_the_controller_fixture_uses():
 
 def test_rendering_imports_no_ml_library():
     code = (
-        "import sys, pipelines, pipelines.runner, pipelines.templates; "
+        "import sys, pipelines, local_runner.runner, pipelines.templates; "
         "pipelines.render('examples/kaito_workspace_tuning_phi_3.yaml'); "
         "print(sorted(m for m in ('torch', 'transformers', 'peft', 'trl', 'bentoml') if m in sys.modules))"
     )

@@ -19,8 +19,7 @@ import yaml
 
 import pipelines
 from pipelines import Images, Target
-from pipelines.expressions import REFERENCE
-from pipelines.structure import workflow_spec
+from pipelines.structure import REFERENCE, workflow_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))

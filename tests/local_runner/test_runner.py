@@ -16,9 +16,9 @@ from hera.workflows import DAG, Container, Parameter, RetryStrategy, Workflow
 from hera.workflows import models as m
 from rich.console import Console
 
-from pipelines.progress import ProgressDisplay
-from pipelines.expressions import ExpressionError, evaluate_depends, evaluate_when
-from pipelines.runner import LocalRun, RunFailed, RunnerError
+from local_runner.progress import ProgressDisplay
+from local_runner.expressions import ExpressionError, evaluate_depends, evaluate_when
+from local_runner.runner import LocalRun, RunFailed, RunnerError
 
 WRITE_OUTPUT = (
     "import os, sys, pathlib; d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True, exist_ok=True); "
@@ -195,7 +195,7 @@ def test_when_evaluates_the_forms_we_generate():
 
 
 def test_run_cli_reports_a_bad_workspace_field_without_traceback(tmp_path: Path):
-    from pipelines.runner import run_cli
+    from local_runner.runner import run_cli
 
     workspace = tmp_path / "ws.yaml"
     workspace.write_text(
@@ -211,7 +211,7 @@ def test_run_cli_reports_a_bad_workspace_field_without_traceback(tmp_path: Path)
 
 
 def test_run_cli_names_the_failing_task(tmp_path: Path):
-    from pipelines.runner import run_cli
+    from local_runner.runner import run_cli
 
     workspace = tmp_path / "ws.yaml"
     workspace.write_text(

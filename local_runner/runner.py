@@ -9,7 +9,7 @@ semantics that manifest uses:
   tasks in parallel, ours never are, apart from the two mutually exclusive push tasks);
 * ``depends`` with Argo's rule that a bare ``a`` means ``a.Succeeded || a.Skipped || a.Daemoned``;
   a task whose ``depends`` is false is *Omitted*; ``{{...}}`` substitution, then ``when``; a task
-  whose ``when`` is false is *Skipped* (the expressions: ``pipelines.expressions``, no ``eval``);
+  whose ``when`` is false is *Skipped* (the expressions: ``local_runner.expressions``, no ``eval``);
 * each template's container ``command`` + ``args`` run as a subprocess (``python`` is this
   interpreter - the pipeline image's Python), with its literal ``env``, ``ARGO_PROGRESS_FILE``
   pointing at ``<workdir>/progress/<task>`` (shown live), ``activeDeadlineSeconds`` as a timeout
@@ -28,9 +28,9 @@ finished (Succeeded, Skipped, Omitted) with their outputs and restarts at the fi
 one. The state records a digest of the manifest, so resuming after the Workspace changed is
 refused rather than mixing outputs of two different pipelines.
 
-One runner per workdir, and no task left running behind a dead runner: ``pipelines.supervise``
+One runner per workdir, and no task left running behind a dead runner: ``local_runner.supervise``
 (the workdir lock, SIGTERM handled like Ctrl-C, task process groups recorded and ended on the
-next run). Terminal output lives in ``pipelines.progress`` and ``pipelines.console``.
+next run). Terminal output lives in ``local_runner.progress`` and ``local_runner.console``.
 """
 
 from __future__ import annotations
@@ -48,9 +48,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.expressions import ExpressionError, evaluate_depends, evaluate_when, substitute
-from pipelines.structure import check, task_dependencies, topological_order, workflow_spec
-from pipelines.supervise import (
+from local_runner.expressions import ExpressionError, evaluate_depends, evaluate_when, substitute
+from local_runner.supervise import (
     WorkdirInUse,
     WorkdirLock,
     end_group,
@@ -59,6 +58,7 @@ from pipelines.supervise import (
     task_ended,
     terminate_as_interrupt,
 )
+from pipelines.structure import check, task_dependencies, topological_order, workflow_spec
 
 STATE_FILE = "state.json"
 LOG_TAIL_LINES = 25
@@ -452,7 +452,7 @@ def local_manifest(workspace_path: str | os.PathLike[str], workdir: str | os.Pat
     from api.workspace_validation import load_bundle
 
     from pipelines.target import TRAINING_CONFIG_KEY, Target
-    from pipelines.workspace import build
+    from pipelines.dags import build
 
     bundle = load_bundle(workspace_path, mode="local")
     if len(bundle.workspaces) != 1:
@@ -502,7 +502,7 @@ def run(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[str],
         manifest = local_manifest(workspace_path, workdir, port=port, docker_config=docker_config)
         settings_path.write_text(json.dumps({"port": port, "docker_config": str(docker_config) if docker_config else None,
                                              "workspace": str(Path(workspace_path).resolve())}))
-        from pipelines.progress import ProgressDisplay
+        from local_runner.progress import ProgressDisplay
 
         with ProgressDisplay(console=console) as display:
             local = LocalRun(manifest, workdir, resume=resume, on_update=display.update, env=env,
@@ -520,9 +520,9 @@ def run(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[str],
 
 
 def __getattr__(name: str) -> Any:
-    # ``run_cli`` (terminal output) lives in pipelines.console, which imports this module
+    # ``run_cli`` (terminal output) lives in local_runner.console, which imports this module
     if name == "run_cli":
-        from pipelines.console import run_cli
+        from local_runner.console import run_cli
 
         return run_cli
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

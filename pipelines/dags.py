@@ -32,11 +32,13 @@ Design choices:
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 from hera.workflows import DAG, CronWorkflow, Parameter, Workflow
 from hera.workflows import models as m
 
+from api import Workspace, defaults
 from api.defaults import api_key_secret
 from api.image_ref import ImageRef
 from api.labels import (
@@ -73,6 +75,8 @@ from pipelines.names import (
     task_output_ref,
 )
 from pipelines.target import TRAINING_CONFIG_KEY, Target
+from presets import Preset, get_preset
+from presets.gpus import Sku
 
 # What a hand-submitted Workflow's exit handler does with the nodes provision-nodes made
 # (workflow argument release-nodes): on-failure keeps them for the service a run deployed.
@@ -91,7 +95,7 @@ class PipelineError(ValueError):
     """The Workspace cannot become a pipeline (names the field)."""
 
 
-def build(workspace: Any, target: Target | None = None, service_env: dict[str, str] | None = None) -> Workflow | CronWorkflow:
+def build(workspace: Workspace, target: Target | None = None, service_env: dict[str, str] | None = None) -> Workflow | CronWorkflow:
     """The Hera object for a Workspace: a CronWorkflow for scheduled tuning, else a Workflow.
 
     ``service_env``: serving settings from the Workspace's inference ConfigMap
@@ -108,10 +112,8 @@ def build(workspace: Any, target: Target | None = None, service_env: dict[str, s
 # -- sizing -------------------------------------------------------------------------------------
 
 
-def _tuning_scheduling(workspace: Any, preset: Any) -> tuple[tasks.Scheduling, str | None]:
+def _tuning_scheduling(workspace: Workspace, preset: Preset) -> tuple[tasks.Scheduling, str | None]:
     """GPU count and memory for the tune pod, and the instance type to provision."""
-    from api import defaults
-
     sku = defaults.node_sku(workspace)
     selector = workspace.resource.label_selector
     expressions = tuple(
@@ -129,23 +131,19 @@ def _tuning_scheduling(workspace: Any, preset: Any) -> tuple[tasks.Scheduling, s
     return scheduling, defaults.instance_type(workspace)
 
 
-def _tune_deadline(preset: Any) -> int:
-    from api.defaults import tune_deadline_s
-
-    return tune_deadline_s(preset)
+def _tune_deadline(preset: Preset) -> int:
+    return defaults.tune_deadline_s(preset)
 
 
-def _data_volume_gib(preset: Any) -> int:
-    from api.defaults import data_volume_gib
-
-    return data_volume_gib(preset)
+def _data_volume_gib(preset: Preset) -> int:
+    return defaults.data_volume_gib(preset)
 
 
 # -- shared parts -------------------------------------------------------------------------------
 
 
-def _metadata(workspace: Any, kind: str) -> dict[str, Any]:
-    name, namespace = workspace.metadata.name, workspace.metadata.namespace or "default"
+def _metadata(workspace: Workspace, kind: str) -> dict[str, Any]:
+    name, namespace = workspace.metadata.name, workspace.namespace
     labels = {LABEL_WORKSPACE: name, LABEL_MANAGED_BY: MANAGED_BY, LABEL_PIPELINE: kind}
     annotations = {
         ANNOTATION_OWNER: owner_annotation(namespace, name),
@@ -153,7 +151,7 @@ def _metadata(workspace: Any, kind: str) -> dict[str, Any]:
         ANNOTATION_ARGO_DESCRIPTION: _description(workspace, kind),
     }
     owner_references = None
-    uid = getattr(workspace.metadata, "uid", None)
+    uid = workspace.metadata.uid
     if uid:
         owner_references = [m.OwnerReference(api_version=workspace.api_version, kind="Workspace", name=name, uid=uid,
                                              controller=True, block_owner_deletion=True)]
@@ -163,7 +161,7 @@ def _metadata(workspace: Any, kind: str) -> dict[str, Any]:
     )
 
 
-def _description(workspace: Any, kind: str) -> str:
+def _description(workspace: Workspace, kind: str) -> str:
     spec = workspace.tuning or workspace.inference
     preset = spec.preset.name if spec.preset else "?"
     if kind == "inference":
@@ -171,7 +169,7 @@ def _description(workspace: Any, kind: str) -> str:
     return f"{spec.method} tuning of {preset}" + (f" on schedule {spec.schedule}" if spec.schedule else "")
 
 
-def _workflow_spec(workspace: Any, target: Target, kind: str, volume_gib: int, secrets: list[str],
+def _workflow_spec(workspace: Workspace, target: Target, kind: str, volume_gib: int, secrets: list[str],
                    config_map: str | None) -> dict[str, Any]:
     spec: dict[str, Any] = dict(entrypoint=kind)
     if not target.is_cluster:
@@ -206,22 +204,18 @@ def _workflow_spec(workspace: Any, target: Target, kind: str, volume_gib: int, s
     return spec
 
 
-def _provision_template(workspace: Any, target: Target, instance_type: str | None):
-    from dataclasses import replace
-
-    from api.defaults import uses_own_nodes
-
+def _provision_template(workspace: Workspace, target: Target, instance_type: str | None):
     resource = workspace.resource
-    if target.is_cluster and uses_own_nodes(workspace):
+    if target.is_cluster and defaults.uses_own_nodes(workspace):
         target = replace(target, provider="existing")  # bring-your-own nodes: nothing is created
     return tasks.provision(
-        target, workspace_name=workspace.metadata.name, namespace=workspace.metadata.namespace or "default",
+        target, workspace_name=workspace.metadata.name, namespace=workspace.namespace,
         instance_type=instance_type, count=str(resource.count), labels=_node_labels(workspace),
         preferred_nodes=resource.preferred_nodes or (),
     )
 
 
-def _node_labels(workspace: Any) -> list[str]:
+def _node_labels(workspace: Workspace) -> list[str]:
     selector = workspace.resource.label_selector
     labels = [f"{k}={v}" for k, v in (selector.match_labels or {}).items()]
     # validation admits only single-value In expressions (Kaito's rule): each is one more label
@@ -241,16 +235,16 @@ def _arguments(values: dict[str, tuple[str, str]]) -> list[Parameter]:
     return [Parameter(name=n, value=v, description=d) for n, (v, d) in values.items()]
 
 
-def _releases_nodes(workspace: Any, target: Target) -> bool:
+def _releases_nodes(workspace: Workspace, target: Target) -> bool:
     """A hand-submitted Workflow (``kaiflow render | argo submit``) releases its nodes on exit.
 
     The controller's Workflows (rendered with the Workspace's uid) leave them to the controller,
     which owns them with the Workspace; the local provider makes no nodes.
     """
-    return target.provider != "local" and not getattr(workspace.metadata, "uid", None)
+    return target.provider != "local" and not workspace.metadata.uid
 
 
-def _release_arguments(workspace: Any, target: Target) -> dict[str, tuple[str, str]]:
+def _release_arguments(workspace: Workspace, target: Target) -> dict[str, tuple[str, str]]:
     if not _releases_nodes(workspace, target):
         return {}
     # the argument is named after the task it controls
@@ -258,12 +252,12 @@ def _release_arguments(workspace: Any, target: Target) -> dict[str, tuple[str, s
                                             + ", ".join(RELEASE_MODES))}
 
 
-def _exit_handler(workspace: Any, target: Target) -> str | None:
+def _exit_handler(workspace: Workspace, target: Target) -> str | None:
     """Add the exit handler (inside the workflow's context) and return its name, if it has one."""
     if not _releases_nodes(workspace, target):
         return None
     release_t = tasks.release_nodes(target, workspace_name=workspace.metadata.name,
-                                    namespace=workspace.metadata.namespace or "default")
+                                    namespace=workspace.namespace)
     with DAG(name="exit-handler"):
         release_t(name=TASK_RELEASE_NODES, when=RELEASE_WHEN)
     return "exit-handler"
@@ -278,13 +272,11 @@ def _dataset_arguments(urls: list[str]) -> dict[str, tuple[str, str]]:
 # -- tuning -------------------------------------------------------------------------------------
 
 
-def _tuning(workspace: Any, target: Target) -> Workflow | CronWorkflow:
-    from presets import get_preset
-
+def _tuning(workspace: Workspace, target: Target) -> Workflow | CronWorkflow:
     tuning = workspace.tuning
     preset = get_preset(tuning.preset.name)
     name = workspace.metadata.name
-    namespace = workspace.metadata.namespace or "default"
+    namespace = workspace.namespace
     output = tuning.output
     if output.image is None:
         raise PipelineError("tuning.output.volumeSource is not supported by the pipeline yet: set tuning.output.image")
@@ -348,7 +340,7 @@ def _tuning(workspace: Any, target: Target) -> Workflow | CronWorkflow:
             # the reference push-adapter actually pushed (with --tag auto it is only known then)
             adapter_images=[f"{name}={tasks.input_ref('adapter-image')}"], inputs=["adapter-image"],
             gpus=scheduling.gpus, node_labels=_node_labels(workspace), docker_config_secret=push_secret,
-            workspace_uid=getattr(workspace.metadata, "uid", None), model_access_secret=model_secret,
+            workspace_uid=workspace.metadata.uid, model_access_secret=model_secret,
             api_key_secret=api_key_secret(workspace),
         )
         smoke_t = tasks.smoke_test(target, api_key_secret=api_key_secret(workspace))
@@ -397,15 +389,13 @@ def _tuning(workspace: Any, target: Target) -> Workflow | CronWorkflow:
 # -- inference ----------------------------------------------------------------------------------
 
 
-def _inference(workspace: Any, target: Target, service_env: dict[str, str] | None = None) -> Workflow:
-    from presets import get_preset
-
+def _inference(workspace: Workspace, target: Target, service_env: dict[str, str] | None = None) -> Workflow:
     inference = workspace.inference
     if inference.preset is None:
         raise PipelineError("inference.template is not supported: use inference.preset")
     preset = get_preset(inference.preset.name)
     name = workspace.metadata.name
-    namespace = workspace.metadata.namespace or "default"
+    namespace = workspace.namespace
     adapters = list(inference.adapters or [])
     pull_secrets = [s for a in adapters for s in (a.source.image_pull_secrets or [])]
     # pull_adapters reads one docker config; the first secret named is used for every adapter.
@@ -429,7 +419,7 @@ def _inference(workspace: Any, target: Target, service_env: dict[str, str] | Non
             adapters=[(a.source.name, a.strength or "1.0") for a in adapters],
             adapter_images=[f"{a.source.name}={a.source.image}" for a in adapters], gpus=sku.gpus,
             node_labels=_node_labels(workspace), docker_config_secret=pull_secret,
-            workspace_uid=getattr(workspace.metadata, "uid", None),
+            workspace_uid=workspace.metadata.uid,
             service_env=service_env,
             model_access_secret=getattr(workspace.inference.preset.preset_options, "model_access_secret", None)
             if workspace.inference.preset and workspace.inference.preset.preset_options else None,
@@ -450,7 +440,5 @@ def _inference(workspace: Any, target: Target, service_env: dict[str, str] | Non
     return workflow
 
 
-def _inference_instance(workspace: Any, preset: Any) -> tuple[Any, str | None]:
-    from api import defaults
-
+def _inference_instance(workspace: Workspace, preset: Preset) -> tuple[Sku, str | None]:
     return defaults.node_sku(workspace), defaults.instance_type(workspace)

@@ -20,7 +20,7 @@ from rich.console import Console
 
 import pipelines
 from pipelines import Images, Target
-from pipelines.runner import run
+from local_runner.runner import run
 from pipelines.structure import topological_order, workflow_spec
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""pipelines.local_registry: the local OCI registry of local runs, and `kaiflow registry`."""
+"""local_runner.local_registry: the local OCI registry of local runs, and `kaiflow registry`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.local_registry import (
+from local_runner.local_registry import (
     LocalRegistryError,
     RegistryProcess,
     ensure_local_registry,

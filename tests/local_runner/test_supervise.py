@@ -18,8 +18,8 @@ from hera.workflows import DAG, Container, Parameter, Workflow
 from hera.workflows import models as m
 from rich.console import Console
 
-from pipelines.console import run_cli
-from pipelines.runner import LocalRun, RunFailed, RunnerError
+from local_runner.console import run_cli
+from local_runner.runner import LocalRun, RunFailed, RunnerError
 
 ROOT = Path(__file__).resolve().parents[2]
 # Starts: append our pid to pids.txt; the first start sleeps (a long task), later ones finish at once.
@@ -30,7 +30,7 @@ SLEEPER = (
     "(o / 'done').write_text('yes')"
 )
 RUNNER = (
-    "import json, sys; from pathlib import Path; from pipelines.runner import LocalRun; "
+    "import json, sys; from pathlib import Path; from local_runner.runner import LocalRun; "
     "LocalRun(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]), resume=sys.argv[3] == '1').execute()"
 )
 
@@ -184,7 +184,7 @@ def test_exit_handler_when_and_workflow_parameters(tmp_path: Path):
 def test_the_lock_is_reentrant_in_one_thread_and_refused_to_another(tmp_path: Path):
     import threading
 
-    from pipelines.supervise import WorkdirInUse, WorkdirLock
+    from local_runner.supervise import WorkdirInUse, WorkdirLock
 
     refused = []
 

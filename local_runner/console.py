@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from local_runner.runner import RunFailed, RunnerError, run
 from pipelines.names import OUTPUT_IMAGE, OUTPUT_SERVICE_URL, TASK_DEPLOY, TASK_PUSH_ADAPTER
-from pipelines.runner import RunFailed, RunnerError, run
 
 # the exit code of a run ended by Ctrl-C or SIGTERM (128 + SIGINT, as shells report it)
 INTERRUPTED = 130
@@ -22,10 +22,10 @@ def run_cli(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[s
     """
     from rich.console import Console
 
-    from pipelines.expressions import ExpressionError
+    from local_runner.expressions import ExpressionError
     from api import WorkspaceValidationError
     from pipelines.structure import StructureError
-    from pipelines.workspace import PipelineError
+    from pipelines.dags import PipelineError
 
     console = console or Console(stderr=True)
     try:

@@ -29,7 +29,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-REFERENCE = re.compile(r"\{\{\s*([^{}]+?)\s*\}\}")
+from pipelines.structure import REFERENCE
+
 DEPENDS_TERM = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z]+)?")
 # The bare task name means "finished well" (Argo: a.Succeeded || a.Skipped || a.Daemoned).
 BARE_DEPENDS_OK = {"Succeeded", "Skipped", "Daemoned"}
