@@ -34,7 +34,7 @@ from api.labels import (
 from api.workspace_status import REASON_IMMUTABLE, REASON_INVALID
 from controller.options import ControllerOptions
 from pipelines import PipelineError, Target, manifest
-from pipelines.names import dns1123_label
+from pipelines.names import cron_workflow_name, dns1123_label
 
 ARGO_API_VERSION = "argoproj.io/v1alpha1"
 
@@ -59,7 +59,7 @@ class Refused:
 
 def pipeline_name(workspace: str, kind: str, generation: int, scheduled: bool = False) -> str:
     if scheduled:
-        return dns1123_label(f"{workspace}-{kind}")
+        return cron_workflow_name(workspace)
     return dns1123_label(f"{workspace}-{kind}-{generation}")
 
 

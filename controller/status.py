@@ -108,6 +108,20 @@ def _exit_code(run: dict[str, Any], node: dict[str, Any]) -> str | None:
     return None
 
 
+def _message(run: dict[str, Any], node: dict[str, Any]) -> str | None:
+    """What went wrong in a task: for a retried one, its last attempt's message (the pod's own).
+
+    Argo's Retry node says why it stopped retrying ("retryStrategy.expression evaluated to false",
+    "No more retries left"); the attempt under it carries the container's termination message.
+    """
+    nodes = (run.get("status") or {}).get("nodes") or {}
+    attempts = [nodes[c] for c in node.get("children") or [] if c in nodes]
+    failed = [a for a in attempts if a.get("phase") in FAILED_PHASES and a.get("message")]
+    if node.get("type") == "Retry" and failed:
+        return max(failed, key=lambda a: a.get("finishedAt") or a.get("startedAt") or "")["message"]
+    return node.get("message")
+
+
 def failure(run: dict[str, Any] | None) -> str | None:
     """"task X failed (exit code N): message" for the first failed task, else the Workflow's message."""
     if not run:
@@ -123,7 +137,7 @@ def failure(run: dict[str, Any] | None) -> str | None:
         task = (node.get("displayName") or "?").split("(")[0]
         code = _exit_code(run, node)
         detail = f" (exit code {code})" if code else ""
-        return f"task {task} failed{detail}: {node.get('message') or status.get('message') or 'no message'}"
+        return f"task {task} failed{detail}: {_message(run, node) or status.get('message') or 'no message'}"
     return status.get("message")
 
 

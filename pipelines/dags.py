@@ -58,6 +58,8 @@ from api.labels import (
 )
 from pipelines import tasks
 from pipelines.names import (
+    cron_workflow_name,
+    generate_name,
     OUTPUT_DATASET_DIGEST,
     OUTPUT_IMAGE,
     OUTPUT_PROMOTE,
@@ -156,7 +158,7 @@ def _metadata(workspace: Workspace, kind: str) -> dict[str, Any]:
         owner_references = [m.OwnerReference(api_version=workspace.api_version, kind="Workspace", name=name, uid=uid,
                                              controller=True, block_owner_deletion=True)]
     return dict(
-        generate_name=f"{name}-{kind}-", namespace=namespace, labels=labels, annotations=annotations,
+        generate_name=generate_name(name, kind), namespace=namespace, labels=labels, annotations=annotations,
         owner_references=owner_references,
     )
 
@@ -315,7 +317,7 @@ def _tuning(workspace: Workspace, target: Target) -> Workflow | CronWorkflow:
             starting_deadline_seconds=3600, successful_jobs_history_limit=3, failed_jobs_history_limit=3,
         )
         # A CronWorkflow has a name, not a generateName; its runs get <name>-<timestamp>.
-        workflow.name, workflow.generate_name = f"{name}-tuning", None
+        workflow.name, workflow.generate_name = cron_workflow_name(name), None
     else:
         workflow = Workflow(**metadata, **spec)
 

@@ -19,6 +19,8 @@ import re
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 MAX_LABEL = 63
+MAX_CRON_WORKFLOW_NAME = 52
+MAX_GENERATE_NAME_PREFIX = 58
 HASH_CHARS = 8
 
 # DAG task names.
@@ -54,11 +56,23 @@ def is_dns1123_label(name: str) -> bool:
     return len(name) <= MAX_LABEL and bool(DNS1123_LABEL.match(name))
 
 
-def dns1123_label(text: str) -> str:
-    """``text`` itself when it is a valid label, else a stable valid label with a hash suffix."""
-    if is_dns1123_label(text):
+def dns1123_label(text: str, limit: int = MAX_LABEL) -> str:
+    """``text`` itself when it is a valid label of at most ``limit`` characters, else a stable valid
+    label with a hash suffix."""
+    if is_dns1123_label(text) and len(text) <= limit:
         return text
     digest = hashlib.sha256(text.encode()).hexdigest()[:HASH_CHARS]
     cleaned = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    cleaned = cleaned[: MAX_LABEL - HASH_CHARS - 1].rstrip("-")
+    cleaned = cleaned[: limit - HASH_CHARS - 1].rstrip("-")
     return f"{cleaned}-{digest}" if cleaned else digest
+
+
+def cron_workflow_name(workspace: str) -> str:
+    """A scheduled tuning's CronWorkflow: Argo names each run ``<name>-<10-digit time>`` and refuses
+    (when it schedules, not when it is created) a CronWorkflow name over 52 characters."""
+    return dns1123_label(f"{workspace}-tuning", MAX_CRON_WORKFLOW_NAME)
+
+
+def generate_name(workspace: str, kind: str) -> str:
+    """A Workflow's ``generateName``: the API server keeps a prefix of at most 58 characters and adds 5."""
+    return dns1123_label(f"{workspace}-{kind}", MAX_GENERATE_NAME_PREFIX - 1) + "-"
