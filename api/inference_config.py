@@ -21,6 +21,8 @@ import yaml
 CONFIG_KEY = "inference_config.yaml"
 DEFAULT_MAX_NEW_TOKENS = 512  # serving_bento's default new-token limit
 HONOURED = ("max-model-len", "served-model-name")
+# The service's variable for the served name (serving_bento.config); the smoke test expects it.
+SERVED_NAME_ENV = "KAIFLOW_SERVED_MODEL_NAME"
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class ServiceSettings:
         if self.max_new_tokens is not None:
             env["KAIFLOW_MAX_NEW_TOKENS"] = str(self.max_new_tokens)
         if self.served_model_name:
-            env["KAIFLOW_SERVED_MODEL_NAME"] = self.served_model_name
+            env[SERVED_NAME_ENV] = self.served_model_name
         return env
 
 

@@ -41,6 +41,7 @@ from hera.workflows import models as m
 from api import Workspace, defaults
 from api.defaults import api_key_secret
 from api.image_ref import ImageRef
+from api.inference_config import SERVED_NAME_ENV
 from api.labels import (
     ANNOTATION_ARGO_DESCRIPTION,
     ANNOTATION_ARGO_TITLE,
@@ -77,7 +78,7 @@ from pipelines.names import (
     task_output_ref,
 )
 from pipelines.target import TRAINING_CONFIG_KEY, Target
-from presets import Preset, get_preset
+from presets import Preset, get_preset, served_model_name
 from presets.gpus import Sku
 
 # What a hand-submitted Workflow's exit handler does with the nodes provision-nodes made
@@ -345,7 +346,8 @@ def _tuning(workspace: Workspace, target: Target) -> Workflow | CronWorkflow:
             workspace_uid=workspace.metadata.uid, model_access_secret=model_secret,
             api_key_secret=api_key_secret(workspace),
         )
-        smoke_t = tasks.smoke_test(target, api_key_secret=api_key_secret(workspace))
+        smoke_t = tasks.smoke_test(target, api_key_secret=api_key_secret(workspace),
+                                   model=served_model_name(preset.name))
         if scheduled:
             repository_ref = tasks.workflow_ref("output-repository")
             gate_t = tasks.eval_gate(target, adapter_name=name, current_image=f"{repository_ref}:latest",
@@ -427,7 +429,8 @@ def _inference(workspace: Workspace, target: Target, service_env: dict[str, str]
             if workspace.inference.preset and workspace.inference.preset.preset_options else None,
             api_key_secret=api_key_secret(workspace),
         )
-        smoke_t = tasks.smoke_test(target, api_key_secret=api_key_secret(workspace))
+        smoke_t = tasks.smoke_test(target, api_key_secret=api_key_secret(workspace),
+                                   model=(service_env or {}).get(SERVED_NAME_ENV) or served_model_name(preset.name))
         with DAG(name="inference"):
             provision = provision_t(name=TASK_PROVISION)
             pull = pull_t(name=TASK_PULL_ADAPTERS) if pull_t is not None else None

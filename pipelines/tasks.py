@@ -510,13 +510,16 @@ def deploy(target: Target, *, workspace_name: str, namespace: str, preset: str,
     )
 
 
-def smoke_test(target: Target, *, api_key_secret: str | None = None, name: str = TASK_SMOKE_TEST) -> Container:
-    """``api_key_secret``: the service requires a bearer key; the step reads it as KAIFLOW_API_KEY."""
+def smoke_test(target: Target, *, api_key_secret: str | None = None, model: str | None = None,
+               name: str = TASK_SMOKE_TEST) -> Container:
+    """``api_key_secret``: the service requires a bearer key; the step reads it as KAIFLOW_API_KEY.
+    ``model``: the served name ``/v1/models`` must list (clients written from the docs send it)."""
     env = []
     if api_key_secret and target.is_cluster:
         env.append(_secret_env("KAIFLOW_API_KEY", api_key_secret, API_KEY_SECRET_KEY))
+    args = ["--url", input_ref("service-url")] + (["--model", model] if model else [])
     return _step(
-        target, name=name, module="smoke_test", args=["--url", input_ref("service-url")],
+        target, name=name, module="smoke_test", args=args,
         deadline=DEADLINES["smoke_test"], data_volume=False, retry=True, env=env,
         description="Ask the service one question and check the answer",
     )

@@ -13,6 +13,7 @@ from presets.catalog import (
     legacy_names,
     list_presets,
     preset_names,
+    served_model_name,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "legacy_names",
     "list_presets",
     "preset_names",
+    "served_model_name",
 ]

@@ -224,3 +224,16 @@ def get_preset(name: str) -> Preset:
     if HF_ID.match(name.strip()) and ".." not in name and "--" not in name:
         return generic_preset(name.strip())
     raise UnknownPresetError(name, closest_presets(name))
+
+
+def served_model_name(model: str) -> str:
+    """The model id clients send (OpenAI ``model``, ``/v1/models``), the same locally and in a cluster.
+
+    Kaito's served name: the lowercased last path part of the HF ID (``mistral-7b-instruct`` is
+    served as ``mistral-7b-instruct-v0.3``); a local preset by its own name; anything not in the
+    catalogue (a path, an unknown name) by the lowercased last part of what was given.
+    """
+    try:
+        return get_preset(model).served_name
+    except UnknownPresetError:
+        return model.rstrip("/").rsplit("/", 1)[-1].lower()

@@ -181,13 +181,9 @@ class ServiceConfig:
         """The base model's id: Kaito's served name, the lowercased last part of the HF ID."""
         if self.served_model_name:
             return self.served_model_name
-        from presets.catalog import UnknownPresetError, get_preset
+        from presets.catalog import served_model_name
 
-        try:
-            preset = get_preset(self.model)
-        except UnknownPresetError:
-            return Path(self.model).name.lower()
-        return preset.name if preset.is_local else preset.source.rstrip("/").rsplit("/", 1)[-1].lower()
+        return served_model_name(self.model)
 
     @property
     def prompt_char_limit(self) -> int:

@@ -38,6 +38,8 @@ log = logging.getLogger("kaiflow.steps.smoke_test")
 @dataclass(frozen=True)
 class SmokeTestConfig:
     url: str = field(metadata={"help": "the service's base URL (the deploy step's service-url)"})
+    model: str = field(default="", metadata={
+        "help": "the model id /v1/models must list (Kaito's served name); empty: the first one listed"})
     api_key_env: str = field(default="KAIFLOW_API_KEY", metadata={"help": "env var holding the bearer key, if any"})
     prompt: str = field(default="Say hello in one short sentence.", metadata={"help": "what to ask"})
     max_tokens: int = field(default=16, metadata={"help": "tokens to generate per call"})
@@ -88,7 +90,16 @@ def smoke_test(config: SmokeTestConfig) -> dict[str, object]:
             models = client.get("/v1/models")
             if models.status_code != 200:
                 raise StepError(f"GET /v1/models answered {models.status_code}: {_error_message(models)}")
-            model = models.json()["data"][0]["id"]
+            try:
+                listed = [m["id"] for m in models.json()["data"]]
+            except (ValueError, KeyError, TypeError):
+                raise StepError(f"GET /v1/models returned no model list: {models.text[:200]}") from None
+            if config.model and config.model not in listed:
+                raise StepError(f"GET /v1/models lists {listed}, not {config.model!r}: clients that send "
+                                f"model={config.model!r} (the served name kaiflow presets shows) get 404")
+            if not listed:
+                raise StepError("GET /v1/models lists no model")
+            model = config.model or listed[0]
             started = time.monotonic()
             body = {"model": model, "messages": [{"role": "user", "content": config.prompt}],
                     "max_tokens": config.max_tokens, "temperature": 0, "stream": True}

@@ -46,6 +46,7 @@ from api.labels import (
     MODEL_ACCESS_SECRET_KEY,
 )
 from api.workspace_types import GROUP, STORAGE_VERSION
+from presets.catalog import served_model_name
 
 BENTO_PORT = 3000
 ADAPTERS_MOUNT = "/adapters"
@@ -125,7 +126,9 @@ def service_url(name: str, namespace: str) -> str:
 def base_deployment(d: ClusterDeployment) -> dict[str, Any]:
     env = {
         "KAIFLOW_MODEL": d.preset,
-        "KAIFLOW_SERVED_MODEL_NAME": d.preset,
+        # Kaito's served name (mistral-7b-instruct-v0.3), as `kaiflow presets` and local runs say;
+        # an inference ConfigMap's served-model-name (d.env) overrides it
+        "KAIFLOW_SERVED_MODEL_NAME": served_model_name(d.preset),
         "BENTOML_DO_NOT_TRACK": "True",
         **d.env,
     }

@@ -85,3 +85,18 @@ def test_fails_on_a_broken_service(result, stream, message, tmp_path, capsys):
         assert message in capsys.readouterr().err
     finally:
         server.shutdown()
+
+
+def test_fails_when_v1_models_does_not_list_the_served_name(tmp_path, capsys):
+    """Clients written from the docs send Kaito's served name: a service listing another gets exit 2."""
+    good = b'data: {"choices": [{"delta": {"content": "hi"}, "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BrokenChat)
+    server.result, server.stream = "ok", good
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert run_step(main, ["--url", url, "--model", "mistral-7b-instruct-v0.3", "--outputs", str(tmp_path)]) == 2
+        assert "lists ['m'], not 'mistral-7b-instruct-v0.3'" in capsys.readouterr().err
+        assert run_step(main, ["--url", url, "--model", "m", "--outputs", str(tmp_path)]) == 0
+    finally:
+        server.shutdown()
