@@ -6,6 +6,8 @@ and an owner tag — then the long-running operation is followed to its end (azu
 understands both the ``Azure-AsyncOperation`` and the provisioningState flows). PUT is
 idempotent, so a retried step converges on the same pool; AKS itself refuses changes it cannot
 make (e.g. another VM size for an existing pool), which is reported naming ``--instance-type``.
+An existing pool of that name is first read: unless its owner tag names this Workspace it is
+never rewritten (exit 2 naming both Workspaces).
 
 Credentials are only referenced: ``DefaultAzureCredential`` picks workload identity in a pod
 (``AZURE_CLIENT_ID``/``AZURE_TENANT_ID``/``AZURE_FEDERATED_TOKEN_FILE`` injected by the webhook),
@@ -146,6 +148,7 @@ class AKSProvider(Provider):
         log.info("creating or updating agent pool %s in %s: %d x %s", pool_name, where, config.count, config.instance_type)
         try:
             with self._client() as aks:
+                self._refuse_a_strangers_pool(aks, pool_name, where)
                 poller = aks.agent_pools.begin_create_or_update(
                     opts.resource_group, opts.cluster_name, pool_name, AgentPool(**spec),
                     polling_interval=config.poll_interval,
@@ -167,6 +170,25 @@ class AKSProvider(Provider):
             return ProvisionResult(provider=self.name, nodes=[], details=details)
         nodes = self._wait_for_nodes(pool_name, max(1.0, deadline - time.monotonic()))
         return ProvisionResult(provider=self.name, nodes=nodes, details=details)
+
+    def _refuse_a_strangers_pool(self, aks: Any, pool_name: str, where: str) -> None:
+        """A pool of this name that another Workspace (or anyone but kaiflow for this one) owns is
+        never rewritten: its count, labels and owner tag stay, and the step exits 2 naming both."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            existing = aks.agent_pools.get(self.opts.resource_group, self.opts.cluster_name, pool_name)
+        except ResourceNotFoundError as exc:
+            if _arm_code(exc) == "NotFound":
+                return
+            raise
+        owner = (existing.tags or {}).get(OWNER_TAG)
+        if owner != self.config.owner:
+            raise StepError(
+                f"--pool-name: agent pool {pool_name} in {where} belongs to "
+                f"{owner or 'no kaiflow Workspace (no ' + OWNER_TAG + ' tag)'}, not to {self.config.owner}: "
+                f"a name clash; not adopting it (set --pool-name, or rename the Workspace)"
+            )
 
     def _wait_for_nodes(self, pool_name: str, timeout: float) -> list[str]:
         from kubernetes import client

@@ -6,9 +6,10 @@ one implementation per file; the step (``__main__``) only picks one and writes t
 
 Names: the gpu-provisioner turns each Karpenter NodeClaim into an AKS agent pool named after the
 claim, and AKS pool names are at most 12 lowercase letters/digits starting with a letter. So
-NodeClaims and agent pools are named ``<6 chars of the workspace><4 hex of sha256(ns/name)>``
-plus the node index for claims: readable, stable across retries (idempotent) and unique per
-namespace/name.
+NodeClaims and agent pools are named from sha256(ns/name) alone, as many base-36 characters as the
+12 allow (``pool_safe_name``), plus the node index for claims: stable across retries (idempotent)
+and unique per namespace/name. A name that exists with another Workspace's owner mark is never
+adopted (exit 2 naming both Workspaces).
 
 Kubernetes access, retries and the meaning of an API error are :mod:`stepkit.kube`'s (the steps'
 one Kubernetes layer); Kaito's labels, taints and the owner annotation are :mod:`api.labels`'.
@@ -141,16 +142,30 @@ class Provider(ABC):
 # -- names and labels ---------------------------------------------------------------------------
 
 
+# AKS Linux agent pool names: at most 12 characters, lowercase letters and digits, a letter first.
+# The gpu-provisioner names a pool after each Karpenter NodeClaim, so claims keep to it too.
+POOL_NAME_LIMIT = 12
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
 def pool_safe_name(workspace: str, namespace: str, index: int | None = None) -> str:
     """A stable name that is a valid AKS agent pool name (≤ 12 lowercase alphanumerics).
 
-    Karpenter's NodeClaims take the same names, so both providers name a Workspace's nodes alike.
+    Every character is hash (sha256 of ``namespace/name``): a letter, then base-36 digits, as many
+    as the 12-character limit leaves — 12 for an agent pool (≈ 61.6 bits), 10 plus the node index
+    (0..99) for a NodeClaim (≈ 51 bits). A clash is then only ever crafted, never an accident, and
+    the providers refuse to adopt what another Workspace owns anyway (its owner mark). Karpenter's
+    NodeClaims and AKS pools share the scheme, so both providers name a Workspace's nodes alike;
+    the Workspace is on their labels and owner mark, not in the name.
     """
-    readable = re.sub(r"[^a-z0-9]", "", workspace.lower())
-    if not readable or not readable[0].isalpha():
-        readable = "ws" + readable
-    digest = hashlib.sha256(f"{namespace}/{workspace}".encode()).hexdigest()[:4]
-    return f"{readable[:6]}{digest}{'' if index is None else index}"
+    width = POOL_NAME_LIMIT if index is None else POOL_NAME_LIMIT - len(str(MAX_COUNT - 1))
+    number = int.from_bytes(hashlib.sha256(f"{namespace}/{workspace}".encode()).digest(), "big")
+    number, first = divmod(number, 26)
+    chars = [_ALPHABET[first]]
+    for _ in range(width - 1):
+        number, digit = divmod(number, len(_ALPHABET))
+        chars.append(_ALPHABET[digit])
+    return "".join(chars) + ("" if index is None else str(index))
 
 
 def validate_label(key: str, value: str) -> None:

@@ -12,10 +12,11 @@ reports back in the claim's status. The claim carries:
 * an owner annotation (NodeClaims are cluster-scoped, so no ownerReference to the namespaced
   Workspace is possible) and ``karpenter.sh/do-not-disrupt`` so a training job is not consolidated.
 
-Idempotent: claim names are stable (``base.pool_safe_name``); an existing claim is reused after
-checking it asks for the same instance type (Karpenter treats a claim's spec as immutable), and
-every claim is written with server-side apply (field manager ``kaiflow``), so a retried step
-converges on the same claims. Then it waits with a deadline until
+Idempotent: claim names are stable (``base.pool_safe_name``); a new claim is created (POST), an
+existing one is reused only when its owner annotation names this Workspace (another Workspace's or
+Kaito's claim of that name is refused, exit 2 naming both) and it asks for the same instance type
+(Karpenter treats a claim's spec as immutable); it is then re-applied with server-side apply
+(field manager ``kaiflow``), so a retried step converges on the same claims. Then it waits with a deadline until
 every claim has ``Ready=True`` and reports ``status.nodeName``. A claim that reports
 ``Launched=False`` (e.g. no capacity or quota) is deleted before failing (exit code 1, which the
 pipeline retries), so the retry asks afresh instead of finding the failed claim again.
@@ -136,20 +137,44 @@ class KarpenterProvider(Provider):
                                details={"nodeclaims": claims, "preferred_nodes_used": reused})
 
     def _apply(self, api: Any, body: dict[str, Any]) -> None:
-        """Server-side apply the claim; an existing one must ask for the same instance type."""
+        """Create the claim, or re-apply ours; never adopt a claim another Workspace (or Kaito) owns.
+
+        A new claim is created with POST, so a claim someone made meanwhile answers 409 instead of
+        being overwritten; an existing one is re-applied (server-side apply) only when its owner
+        annotation names this Workspace and it asks for the same instance type.
+        """
+        from kubernetes.client.exceptions import ApiException
+
         name = body["metadata"]["name"]
         existing = kube.get(api, API_VERSION, KIND, name)
-        if existing is not None:
-            if (existing.get("metadata") or {}).get("deletionTimestamp"):
-                raise RetryableError(f"NodeClaim {name} is being deleted; retry once it is gone")
-            found = _instance_type_of(existing)
-            if found != self.config.instance_type:
-                raise StepError(
-                    f"--instance-type: NodeClaim {name} already exists with instance type {found}, not "
-                    f"{self.config.instance_type}; delete it (kubectl delete nodeclaim {name}) to change the size"
-                )
+        if existing is None:
+            try:
+                kube.request(api, "POST", kube.resource_path(API_VERSION, KIND), body=body)
+                log.info("created NodeClaim %s (%s)", name, self.config.instance_type)
+                return
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise kube.api_error(exc, f"applying NodeClaim {name} (create)") from None
+            existing = kube.get(api, API_VERSION, KIND, name)
+            if existing is None:
+                raise RetryableError(f"NodeClaim {name} was created and deleted meanwhile; retry")
+        owner = ((existing.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_OWNER)
+        if owner != self.config.owner:
+            raise StepError(
+                f"--workspace-name: NodeClaim {name} belongs to {owner or 'no kaiflow Workspace (no owner annotation)'}, "
+                f"not to {self.config.owner}: a name clash; not adopting it (rename the Workspace, or delete the "
+                f"claim if it is stale: kubectl delete nodeclaim {name})"
+            )
+        if (existing.get("metadata") or {}).get("deletionTimestamp"):
+            raise RetryableError(f"NodeClaim {name} is being deleted; retry once it is gone")
+        found = _instance_type_of(existing)
+        if found != self.config.instance_type:
+            raise StepError(
+                f"--instance-type: NodeClaim {name} already exists with instance type {found}, not "
+                f"{self.config.instance_type}; delete it (kubectl delete nodeclaim {name}) to change the size"
+            )
         kube.server_side_apply(api, body)
-        log.info("%s NodeClaim %s (%s)", "reusing" if existing else "created", name, self.config.instance_type)
+        log.info("reusing NodeClaim %s (%s)", name, self.config.instance_type)
 
     def _check(self, api: Any, name: str, states: dict[str, str]) -> str | None:
         """The node name once the claim is Ready; fails for a claim that cannot launch."""

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from stepkit.common import run_step
+from stepkit.common import StepError, run_step
+from steps.provision import release
 from steps.provision.__main__ import main
 from steps.provision.base import pool_safe_name
 
@@ -104,3 +105,25 @@ def test_no_credential_is_a_clear_error(arm, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: Azure credentials:")
     assert arm._token not in err
+
+
+def test_a_clashing_pool_of_another_workspace_is_never_rewritten_nor_released(arm, tmp_path, capsys):
+    """A crafted clash (issue 17, High 1): team-b/other's pool has the name phi-3's would get. The
+    provision step reads it first, exits 2 naming both and leaves count, labels and owner tag as
+    they were; phi-3's release refuses it too."""
+    other = ["--provider", "aks", "--workspace-name", "other", "--namespace", "team-b", "--instance-type", SKU,
+             "--pool-name", POOL, "--outputs", str(tmp_path / "other"), "--poll-interval", "0.05", "--timeout", "20",
+             "--no-wait-for-nodes", *arm.cli_args]
+    assert run_step(main, other) == 0
+    before = json.loads(json.dumps(arm.pools[POOL]["properties"]))
+    capsys.readouterr()
+    assert run_step(main, argv(arm, tmp_path, "--count", "3", "--no-wait-for-nodes")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: --pool-name: agent pool {POOL} in kaiflow-rg/kaiflow-aks belongs to "
+                          "kaito.sh/Workspace/team-b/other, not to kaito.sh/Workspace/team-a/phi-3")
+    props = arm.pools[POOL]["properties"]
+    assert (props["count"], props["nodeLabels"], props["tags"]) == (before["count"], before["nodeLabels"], before["tags"])
+    options = {"arm_endpoint": arm.url, "ca_bundle": str(arm.ca_bundle)}
+    with pytest.raises(StepError, match="is not the one kaiflow made for kaito.sh/Workspace/team-a/phi-3"):
+        release("aks", "phi-3", "team-a", options=options, timeout=20)
+    assert POOL in arm.pools

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
+
+import pytest
 
 from stepkit.common import run_step
+from steps.provision import release
 from steps.provision.__main__ import main
 from steps.provision.base import pool_safe_name
 
@@ -85,3 +89,45 @@ def test_missing_nodeclaim_crd_names_karpenter(kube, tmp_path, capsys):
     assert run_step(main, argv(kube, tmp_path)) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "applying NodeClaim" in err and "HTTP 404" in err and "Karpenter" in err
+
+
+# -- name clashes (issue 17, High 1) ------------------------------------------------------------
+
+
+def _foreign_claim(name: str, owner: str | None) -> dict:
+    annotations = {"kaiflow.kaito.sh/owner": owner} if owner else {}
+    return {"apiVersion": "karpenter.sh/v1", "kind": "NodeClaim",
+            "metadata": {"name": name, "labels": {"kaito.sh/workspace": "other", "kaito.sh/workspacenamespace": "team-b"},
+                         "annotations": annotations},
+            "spec": {"requirements": [{"key": "node.kubernetes.io/instance-type", "operator": "In", "values": [SKU]}],
+                     "nodeClassRef": {"group": "karpenter.azure.com", "kind": "AKSNodeClass", "name": "default"}}}
+
+
+@pytest.mark.parametrize("owner", ["kaito.sh/Workspace/team-b/other", None], ids=["another-workspace", "kaitos-own"])
+def test_a_clashing_claim_of_another_owner_is_never_adopted_nor_released(kube, tmp_path, capsys, owner):
+    """A crafted clash: a claim with the name phi-3's would get, made for another Workspace (or by
+    Kaito, without kaiflow's owner mark). Provision exits 2 naming both and leaves it as it was;
+    phi-3's release does not delete it."""
+    name = pool_safe_name("phi-3", "team-a", 0)
+    kube.create(CLAIMS, _foreign_claim(name, owner))
+    before = kube.get(f"{CLAIMS}/{name}")
+    assert run_step(main, argv(kube, tmp_path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: --workspace-name: NodeClaim {name} belongs to ")
+    assert (owner or "no owner annotation") in err and "kaito.sh/Workspace/team-a/phi-3" in err and "clash" in err
+    after = kube.get(f"{CLAIMS}/{name}")
+    assert after["metadata"]["labels"] == before["metadata"]["labels"]
+    assert after["metadata"].get("annotations") == before["metadata"].get("annotations")
+    assert release("karpenter", "phi-3", "team-a", kubeconfig=str(kube.kubeconfig), timeout=2) == []
+    assert kube.get(f"{CLAIMS}/{name}")["metadata"]["name"] == name
+
+
+def test_names_use_every_character_the_pool_limit_allows_for_the_hash():
+    """20,000 Workspaces with a shared prefix in one namespace: no two share a pool or claim name
+    (with the old 6 readable characters + 16 bits of hash, clashes were certain at this count)."""
+    workspaces = [f"phi-3-tuning-{i:05d}" for i in range(20_000)]
+    pools = {pool_safe_name(w, "team-a") for w in workspaces}
+    claims = {pool_safe_name(w, "team-a", 0) for w in workspaces}
+    assert len(pools) == len(claims) == len(workspaces)
+    assert all(re.fullmatch(r"[a-z][a-z0-9]{11}", p) for p in pools)
+    assert max(len(pool_safe_name(w, "team-a", 99)) for w in workspaces[:100]) == 12
