@@ -4,8 +4,9 @@ Types are in ``api.workspace_types``, rules in ``api.workspace_validation``; thi
 "what will actually run" for a valid Workspace, so the CLI, the pipelines and the controller
 agree:
 
-* ``instance_type``: the one written, none for bring-your-own nodes, else the smallest SKU in
-  ``presets/gpus.yaml`` whose GPU memory holds the model (``presets.gpus.pick_instance``);
+* ``instance_type``: the one written, none for bring-your-own nodes, else the SKU in
+  ``presets/gpus.yaml`` with the fewest GPUs that hold the model, then the cheapest
+  (``presets.gpus.pick_instance``);
 * ``node_sku``: the node the pods are sized for (an unchecked or bring-your-own node is assumed to
   have one GPU and ``UNKNOWN_NODE_VCPUS``/``UNKNOWN_NODE_MEMORY_GIB``, so pods still schedule);
 * ``target_node_count``: ``resource.count``, raised to what Kaito's node estimator asks for

@@ -25,6 +25,7 @@ class Sku:
     vcpus: int
     memory_gib: int
     vendor: str = "nvidia"
+    usd_per_hour: float = 0.0  # list price, to rank SKUs of equal GPU count (gpus.yaml)
 
     @property
     def total_gpu_memory_gib(self) -> int:
@@ -107,11 +108,26 @@ def check_fit(instance_type: str, preset: Preset, method: str | None) -> str | N
     return f"{sku.describe()}; {preset.name} {what} needs ≈{need.total_gib:.1f} GiB {where}"
 
 
+def host_memory_fits(sku: Sku, preset: Preset, method: str | None) -> bool:
+    """Whether the node's RAM holds what the serving pod requests (the weights + 4 GiB, as
+    steps.deploy.manifests.sizes_for_weights asks), within the 80 % the tune pod may take too."""
+    if method is not None or not preset.sized:
+        return True
+    weights_gib = estimate_inference(preset).parts["weights"] / GIB
+    return weights_gib + 4 <= sku.memory_gib * 0.8
+
+
 def pick_instance(preset: Preset, method: str | None) -> Sku:
-    """The smallest SKU that fits: least usable GPU memory, then fewest GPUs, then fewest vCPUs."""
+    """The SKU for a Workspace with no instanceType: the fewest GPUs that hold the model, then the cheapest.
+
+    Fewest GPUs first: QLoRA/LoRA on a model that fits one GPU gains nothing a larger node would
+    justify (8 small GPUs cost ~7x one 80 GiB GPU and fail on most subscriptions' quota); then the
+    list price (gpus.yaml), then fewer vCPUs. A node must also hold the serving pod's RAM request.
+    """
     # Only NVIDIA SKUs: kaiflow's pods request nvidia.com/gpu.
-    fitting = [s for s in skus().values() if s.vendor == "nvidia" and check_fit(s.name, preset, method) is None]
+    fitting = [s for s in skus().values() if s.vendor == "nvidia" and check_fit(s.name, preset, method) is None
+               and host_memory_fits(s, preset, method)]
     if not fitting:
         need = requirement(preset, method).total_bytes
         raise ValueError(f"no known GPU SKU fits {preset.name} ({need / GIB:.1f} GiB)")
-    return min(fitting, key=lambda s: (_usable_gib(s, method), s.gpus, s.vcpus))
+    return min(fitting, key=lambda s: (s.gpus, s.usd_per_hour, s.vcpus, s.name))

@@ -3,7 +3,7 @@
 import pytest
 
 from presets import UnknownPresetError, get_preset, list_presets, preset_names
-from presets.gpus import UnknownSkuError, check_fit, get_sku, pick_instance, skus
+from presets.gpus import UnknownSkuError, check_fit, get_sku, host_memory_fits, pick_instance, skus
 from presets.sizing import GIB, estimate_inference, estimate_tuning, lora_parameters
 
 REQUIRED = [
@@ -70,7 +70,7 @@ def test_sku_catalog_and_fit_messages():
     assert "LoRA tuning needs" in check_fit("Standard_NC4as_T4_v3", phi4, "lora")
 
 
-def test_pick_instance_is_smallest_that_fits():
+def test_pick_instance_is_fewest_gpus_that_fit_then_cheapest():
     for p in list_presets():
         for method in (None, "qlora", "lora") if p.tuning else (None,):
             if all(check_fit(s.name, p, method) for s in skus().values()):
@@ -79,5 +79,34 @@ def test_pick_instance_is_smallest_that_fits():
                 continue
             sku = pick_instance(p, method)
             assert check_fit(sku.name, p, method) is None
-            smaller = [s for s in skus().values() if (s.gpu_memory_gib if method else s.total_gpu_memory_gib) < (sku.gpu_memory_gib if method else sku.total_gpu_memory_gib)]
-            assert all(check_fit(s.name, p, method) for s in smaller), (p.name, method, sku.name)
+            fitting = [s for s in skus().values() if s.vendor == "nvidia" and check_fit(s.name, p, method) is None
+                       and host_memory_fits(s, p, method)]
+            assert all((s.gpus, s.usd_per_hour) >= (sku.gpus, sku.usd_per_hour) for s in fitting), (p.name, method, sku.name)
+
+
+# The picks a user gets with no instanceType (issue 18: 8-GPU nodes were picked for one-GPU work).
+PICKS = [
+    ("qwen2.5-coder-32b-instruct", "qlora", "Standard_NC24ads_A100_v4"),   # one 80 GB GPU, not ND96asr_v4
+    ("deepseek-r1-distill-qwen-14b", "qlora", "Standard_NC24ads_A100_v4"),  # one GPU, not ND40rs_v2
+    ("phi-3-mini-4k-instruct", "qlora", "Standard_NC4as_T4_v3"),            # the cheapest GPU that holds it
+    ("phi-3-mini-4k-instruct", None, "Standard_NC4as_T4_v3"),
+    ("phi-4", None, "Standard_NC24ads_A100_v4"),                            # one A100 before two A10s
+    ("qwen2.5-coder-32b-instruct", None, "Standard_NC40ads_H100_v5"),       # one 94 GB GPU before two 80 GB
+    ("llama-3.3-70b-instruct", None, "Standard_NC80adis_H100_v5"),
+    ("deepseek-r1-0528", None, "Standard_ND96isr_H200_v5"),
+]
+
+
+@pytest.mark.parametrize(("model", "method", "sku"), PICKS)
+def test_picks_for_the_catalogue(model, method, sku):
+    assert pick_instance(get_preset(model), method).name == sku
+
+
+def test_every_automatic_tuning_pick_is_one_gpu():
+    """Tuning fits one GPU or is refused: no catalogue model gets a multi-GPU node for tuning."""
+    for p in list_presets():
+        for method in ("qlora", "lora") if p.tuning else ():
+            try:
+                assert pick_instance(p, method).gpus == 1, (p.name, method)
+            except ValueError:
+                pass
