@@ -16,6 +16,10 @@ LABEL_WORKSPACE = "kaito.sh/workspace"
 LABEL_WORKSPACE_NAMESPACE = "kaito.sh/workspacenamespace"
 LABEL_INSTANCE_TYPE = "node.kubernetes.io/instance-type"
 ANNOTATION_PRESET = "kaito.sh/preset"
+# The labels the node provisioners key on: Karpenter's node pool, the AKS agent pool.
+LABEL_KARPENTER_NODEPOOL = "karpenter.sh/nodepool"
+LABEL_AKS_AGENTPOOL = "agentpool"
+LABEL_AKS_AGENTPOOL_QUALIFIED = "kubernetes.azure.com/agentpool"
 
 # kaiflow's own bookkeeping: every kaiflow label and annotation starts with this prefix.
 KAIFLOW_PREFIX = "kaiflow.kaito.sh"
@@ -69,3 +73,20 @@ GPU_TOLERATION = {"key": "sku", "operator": "Equal", "value": "gpu", "effect": "
 def owner_annotation(namespace: str, name: str) -> str:
     """The value of ``ANNOTATION_OWNER`` for a Workspace: ``kaito.sh/Workspace/<ns>/<name>``."""
     return f"kaito.sh/Workspace/{namespace}/{name}"
+
+
+# Node label keys a Workspace's resource.labelSelector may not set: release and the status find a
+# Workspace's NodeClaims and nodes by them, so a selector that sets them would hide the nodes from
+# release (or claim another Workspace's). The provisioners' own keys are reserved only when kaiflow
+# provisions (bring-your-own nodes may select an existing pool by them); any key under
+# KAIFLOW_PREFIX always.
+RESERVED_NODE_LABEL_KEYS = (LABEL_WORKSPACE, LABEL_WORKSPACE_NAMESPACE, LABEL_MANAGED_BY)
+PROVISIONER_NODE_LABEL_KEYS = (LABEL_KARPENTER_NODEPOOL, LABEL_INSTANCE_TYPE, LABEL_AKS_AGENTPOOL,
+                               LABEL_AKS_AGENTPOOL_QUALIFIED)
+
+
+def reserved_node_label(key: str, *, provisioning: bool = True) -> bool:
+    """Whether a labelSelector / ``--label`` key is one kaiflow sets on the nodes it provisions."""
+    if key in RESERVED_NODE_LABEL_KEYS or key.startswith(f"{KAIFLOW_PREFIX}/"):
+        return True
+    return provisioning and key in PROVISIONER_NODE_LABEL_KEYS

@@ -33,11 +33,13 @@ from pydantic import BaseModel, ValidationError
 
 from api.documents import Bundle
 from api.image_ref import ImageRef
-from api.labels import ANNOTATION_API_KEY_SECRET, ANNOTATION_OWN_NODES
+from api.labels import ANNOTATION_API_KEY_SECRET, ANNOTATION_OWN_NODES, reserved_node_label
 from api.workspace_types import API_VERSIONS, KIND, Workspace
 
 Mode = Literal["cluster", "local"] | None
 
+# A Service name: a DNS-1123 label that starts with a letter (the Workspace's name is its Service's).
+DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 STRENGTH = re.compile(r"^(0(\.\d+)?|1(\.0+)?|\.\d+)$")
@@ -228,13 +230,19 @@ def _check_preset(spec: Any, path: str, *, tuning: bool, warnings: list[FieldErr
         yield FieldError(f"{path}.name", f"preset {preset.name!r} does not support tuning" + (f": {why}" if why else ""))
 
 
-def _check_selector(selector: Any) -> Iterator[FieldError]:
+def _check_selector(selector: Any, *, provisioning: bool = True) -> Iterator[FieldError]:
     if not (selector.match_labels or selector.match_expressions):
         yield FieldError("resource.labelSelector", "must have matchLabels or matchExpressions")
+    reserved = ("a label kaiflow sets on the nodes it provisions (release and the status find a Workspace's "
+                "nodes by it): use another key")
     for key, value in (selector.match_labels or {}).items():
         if not value or len(value) > 63:
             yield FieldError(f"resource.labelSelector.matchLabels.{key}", "label values are 1 to 63 characters")
+        if reserved_node_label(key, provisioning=provisioning):
+            yield FieldError(f"resource.labelSelector.matchLabels.{key}", f"{key} is {reserved}")
     for i, expression in enumerate(selector.match_expressions or []):
+        if reserved_node_label(expression.key or "", provisioning=provisioning):
+            yield FieldError(f"resource.labelSelector.matchExpressions[{i}].key", f"{expression.key} is {reserved}")
         if expression.operator != "In" or len(expression.values or []) != 1:
             yield FieldError(
                 f"resource.labelSelector.matchExpressions[{i}]",
@@ -253,10 +261,10 @@ def _check_resource(ws: Workspace, warnings: list[FieldError]) -> Iterator[Field
     if resource is None:
         yield FieldError("resource", "required field is missing (a Workspace needs resource.labelSelector)")
         return
-    yield from _check_selector(resource.label_selector)
+    own_nodes = uses_own_nodes(ws)
+    yield from _check_selector(resource.label_selector, provisioning=not own_nodes)
     if ws.tuning is not None and resource.count > 1:
         yield FieldError("resource.count", f"tuning runs on one node (got {resource.count}), as in Kaito")
-    own_nodes = uses_own_nodes(ws)
     if own_nodes and resource.instance_type:
         yield FieldError("resource.instanceType", "must be empty with bring-your-own nodes (annotation "
                          f"{ANNOTATION_OWN_NODES}: \"true\"): the nodes labelSelector matches are used")
@@ -384,10 +392,11 @@ def _check_tuning(tuning: Any, mode: Mode) -> Iterator[FieldError]:
 
 
 def _rules(ws: Workspace, mode: Mode, warnings: list[FieldError]) -> Iterator[FieldError]:
-    if not DNS1123_LABEL.match(ws.metadata.name) or len(ws.metadata.name) > 63:
+    if not DNS1035_LABEL.match(ws.metadata.name) or len(ws.metadata.name) > 63:
         yield FieldError(
             "metadata.name",
-            f"must be a DNS-1123 label (lowercase letters, digits, '-', at most 63; it names the Service): {ws.metadata.name!r}",
+            "must be a DNS-1035 label, a DNS-1123 label with a letter first (lowercase letters, digits, '-', "
+            f"at most 63; it names the Service and labels the nodes): {ws.metadata.name!r}",
         )
     if (ws.inference is None) == (ws.tuning is None):
         yield FieldError("", "exactly one of inference, tuning must be set" + (" (both are)" if ws.inference else ""))

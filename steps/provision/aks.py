@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from api.labels import ANNOTATION_OWNER, GPU_TAINT, LABEL_WORKSPACE, LABEL_WORKSPACE_NAMESPACE
+from api.labels import ANNOTATION_OWNER, GPU_TAINT, LABEL_AKS_AGENTPOOL, LABEL_WORKSPACE, LABEL_WORKSPACE_NAMESPACE
 from stepkit import kube
 from stepkit.common import RetryableError, StepError, report_progress
 from steps.provision.base import Provider, ProvisionResult, node_is_ready, pool_safe_name, wait_until
@@ -84,7 +84,7 @@ def agent_pool_spec(provider: AKSProvider, pool: str) -> dict[str, Any]:
         os_type="Linux",
         os_disk_size_gb=provider.opts.os_disk_size_gb,
         enable_auto_scaling=False,
-        node_labels={LABEL_WORKSPACE: config.workspace_name, LABEL_WORKSPACE_NAMESPACE: config.namespace, **config.labels},
+        node_labels={**config.labels, LABEL_WORKSPACE: config.workspace_name, LABEL_WORKSPACE_NAMESPACE: config.namespace},
         node_taints=[f"{GPU_TAINT['key']}={GPU_TAINT['value']}:{GPU_TAINT['effect']}"],
         tags={OWNER_TAG: config.owner},
     )
@@ -194,7 +194,7 @@ class AKSProvider(Provider):
         from kubernetes import client
 
         config = self.config
-        selector = f"agentpool={pool_name}"
+        selector = f"{LABEL_AKS_AGENTPOOL}={pool_name}"
         seen: dict[str, list[str]] = {"ready": [], "all": []}
         with kube.api_client(config.kubeconfig) as api:
             core = client.CoreV1Api(api)

@@ -33,16 +33,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from api.labels import owner_annotation
+from api.labels import owner_annotation, reserved_node_label
 from stepkit.common import RetryableError, StepError
 from stepkit.kube import api_error
 
 log = logging.getLogger("kaiflow.steps.provision")
 
 PROVIDERS = ("local", "aks", "karpenter", "existing")
+CREATING_PROVIDERS = ("aks", "karpenter")  # those that make nodes (and release them)
 
 MAX_COUNT = 100  # node indexes stay within the 12-character AKS pool name
 
+_DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
@@ -79,14 +81,21 @@ class ProvisionConfig:
     def validate(self) -> None:
         if self.provider not in PROVIDERS:
             raise StepError(f"--provider: {self.provider!r} is not one of {', '.join(PROVIDERS)}")
-        if len(self.workspace_name) > 253 or not _DNS_SUBDOMAIN.match(self.workspace_name):
-            raise StepError(f"--workspace-name: {self.workspace_name!r} is not a valid Kubernetes object name")
+        if len(self.workspace_name) > 63 or not _DNS_1035.match(self.workspace_name):
+            # It is the value of the nodes' kaito.sh/workspace label and the name of the Service
+            # deploy makes: refused here, before any node exists, not after.
+            raise StepError(f"--workspace-name: {self.workspace_name!r} is not a valid Workspace name (a DNS-1035 "
+                            "label: lowercase letters, digits and '-', a letter first, at most 63; it names the "
+                            "Service and labels the nodes)")
         if len(self.namespace) > 63 or not _DNS_LABEL.match(self.namespace):
             raise StepError(f"--namespace: {self.namespace!r} is not a valid namespace name")
         if not 1 <= self.count <= MAX_COUNT:
             raise StepError(f"--count: {self.count} is out of range (1..{MAX_COUNT})")
         for key, value in self.labels.items():
             validate_label(key, value)
+            if reserved_node_label(key, provisioning=self.provider in CREATING_PROVIDERS):
+                raise StepError(f"--label {key}={value}: {key} is a label kaiflow sets on the nodes it provisions "
+                                "(release finds them by it); use another key")
         for node in self.preferred_nodes:
             if len(node) > 253 or not _DNS_SUBDOMAIN.match(node):
                 raise StepError(f"--preferred-node: {node!r} is not a valid node name")

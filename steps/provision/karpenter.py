@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from api.labels import (
-    ANNOTATION_OWNER, GPU_TAINT, LABEL_INSTANCE_TYPE, LABEL_MANAGED_BY, LABEL_WORKSPACE, LABEL_WORKSPACE_NAMESPACE,
+    ANNOTATION_OWNER, GPU_TAINT, LABEL_INSTANCE_TYPE, LABEL_KARPENTER_NODEPOOL, LABEL_MANAGED_BY, LABEL_WORKSPACE, LABEL_WORKSPACE_NAMESPACE,
     MANAGED_BY,
 )
 from stepkit import kube
@@ -57,16 +57,16 @@ class KarpenterOptions:
 
 
 def nodeclaim_body(config: ProvisionConfig, options: KarpenterOptions, name: str) -> dict[str, Any]:
-    labels = {
+    labels = {  # kaiflow's last: a --label never overrides them (validate refuses those keys too)
+        **config.labels,
         LABEL_WORKSPACE: config.workspace_name,
         LABEL_WORKSPACE_NAMESPACE: config.namespace,
         LABEL_MANAGED_BY: MANAGED_BY,
-        "karpenter.sh/nodepool": options.node_pool,
-        **config.labels,
+        LABEL_KARPENTER_NODEPOOL: options.node_pool,
     }
     requirements = [
         {"key": LABEL_INSTANCE_TYPE, "operator": "In", "values": [config.instance_type]},
-        {"key": "karpenter.sh/nodepool", "operator": "In", "values": [options.node_pool]},
+        {"key": LABEL_KARPENTER_NODEPOOL, "operator": "In", "values": [options.node_pool]},
         {"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]},
     ] + [{"key": k, "operator": "In", "values": [v]} for k, v in sorted(config.labels.items())]
     return {

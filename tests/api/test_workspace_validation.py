@@ -104,3 +104,18 @@ def test_yaml_errors_and_empty_files(tmp_path):
         load_workspace(empty)
     with pytest.raises(WorkspaceValidationError, match="cannot read file"):
         load_workspace(tmp_path / "missing.yaml")
+
+
+def test_bring_your_own_nodes_may_select_an_existing_pool_but_not_kaiflows_own_labels():
+    """Issue 17, Medium 10: with bring-your-own nodes nothing is provisioned or released, so the
+    provisioners' keys (agentpool, instance type) may select existing nodes; kaiflow's bookkeeping
+    keys (kaito.sh/workspace, ...) never."""
+    def workspace(labels):
+        return {"apiVersion": "kaito.sh/v1beta1", "kind": "Workspace",
+                "metadata": {"name": "byo", "annotations": {"kaiflow.kaito.sh/bring-your-own-nodes": "true"}},
+                "resource": {"labelSelector": {"matchLabels": labels}},
+                "inference": {"preset": {"name": "phi-3-mini-4k-instruct"}}}
+
+    validate_workspace(workspace({"agentpool": "gpu"}))
+    with pytest.raises(WorkspaceValidationError, match="kaito.sh/workspacenamespace is a label kaiflow sets"):
+        validate_workspace(workspace({"kaito.sh/workspacenamespace": "team-b"}))

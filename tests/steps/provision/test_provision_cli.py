@@ -88,3 +88,20 @@ def test_config_validation_names_the_field():
         ProvisionConfig(provider="local", workspace_name="ws", namespace="default", timeout=0).validate()
     with pytest.raises(StepError, match="--count: 101"):
         ProvisionConfig(provider="aks", workspace_name="ws", namespace="default", count=101).validate()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--workspace-name", "9lives"), "--workspace-name: '9lives' is not a valid Workspace name (a DNS-1035 label"),
+    (("--workspace-name", "a" * 64), "is not a valid Workspace name"),
+    (("--label", "kaito.sh/workspace=other"), "--label kaito.sh/workspace=other: kaito.sh/workspace is a label kaiflow sets"),
+    (("--label", "kaiflow.kaito.sh/owner=x"), "is a label kaiflow sets"),
+    (("--label", "karpenter.sh/nodepool=other"), "is a label kaiflow sets"),
+])
+def test_names_and_labels_that_would_break_release_are_refused_before_any_node_exists(kube, tmp_path, capsys, extra, message):
+    """Issue 17, Medium 10: checked by the step itself, before a NodeClaim is created."""
+    argv = ["--provider", "karpenter", "--workspace-name", "phi-3", "--namespace", "team-a", "--instance-type",
+            "Standard_NC24ads_A100_v4", "--kubeconfig", str(kube.kubeconfig), "--outputs", str(tmp_path),
+            "--timeout", "1", *extra]
+    assert run_step(main, argv) == 2
+    assert message in capsys.readouterr().err
+    assert kube.list("/apis/karpenter.sh/v1/nodeclaims") == []
