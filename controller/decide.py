@@ -97,6 +97,12 @@ def decide(body: dict[str, Any], options: ControllerOptions, accepted: dict[str,
         workspace = validate_workspace(spec, mode="local" if options.target == "local" else "cluster")
     except WorkspaceValidationError as exc:
         return Refused(REASON_INVALID, "; ".join(str(e) for e in exc.errors), tuple(e.path for e in exc.errors))
+    nodes = target_node_count(workspace)
+    if nodes > options.max_nodes_per_workspace:
+        # Provisioned before any pod exists, so no namespace ResourceQuota sees these nodes.
+        return Refused(REASON_INVALID, f"resource.count: {nodes} nodes exceed this install's cap of "
+                       f"{options.max_nodes_per_workspace} per Workspace (the operator's --max-nodes-per-workspace, "
+                       "KAIFLOW_CONTROLLER_MAX_NODES_PER_WORKSPACE)", ("resource.count",))
     if accepted:
         changed = immutable_changes(accepted, spec)
         if changed:

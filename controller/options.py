@@ -43,6 +43,9 @@ class ControllerOptions:
         "choices": ("OnPodCompletion", "OnPodSuccess", "OnWorkflowCompletion", "OnWorkflowSuccess")})
     release_after_failure: bool = field(default=True, metadata={
         "help": "free the provisioned nodes as soon as a Workflow fails (Kaito #1107)"})
+    max_nodes_per_workspace: int = field(default=4, metadata={
+        "help": "most GPU nodes one Workspace may have provisioned (its resource.count or the node estimate); "
+                "more is refused with a condition naming resource.count"})
     delete_deadline_s: float = field(default=120.0, metadata={
         "help": "seconds a deletion waits for node release before letting the Workspace go (Kaito #932)"})
     resync_s: float = field(default=30.0, metadata={

@@ -8,6 +8,7 @@ from api.labels import ANNOTATION_IMMUTABLE, ANNOTATION_OWNER, LABEL_GENERATION,
 from api.workspace_status import REASON_IMMUTABLE, REASON_INVALID
 from controller.decide import Desired, Refused, decide, pipeline_name
 from controller.options import ControllerOptions
+from controller.status import refused
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -90,3 +91,19 @@ def test_names_fit_argo_and_stay_unique():
     assert len(pipeline_name(long, "inference", 12)) <= 63
     assert pipeline_name(long, "inference", 12) != pipeline_name(long, "inference", 13)
     assert pipeline_name("short", "inference", 1) == "short-inference-1"
+
+
+def test_more_nodes_than_the_installs_per_workspace_cap_are_refused_naming_resource_count():
+    """Issue 17, Medium 7: nodes are provisioned before any pod exists, so no namespace quota sees
+    them; the operator caps them per Workspace (default small) and the status names the field."""
+    big = body("kaito_workspace_phi_3.yaml")
+    big["resource"]["count"] = 100
+    verdict = decide(big, ControllerOptions())
+    assert isinstance(verdict, Refused) and verdict.reason == REASON_INVALID and verdict.fields == ("resource.count",)
+    assert verdict.message.startswith("resource.count: 100 nodes exceed this install's cap of 4 per Workspace")
+    assert "--max-nodes-per-workspace" in verdict.message
+    assert ControllerOptions().max_nodes_per_workspace == 4
+    assert isinstance(decide(big, ControllerOptions(max_nodes_per_workspace=100)), Desired)
+    status = refused(big["status"], verdict.reason, verdict.message, 1).status
+    condition = next(c for c in status["conditions"] if c["type"] == "WorkspaceSucceeded")
+    assert condition["status"] == "False" and "resource.count" in condition["message"] and status["state"] == "Failed"
