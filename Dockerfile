@@ -1,14 +1,25 @@
-# The kaiflow pipeline image: every DAG step (`python -m steps.<name> ...`) runs in it.
-# Built elsewhere (CI with Docker); no container engine runs on the development machines:
-#   docker build -t ghcr.io/kaiflow/kaiflow-pipeline:0.1.0 .
-# then point an install at it with KAIFLOW_PIPELINE_IMAGE (see docs/pipelines.md).
+# kaiflow's three images, one Dockerfile, one stage each (`make images REGISTRY=... TAG=...`):
 #
-# The dependency list below mirrors pyproject.toml ([project] dependencies and the ml, oci, serve,
-# controller and azure extras); tests/test_dockerfile.py fails when the two drift. They are
-# installed before the source is copied so that a code change does not reinstall torch.
+#   pipeline    every DAG step (`python -m steps.<name> ...`): CUDA, torch and the ML stack
+#   serving     the chat service the deploy step rolls out (`bentoml serve serving_bento.service:KaiflowChat`);
+#               the pipeline stage with its own entry point: the CUDA + torch layers are shared, so a
+#               GPU node that ran the tune pod already holds most of it
+#   controller  the operator (`python -m controller`): no torch, no CUDA, a slim Python base
+#
+# Built elsewhere (CI with Docker); no container engine runs on the development machines.
+# Each stage installs the requirements tools/images/requirements.py reads from pyproject.toml
+# (core dependencies plus the extras named), so the versions cannot drift from pyproject.toml
+# (tests/test_dockerfile.py). They are installed before the source is copied so that a code
+# change does not reinstall torch. All three run as uid 1000: the rendered Workflows, the chat
+# Deployment and the controller Deployment name that uid (pipelines/images.py,
+# steps/deploy/manifests.py, controller/manifests/system/deployment.yaml).
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
-FROM ${CUDA_IMAGE}
+ARG SLIM_IMAGE=python:3.12-slim-bookworm
+ARG KAIFLOW_UID=1000
 
+# ---- pipeline ------------------------------------------------------------------------------------
+FROM ${CUDA_IMAGE} AS pipeline
+ARG KAIFLOW_UID
 # torch: the CUDA build of the version pyproject.toml pins for CPU machines.
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
@@ -31,39 +42,12 @@ RUN apt-get update \
 
 RUN pip install --index-url ${TORCH_INDEX_URL} "torch==${TORCH_VERSION}"
 
-# kaiflow dependencies (keep in step with pyproject.toml)
-RUN pip install \
-    "pydantic>=2.14" \
-    "pyyaml>=6.0" \
-    "hera>=7.1.0,<8" \
-    "rich>=15.0" \
-    "httpx>=0.28" \
-    "croniter>=7.0" \
-    "pyarrow>=26.0" \
-    "numpy>=2.0" \
-    "tenacity>=9.2" \
-    "requests>=2.32" \
-    "urllib3>=2.0" \
-    "transformers>=5.24" \
-    "peft>=0.21" \
-    "trl>=1.16" \
-    "bitsandbytes>=0.50.2" \
-    "datasets>=5.2" \
-    "accelerate>=1.15" \
-    "gguf>=0.19" \
-    "safetensors>=0.5" \
-    "tokenizers>=0.22" \
-    "matplotlib>=3.11" \
-    "psutil>=5.9" \
-    "oras>=0.2.43,<0.3" \
-    "bentoml>=1.4.40" \
-    "starlette>=0.40" \
-    "prometheus-client>=0.20" \
-    "kopf>=1.45" \
-    "kubernetes>=37.0" \
-    "azure-mgmt-containerservice>=41.8" \
-    "azure-identity>=1.27" \
-    "azure-core>=1.35"
+# kaiflow's dependencies, as pyproject.toml names them (torch==2.13.0 is already satisfied by the
+# CUDA build above: 2.13.0+cu128 matches the pin).
+COPY pyproject.toml tools/images/requirements.py /opt/kaiflow-build/
+RUN python /opt/kaiflow-build/requirements.py /opt/kaiflow-build/pyproject.toml ml oci serve controller azure \
+      > /opt/kaiflow-build/requirements.txt \
+ && pip install -r /opt/kaiflow-build/requirements.txt
 
 WORKDIR /opt/kaiflow-src
 COPY pyproject.toml README.md ./
@@ -78,11 +62,10 @@ COPY serving_bento ./serving_bento
 COPY kaiflow ./kaiflow
 # --no-deps: everything was installed above; this adds kaiflow's own packages only.
 RUN pip install --no-deps . \
- && python -c "import stepkit.common, pipelines, api, presets"
+ && python -c "import stepkit.common, pipelines, api, presets, serving_bento.service"
 
 # Ubuntu 24.04 images already have a user `ubuntu` with uid/gid 1000: remove it so kaiflow gets that
 # uid, which the rendered Workflows' securityContext (runAsUser, fsGroup) names (pipelines/images.py).
-ARG KAIFLOW_UID=1000
 RUN if id -u ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
  && groupadd --gid ${KAIFLOW_UID} kaiflow \
  && useradd --uid ${KAIFLOW_UID} --gid ${KAIFLOW_UID} --create-home kaiflow
@@ -90,3 +73,46 @@ USER ${KAIFLOW_UID}
 WORKDIR /home/kaiflow
 ENV HF_HOME=/home/kaiflow/.cache/huggingface
 CMD ["python", "-m", "kaiflow.cli", "--help"]
+
+# ---- serving -------------------------------------------------------------------------------------
+# The Deployment (steps/deploy/manifests.py) runs this command with runAsUser 1000, a read-only root
+# filesystem and HF_HOME/BENTOML_HOME on an emptyDir; its init container runs steps.pull_adapters
+# from the same image.
+FROM pipeline AS serving
+EXPOSE 3000
+CMD ["bentoml", "serve", "serving_bento.service:KaiflowChat", "--host", "0.0.0.0", "--port", "3000"]
+
+# ---- controller ----------------------------------------------------------------------------------
+FROM ${SLIM_IMAGE} AS controller
+ARG KAIFLOW_UID
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/kaiflow \
+    PATH=/opt/kaiflow/bin:$PATH
+RUN python -m venv /opt/kaiflow
+# core dependencies + kopf/kubernetes + the Azure SDK (its finalizer releases AKS agent pools);
+# no ml, oci or serve extra: tests/test_dockerfile.py runs the entry point with those absent.
+COPY pyproject.toml tools/images/requirements.py /opt/kaiflow-build/
+RUN python /opt/kaiflow-build/requirements.py /opt/kaiflow-build/pyproject.toml controller azure \
+      > /opt/kaiflow-build/requirements.txt \
+ && pip install -r /opt/kaiflow-build/requirements.txt
+WORKDIR /opt/kaiflow-src
+COPY pyproject.toml README.md ./
+COPY api ./api
+COPY presets ./presets
+COPY stepkit ./stepkit
+COPY steps ./steps
+COPY pipelines ./pipelines
+COPY local_runner ./local_runner
+COPY controller ./controller
+COPY serving_bento ./serving_bento
+COPY kaiflow ./kaiflow
+RUN pip install --no-deps . \
+ && python -c "import controller.operator, steps.provision.release; import sys; assert 'torch' not in sys.modules"
+RUN groupadd --gid ${KAIFLOW_UID} kaiflow \
+ && useradd --uid ${KAIFLOW_UID} --gid ${KAIFLOW_UID} --create-home kaiflow
+USER ${KAIFLOW_UID}
+WORKDIR /home/kaiflow
+CMD ["python", "-m", "controller"]

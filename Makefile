@@ -21,7 +21,7 @@ TORCH_WHEEL ?=
 TORCH_REQUIREMENT := $(if $(TORCH_WHEEL),$(TORCH_WHEEL),torch==2.13.0)
 TORCH_PIP_ARGS := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 
-.PHONY: install system-deps cluster-tools test test-fast demo templates crds layers bench clean
+.PHONY: install system-deps cluster-tools test test-fast demo templates crds layers bench clean images push set-images
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +75,34 @@ bench: install system-deps
 	$(BIN)/python -m bench.serve_bench
 	$(BIN)/python -m bench.fetch_bench
 	$(BIN)/python -m bench.controller_bench
+
+# The three images from the Dockerfile's stages (a machine with Docker; none runs on the dev machines):
+#   make images REGISTRY=myacr.azurecr.io/kaiflow TAG=0.2.0 && make push REGISTRY=... TAG=...
+# then point the install at them: make set-images REGISTRY=... TAG=... (controller/manifests/kustomization.yaml).
+REGISTRY ?= ghcr.io/kaiflow
+TAG ?= 0.1.0
+DOCKER ?= docker
+DOCKER_BUILD_ARGS ?=
+# stage -> image name (the names controller/manifests/kustomization.yaml lists)
+IMAGE_pipeline := kaiflow-pipeline
+IMAGE_serving := kaiflow-chat
+IMAGE_controller := kaiflow-controller
+STAGES := pipeline serving controller
+
+images:
+	@for stage in $(STAGES); do \
+	  case $$stage in pipeline) name=$(IMAGE_pipeline);; serving) name=$(IMAGE_serving);; controller) name=$(IMAGE_controller);; esac; \
+	  echo "building $(REGISTRY)/$$name:$(TAG) (stage $$stage)"; \
+	  $(DOCKER) build $(DOCKER_BUILD_ARGS) --target $$stage -t $(REGISTRY)/$$name:$(TAG) . || exit 1; \
+	done
+
+push:
+	@for name in $(IMAGE_pipeline) $(IMAGE_serving) $(IMAGE_controller); do \
+	  $(DOCKER) push $(REGISTRY)/$$name:$(TAG) || exit 1; \
+	done
+
+set-images:
+	$(PYTHON) tools/images/set_images.py controller/manifests/kustomization.yaml $(REGISTRY) $(TAG)
 
 clean:
 	rm -rf $(VENV) .kaiflow .pytest_cache

@@ -1,10 +1,12 @@
 """Image references, configurable per install.
 
-The steps run in one pipeline image (kaiflow and its dependencies, built from the repository's
-``Dockerfile``); the chat service runs in the image ``bentoml build``/``bentoml containerize``
-makes from ``serving_bento/``. Neither is built on the development machines (no container engine
-there): CI with Docker builds and pushes them, and an install points kaiflow at its own copies
-with environment variables, read once when a pipeline is built:
+The steps run in the pipeline image and the chat service in the serving image, the
+``pipeline`` and ``serving`` stages of the repository's ``Dockerfile`` (``make images``; the
+controller has its own slim stage). None is built on the development machines (no container
+engine there): a machine with Docker builds and pushes them (``make images push REGISTRY=...
+TAG=...``), and an install points kaiflow at its own copies with the ``images:`` of
+``controller/manifests/kustomization.yaml``, which reach the controller as these environment
+variables, read once when a pipeline is built:
 
 ``KAIFLOW_PIPELINE_IMAGE``  image of every step container
 ``KAIFLOW_SERVING_IMAGE``   image ``deploy --mode cluster`` runs the chat service in
@@ -38,7 +40,7 @@ class Images:
     )
     serving: str = field(
         default=f"{DEFAULT_REGISTRY}/kaiflow-chat:{DEFAULT_TAG}",
-        metadata={"help": "image of the BentoML chat service (bentoml containerize serving_bento)"},
+        metadata={"help": "image of the BentoML chat service (the Dockerfile's serving stage)"},
     )
     pull_policy: str = field(default="IfNotPresent", metadata={"help": "imagePullPolicy of step containers"})
     pipeline_uid: int = field(

@@ -108,15 +108,17 @@ def test_controller_deployment_is_hardened(install):
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert {"requests", "limits"} <= container["resources"].keys()
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert container["command"] == ["python", "-m", "kaiflow.cli", "controller"]
+    assert container["command"] == ["python", "-m", "controller"]  # the slim controller image (Dockerfile)
     assert any(a.startswith("--liveness-port=8080") for a in container["args"])
     (images,) = [c for c in find(install, "ConfigMap") if c["metadata"]["name"].startswith("kaiflow-images")]
     assert container["envFrom"][0]["configMapRef"]["name"] == images["metadata"]["name"]
     assert {"KAIFLOW_PIPELINE_IMAGE", "KAIFLOW_SERVING_IMAGE"} <= images["data"].keys()
 
 
-def test_install_carries_the_generated_crd(install):
-    (crd,) = find(install, "CustomResourceDefinition")
+def test_the_crd_is_applied_on_its_own_so_uninstalling_keeps_every_workspace(install):
+    """`kubectl delete -k controller/manifests` must not delete the CRD (and with it every Workspace)."""
+    assert not find(install, "CustomResourceDefinition")
+    crd = yaml.safe_load((ROOT / "controller" / "manifests" / "kaito.sh_workspaces.yaml").read_text())
     expected = workspace_crd()
     assert crd["spec"]["versions"] == expected["spec"]["versions"]
     assert crd["spec"]["names"]["shortNames"] == ["wk", "wks"]
