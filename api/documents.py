@@ -10,8 +10,9 @@ multiplies. A Workspace file is small and flat, so this reader refuses, naming t
   they are used), and files over ``MAX_FILE_BYTES``.
 
 A file holds one or more Workspaces and the ConfigMaps and PersistentVolumeClaims they use
-(``COMPANION_KINDS``); Secrets are refused, because kaiflow references Secrets and never copies
-them into what it renders.
+(``COMPANION_KINDS``), and Secrets as Kaito's gated-model examples carry them: kaiflow never
+reads a Secret's data, it passes the document through to what ``kaiflow render`` prints (as
+``kubectl apply`` would create it) and references the Secret by name everywhere else.
 """
 
 from __future__ import annotations
@@ -111,6 +112,8 @@ class Bundle:
     workspaces: list[Any] = field(default_factory=list)
     companions: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[Any] = field(default_factory=list)
+    # Secrets of the file, passed through untouched (never logged); ``kaiflow render`` prints them first.
+    secrets: list[dict[str, Any]] = field(default_factory=list)
 
     def config_map(self, name: str | None) -> dict[str, Any] | None:
         if not name:

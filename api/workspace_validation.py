@@ -422,11 +422,26 @@ def _rules(ws: Workspace, mode: Mode, warnings: list[FieldError]) -> Iterator[Fi
         yield from _check_tuning(ws.tuning, mode)
 
 
+# Argo's CronWorkflow parser (robfig/cron with Descriptor) takes these besides 5-field expressions.
+CRON_SPECIALS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+_GO_DURATION = re.compile(r"^(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+$")
+
+
 def _check_schedule(schedule: str) -> Iterator[FieldError]:
     from croniter import croniter
 
-    if len(schedule.split()) != 5 or not croniter.is_valid(schedule):
-        yield FieldError("tuning.schedule", f"must be a 5-field cron expression such as '0 3 * * 0' (got {schedule!r})")
+    text = schedule.strip()
+    if text in CRON_SPECIALS:
+        return
+    if text.startswith("@every"):
+        duration = text[len("@every"):].strip()
+        if _GO_DURATION.match(duration) and any(ch in "123456789" for ch in duration):
+            return
+        yield FieldError("tuning.schedule", f"@every needs a Go duration such as '@every 6h' or '@every 1h30m' (got {schedule!r})")
+        return
+    if len(text.split()) != 5 or not croniter.is_valid(text):
+        yield FieldError("tuning.schedule", f"must be a 5-field cron expression such as '0 3 * * 0', or one of Argo's "
+                         f"{', '.join(CRON_SPECIALS)}, '@every <duration>' (got {schedule!r})")
 
 
 def _snake(camel: str) -> str:
@@ -500,11 +515,13 @@ def _check_configs(ws: Workspace, companions: list[Mapping[str, Any]], mode: Mod
     return errors
 
 
-def load_bundle(source: str | Path, *, mode: Mode = None, data: bytes | None = None) -> Bundle:
+def load_bundle(source: str | Path, *, mode: Mode = None, data: bytes | None = None,
+                namespace: str | None = None) -> Bundle:
     """Every Workspace in a file (``-``: standard input) with its companion ConfigMaps and PVCs.
 
     Raises WorkspaceValidationError with every problem of every document; the returned bundle
-    carries the warnings.
+    carries the warnings. ``namespace`` (``kaiflow ... -n NS``) is given to every object that names
+    none; an object naming another one is refused, as ``kubectl apply -n`` refuses it.
     """
     from api.documents import COMPANION_KINDS, DocumentError, parse_documents, read_source
 
@@ -523,18 +540,27 @@ def load_bundle(source: str | Path, *, mode: Mode = None, data: bytes | None = N
     for i, doc in enumerate(documents, 1):
         prefix = f"document {i}: " if len(documents) > 1 else ""
         kind = doc.get("kind") if isinstance(doc, Mapping) else None
+        if namespace and isinstance(doc, dict) and isinstance(doc.get("metadata"), dict):
+            given = doc["metadata"].get("namespace")
+            if given and given != namespace:
+                errors.append(FieldError("metadata.namespace", f"{prefix}the namespace in the file ({given!r}) does not "
+                                         f"match the namespace given with -n ({namespace!r})"))
+                continue
+            doc["metadata"]["namespace"] = namespace
         if kind in COMPANION_KINDS:
             if doc.get("apiVersion") != "v1" or not isinstance(doc.get("metadata"), Mapping) or not doc["metadata"].get("name"):
                 errors.append(FieldError("", f"{prefix}a {kind} needs apiVersion v1 and metadata.name"))
             else:
                 bundle.companions.append(dict(doc))
-        elif kind == "Secret":
-            errors.append(FieldError("", f"{prefix}Secrets are not accepted in a Workspace file: create the Secret "
-                                     "separately (kubectl create secret); kaiflow only references it by name"))
+        elif kind == "Secret":  # passed through untouched; the message never shows its data
+            if doc.get("apiVersion") != "v1" or not isinstance(doc.get("metadata"), Mapping) or not doc["metadata"].get("name"):
+                errors.append(FieldError("", f"{prefix}a Secret needs apiVersion v1 and metadata.name"))
+            else:
+                bundle.secrets.append(doc)
         elif kind is None or kind == KIND:
             candidates.append((i, doc))
         else:
-            errors.append(FieldError("kind", f"{prefix}must be '{KIND}' (or a companion ConfigMap or PersistentVolumeClaim), got {kind!r}"))
+            errors.append(FieldError("kind", f"{prefix}must be '{KIND}' (or a companion ConfigMap, PersistentVolumeClaim or Secret), got {kind!r}"))
     if not candidates and not errors:
         errors.append(FieldError("", "no Workspace in the file"))
     for i, doc in candidates:

@@ -1,10 +1,12 @@
 """`make demo`: the embedded default, a whole Kaito tuning Workspace on this machine.
 
 1. starts a real OCI registry (Debian's docker-registry) on 127.0.0.1:5000 — the adapter's
-   destination in examples/local_tuning_smollm2.yaml;
+   destination in examples/local_tuning_smollm2.yaml — with the storage `kaiflow registry` and
+   `kaiflow run` use (.kaiflow/registry), unless one answers there already;
 2. `kaiflow run`s that Workspace: the same DAG Argo runs in a cluster (provision on the local
-   provider, fetch the parquet dataset, QLoRA-tune SmolLM2-135M-Instruct on the CPU, eval gate,
-   push the adapter with ORAS, start the BentoML chat service, smoke-test it);
+   provider, fetch the parquet dataset, QLoRA-tune SmolLM2-135M-Instruct on the CPU, push the
+   adapter with ORAS, start the BentoML chat service, smoke-test it; a one-off tuning has no eval
+   gate: that is scheduled tuning's, see examples/local_scheduled_tuning_tiny.yaml);
 3. chats with the service over HTTP and shows where the loss curve and logs are;
 4. leaves the service running for `kaiflow chat` (stop it with `kaiflow stop --workdir ...`).
 
@@ -47,12 +49,13 @@ def main() -> int:
     from rich.console import Console
 
     from local_runner.local_registry import ensure_local_registry
+    from local_runner.preflight import REGISTRY_ROOT
     from local_runner.runner import run_cli
     from serving_bento.client import chat
     from steps.deploy.local_service import resolve_url, stop_local
 
     console = Console(stderr=True)
-    registry = ensure_local_registry(f"127.0.0.1:{REGISTRY_PORT}", args.workdir / "registry")
+    registry = ensure_local_registry(f"127.0.0.1:{REGISTRY_PORT}", ROOT / REGISTRY_ROOT)
     if registry is None:
         console.print(f"using the registry already answering on 127.0.0.1:{REGISTRY_PORT}")
     else:

@@ -13,23 +13,27 @@ INTERRUPTED = 130
 
 
 def run_cli(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[str], resume: bool = False,
-            console: Any = None, parameters: dict[str, str] | None = None) -> int:
+            console: Any = None, parameters: dict[str, str] | None = None, namespace: str | None = None,
+            preflight: bool = True) -> int:
     """Run, then print a summary or the failure; returns the exit code.
 
     0 all tasks finished; 1 a task failed (its name, exit code and log tail are printed, and
     ``--resume`` picks up from it); 2 the pipeline cannot run here (bad state, unsupported field,
-    workdir in use by another run); 130 interrupted (Ctrl-C or SIGTERM; the running task was ended).
+    workdir in use by another run, something the DAG needs missing: ``local_runner.preflight``);
+    130 interrupted (Ctrl-C or SIGTERM; the running task was ended).
     """
     from rich.console import Console
 
     from local_runner.expressions import ExpressionError
+    from local_runner.preflight import PreflightError
     from api import WorkspaceValidationError
     from pipelines.structure import StructureError
     from pipelines.dags import PipelineError
 
     console = console or Console(stderr=True)
     try:
-        result = run(workspace_path, workdir, resume=resume, console=console, parameters=parameters)
+        result = run(workspace_path, workdir, resume=resume, console=console, parameters=parameters,
+                     namespace=namespace, preflight=preflight)
     except RunFailed as exc:
         detail = "; ".join(d for d in (f"exit code {exc.exit_code}" if exc.exit_code else "", exc.reason) if d)
         console.print(f"[bold red]task {exc.task} failed[/] ({detail})", highlight=False)
@@ -37,10 +41,10 @@ def run_cli(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[s
         console.print(f"full log: {exc.log_path}\nafter fixing it: kaiflow run {workspace_path} "
                       f"--workdir {workdir} --resume", highlight=False)
         return 1
-    except (RunnerError, PipelineError, StructureError, ExpressionError, WorkspaceValidationError) as exc:
+    except (RunnerError, PipelineError, StructureError, ExpressionError, WorkspaceValidationError, PreflightError) as exc:
         from rich.markup import escape
 
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)  # fixes to copy whole
         return 2
     except KeyboardInterrupt:
         console.print(f"interrupted; the running task was ended. Continue with: kaiflow run {workspace_path} "

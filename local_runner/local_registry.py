@@ -8,10 +8,13 @@ same as a cluster run does with ACR; this module runs that registry.
   ``htpasswd -B``; the password goes in on stdin, never on a command line). It can be stopped and
   started again on the same port and storage, and upload sessions survive that (the
   ``http.secret`` is made once per root and kept there).
-* ``ensure_local_registry(host_port, root)`` is what ``kaiflow run`` calls before a local run
-  whose images live on this machine: it returns ``None`` when a registry already answers there
-  and otherwise starts one (the caller stops it).
-* ``kaiflow registry [--port 5000] [--root DIR]`` runs one in the foreground until Ctrl-C.
+* ``kaiflow registry [--port 5000] [--root .kaiflow/registry]`` runs one in the foreground until
+  Ctrl-C: the one documented way to start it by hand.
+* ``ensure_local_registry(host_port, root)`` returns ``None`` when a registry already answers
+  there and otherwise starts one (the caller stops it). ``kaiflow run`` calls it, through
+  ``local_runner.preflight``, when its Workspace pushes to or pulls from the local default
+  ``127.0.0.1:5000`` and nothing answers there (same storage as ``kaiflow registry``; stopped when
+  the run ends); ``make demo`` calls it too.
 
 Only the standard library is imported: the test fixtures load this module on every test run.
 """

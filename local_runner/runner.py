@@ -447,14 +447,16 @@ class LocalRun:
 
 
 def local_manifest(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[str], *,
-                   port: int | None = None, docker_config: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """The manifest ``run`` executes: the Workspace's Workflow built for ``Target.local``."""
+                   port: int | None = None, docker_config: str | os.PathLike[str] | None = None,
+                   namespace: str | None = None) -> dict[str, Any]:
+    """The manifest ``run`` executes: the Workspace's Workflow built for ``Target.local``
+    (``kaiflow render --target local`` prints it). ``namespace``: ``-n``, for a Workspace naming none."""
     from api.workspace_validation import load_bundle
 
     from pipelines.target import TRAINING_CONFIG_KEY, Target
     from pipelines.dags import build
 
-    bundle = load_bundle(workspace_path, mode="local")
+    bundle = load_bundle(workspace_path, mode="local", namespace=namespace)
     if len(bundle.workspaces) != 1:
         raise RunnerError(f"{workspace_path}: kaiflow run takes one Workspace, found {len(bundle.workspaces)}")
     workspace = bundle.workspaces[0]
@@ -479,12 +481,15 @@ def local_manifest(workspace_path: str | os.PathLike[str], workdir: str | os.Pat
 def run(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[str], resume: bool = False, *,
         port: int | None = None, docker_config: str | os.PathLike[str] | None = None,
         console: Any = None, env: dict[str, str] | None = None,
-        parameters: dict[str, str] | None = None) -> RunResult:
+        parameters: dict[str, str] | None = None, namespace: str | None = None,
+        preflight: bool = False) -> RunResult:
     """Run a Workspace's DAG on this machine; raise ``RunFailed`` at the first failing task.
 
     ``port`` is where a local deploy serves (a free one is picked, and kept for ``resume``);
     ``docker_config`` is the docker config file used in place of imagePushSecret/imagePullSecrets;
-    ``parameters`` override the Workflow's arguments (``argo submit -p name=value``).
+    ``parameters`` override the Workflow's arguments (``argo submit -p name=value``);
+    ``preflight``: check what the DAG needs outside itself first (``local_runner.preflight``; a
+    local default registry it starts is stopped when the run ends), ``PreflightError`` if missing.
     """
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -492,6 +497,7 @@ def run(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[str],
         lock = WorkdirLock(workdir).__enter__()
     except WorkdirInUse as exc:
         raise RunnerError(str(exc)) from None
+    checked = None
     try:
         settings_path = workdir / "run.json"
         if resume and settings_path.exists():
@@ -499,7 +505,11 @@ def run(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[str],
             port = port or settings.get("port")
             docker_config = docker_config or settings.get("docker_config")
         port = port or _free_port()
-        manifest = local_manifest(workspace_path, workdir, port=port, docker_config=docker_config)
+        manifest = local_manifest(workspace_path, workdir, port=port, docker_config=docker_config, namespace=namespace)
+        if preflight:
+            from local_runner.preflight import check as check_needs
+
+            checked = check_needs(manifest, workdir, parameters)
         settings_path.write_text(json.dumps({"port": port, "docker_config": str(docker_config) if docker_config else None,
                                              "workspace": str(Path(workspace_path).resolve())}))
         from local_runner.progress import ProgressDisplay
@@ -516,6 +526,8 @@ def run(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[str],
                     display.console.print("ended tasks a previous run left running: " + "; ".join(local.leftovers),
                                           highlight=False)
     finally:
+        if checked is not None:
+            checked.stop()
         lock.__exit__(None, None, None)
 
 

@@ -58,7 +58,7 @@ def test_accepted_workspaces_render_with_their_companions(path, capsys):
     bundle = load_bundle(path, mode="cluster")
     assert main(["render", str(path)]) == 0
     documents = list(yaml.safe_load_all(capsys.readouterr().out))
-    expected = []
+    expected = [("Secret", s["metadata"]["name"]) for s in bundle.secrets]  # passed through first
     for ws in bundle.workspaces:
         expected += [(c["kind"], c["metadata"]["name"]) for c in bundle.companions_for(ws)] + [("Workflow", ws.name)]
     got = [(d["kind"], d["metadata"]["name"] if d["kind"] != "Workflow" else d["metadata"]["labels"]["kaito.sh/workspace"])

@@ -221,7 +221,7 @@ def test_run_cli_names_the_failing_task(tmp_path: Path):
         "  output: {image: '127.0.0.1:1/x/y:v1'}\n"
     )
     out = io.StringIO()
-    assert run_cli(workspace, tmp_path / "work", console=Console(file=out, width=200)) == 1
+    assert run_cli(workspace, tmp_path / "work", console=Console(file=out, width=200), preflight=False) == 1
     text = out.getvalue()
     assert "task fetch-dataset failed (exit code 2)" in text
     assert "no/such/file.parquet" in text
