@@ -73,6 +73,14 @@ BYTES_PER_PARAM = {
 
 GIB = 1024**3
 
+# Parameter counts the file size cannot give: gpt-oss stores only its MoE experts in mxfp4 (the
+# attention, embeddings and router stay bf16), so size / 0.55 overstated 20b as 50 B. Totals from
+# OpenAI's gpt-oss model card.
+PARAMS_B = {
+    "openai/gpt-oss-20b": 20.91,
+    "openai/gpt-oss-120b": 116.83,
+}
+
 
 def _size_gib(text: str) -> float:
     match = re.fullmatch(r"([0-9.]+)(Gi|Mi|Ti)", str(text).strip())
@@ -119,7 +127,7 @@ def build(kaito_catalog: dict[str, Any]) -> dict[str, Any]:
             targets = [targets]
         facts: dict[str, Any] = {
             "file_size_gib": round(size_gib, 2),
-            "params_b": round(size_gib * GIB / BYTES_PER_PARAM[quant] / 1e9, 2),
+            "params_b": PARAMS_B.get(entry["name"], round(size_gib * GIB / BYTES_PER_PARAM[quant] / 1e9, 2)),
             "architecture": architecture,
             "model_type": model_type,
             "quantization": quant,

@@ -33,7 +33,8 @@ def call_with_retries(operation: Callable[[], T], *, what: str, attempts: int = 
                       max_delay_s: float = MAX_DELAY_S) -> T:
     """Run ``operation`` until it returns, retrying only ``retry_on`` exceptions, at most ``attempts`` times.
 
-    The delay starts at ``backoff_s``, doubles per retry up to ``max_delay_s``, with ±20 % jitter.
+    The delay starts at ``backoff_s``, doubles per retry up to ``max_delay_s``, plus a random jitter
+    of 0 to ``0.2 * backoff_s`` seconds (0–0.2 s at the default ``backoff_s`` of 1 s).
     When every attempt failed the last exception is raised unchanged, for the caller to map.
     """
     attempts = max(1, attempts)

@@ -85,6 +85,7 @@ def test_listing_names_each_model_once():
     assert len(listed) == 16 + 60 - 12
     gpt = next(p for p in listed if p.source == "openai/gpt-oss-20b")
     assert gpt.aliases == ("gpt-oss-20b",) and not gpt.tuning
+    assert gpt.params_b == 20.91  # the model card's total, not the mxfp4 file size / 0.55 (50 B)
 
 
 def test_mla_kv_cache_uses_the_compressed_rank():
