@@ -92,6 +92,8 @@ RELEASE_WHEN = (
 DEFAULT_EPOCHS = "1"
 WORKFLOW_DEADLINE_S = 3 * 24 * 3600
 TTL_AFTER_COMPLETION_S = 7 * 24 * 3600
+# How long a succeeded pod (and its log) is kept before Argo's pod GC deletes it (Argo >= 3.5).
+POD_GC_DELAY = "24h"
 
 
 class PipelineError(ValueError):
@@ -200,7 +202,10 @@ def _workflow_spec(workspace: Workspace, target: Target, kind: str, volume_gib: 
         pod_metadata=m.Metadata(labels=pod_labels),
         active_deadline_seconds=WORKFLOW_DEADLINE_S,
         ttl_strategy=m.TTLStrategy(seconds_after_completion=TTL_AFTER_COMPLETION_S),
-        pod_gc=m.PodGC(strategy="OnPodSuccess"),
+        # Succeeded pods go a day after they end (their logs readable meanwhile, `argo logs`, the
+        # UI); failed ones stay until the Workflow's TTL removes it. With an artifact repository the
+        # tune log and loss curve outlive both (artifacts; and archiveLogs in Argo's config).
+        pod_gc=m.PodGC(strategy="OnPodSuccess", delete_delay_duration=POD_GC_DELAY),
         volume_claim_gc=m.VolumeClaimGC(strategy="OnWorkflowCompletion"),
         service_account_name=WORKFLOW_SERVICE_ACCOUNT,
     )
@@ -211,10 +216,13 @@ def _provision_template(workspace: Workspace, target: Target, instance_type: str
     resource = workspace.resource
     if target.is_cluster and defaults.uses_own_nodes(workspace):
         target = replace(target, provider="existing")  # bring-your-own nodes: nothing is created
+    # The controller's Workflows (rendered with the Workspace's uid): the operator creates the nodes
+    # before the Workflow and releases them; the task only waits (docs/security.md, "Nodes and tenancy").
+    wait_only = target.is_cluster and bool(workspace.metadata.uid) and target.provider in ("aks", "karpenter")
     return tasks.provision(
         target, workspace_name=workspace.metadata.name, namespace=workspace.namespace,
         instance_type=instance_type, count=str(resource.count), labels=_node_labels(workspace),
-        preferred_nodes=resource.preferred_nodes or (),
+        preferred_nodes=resource.preferred_nodes or (), wait_only=wait_only,
     )
 
 

@@ -51,6 +51,7 @@ from pipelines.names import (
     dns1123_label,
 )
 from pipelines.target import LocalTarget, Target
+from stepkit.common import STEP_LOG_ENV
 
 DATA_VOLUME = "kaiflow-data"
 TRAINING_CONFIG_VOLUME = "training-config"
@@ -312,13 +313,18 @@ def _azure_identity(target: Target) -> tuple[list[Env | m.EnvVar], dict[str, str
 
 
 def provision(target: Target, *, workspace_name: str, namespace: str, instance_type: str | None, count: str,
-              labels: Sequence[str], preferred_nodes: Sequence[str] = (), name: str = TASK_PROVISION) -> Container:
+              labels: Sequence[str], preferred_nodes: Sequence[str] = (), name: str = TASK_PROVISION,
+              wait_only: bool = False) -> Container:
+    """``wait_only``: the kaiflow operator creates the nodes (``steps.provision.release.request``)
+    and the task only waits for them, with no Azure identity and no right to create or delete."""
     args = ["--provider", target.provider, "--workspace-name", workspace_name, "--namespace", namespace]
     if instance_type:
         args += ["--instance-type", instance_type]
     args += ["--count", count, *_flag("--label", labels)]
     args += _flag("--preferred-node", preferred_nodes)
-    env, pod_labels = _azure_identity(target)
+    if wait_only:
+        args.append("--wait-only")
+    env, pod_labels = ([], None) if wait_only else _azure_identity(target)
     return _step(
         target, name=name, module="provision", args=args, outputs=[OUTPUT_NODES, OUTPUT_PROVIDER], retry=True,
         deadline=DEADLINES["provision"], data_volume=False, env=env, service_account=PROVISIONER_SERVICE_ACCOUNT,
@@ -362,6 +368,11 @@ def fetch_dataset(target: Target, *, urls: Sequence[str], max_bytes: str | None 
     )
 
 
+def tune_log_path(target: Target) -> str:
+    """Where the tune step's log is kept (``KAIFLOW_STEP_LOG``): on the data volume, beside the adapters."""
+    return target.data("logs", "tune.log")
+
+
 def tune(target: Target, *, preset: str, method: str, adapter_name: str, config: str | None,
          config_map: str | None, scheduling: Scheduling | None, deadline: int, max_steps: str | None = None,
          model_access_secret: str | None = None, epochs: str | None = None, name: str = TASK_TUNE) -> Container:
@@ -377,7 +388,9 @@ def tune(target: Target, *, preset: str, method: str, adapter_name: str, config:
         args += ["--max-steps", max_steps]
     if epochs:
         args += ["--epochs", epochs]
-    mounts, env = [], []
+    # the step's log, kept on the data volume (appended across retries): an artifact here, and
+    # push-adapter puts it inside the adapter image beside loss.png
+    mounts, env = [], [Env(name=STEP_LOG_ENV, value=tune_log_path(target))]
     if target.is_cluster:
         # Weights are downloaded once per workflow onto the data volume; a retried tune pod
         # finds them there and resumes from the last checkpoint on the same volume.
@@ -390,6 +403,7 @@ def tune(target: Target, *, preset: str, method: str, adapter_name: str, config:
     loss_curve = [
         Artifact(name="loss-curve", path=f"{adapter_dir}/loss.png", archive=NoneArchiveStrategy(), optional=True),
         Artifact(name="loss-history", path=f"{adapter_dir}/loss.json", archive=NoneArchiveStrategy(), optional=True),
+        Artifact(name="training-log", path=tune_log_path(target), archive=NoneArchiveStrategy(), optional=True),
     ]
     labels = {"adapter": adapter_name, "preset": preset, "method": method}
     metrics = [
@@ -440,6 +454,7 @@ def push_adapter(target: Target, *, adapter_name: str, image: str, docker_config
         args += ["--also-tag", also_tag]
     args += _registry_flags(target, registry_image or image, docker_config)
     args += _flag("--annotation", [f"{k}={v}" for k, v in (annotations or {}).items()])
+    args += ["--attach", tune_log_path(target)]  # the training log travels inside the adapter image
     return _step(
         target, name=name, module="push_adapter", args=args,
         outputs=["adapter-digest", OUTPUT_IMAGE], retry=True, deadline=DEADLINES["push_adapter"], mounts=mounts,

@@ -83,12 +83,32 @@ def report_progress(done: int, total: int) -> None:
         log.debug("cannot write progress file %s: %s", progress_file, exc)
 
 
+# A file the step's log is also written to (appended: a retried pod adds to its predecessor's), e.g.
+# the tune step's log on the data volume, which push-adapter puts inside the adapter image.
+STEP_LOG_ENV = "KAIFLOW_STEP_LOG"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    path = os.environ.get(STEP_LOG_ENV)
+    if path and not any(getattr(h, "baseFilename", None) == os.path.abspath(path) for h in logging.root.handlers):
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+        except OSError as exc:  # a log that cannot be kept never fails the step
+            logging.getLogger("kaiflow").warning("%s=%s: cannot write the step log there (%s)", STEP_LOG_ENV, path, exc)
+            return
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logging.root.addHandler(handler)
+
+
+def _log_failure(message: str) -> None:
+    print(message, file=sys.stderr)
+    if os.environ.get(STEP_LOG_ENV):  # stderr has it already; the step log gets it too
+        for handler in logging.root.handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.emit(logging.LogRecord("kaiflow.step", logging.ERROR, "", 0, message, None, None))
 
 
 def run_step(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
@@ -97,10 +117,10 @@ def run_step(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
     try:
         return int(main(argv) or 0)
     except RetryableError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _log_failure(f"error: {exc}")
         return 1
     except StepError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _log_failure(f"error: {exc}")
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

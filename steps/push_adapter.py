@@ -68,6 +68,7 @@ MEDIA_TYPES = {
     "kaiflow.json": "application/vnd.kaito.kaiflow.metadata.v1+json",
     "loss.json": "application/vnd.kaito.kaiflow.loss.v1+json",
     "loss.png": "image/png",
+    "tune.log": "text/plain",
 }
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 DEFAULT_MEDIA_TYPE = "application/octet-stream"
@@ -96,6 +97,9 @@ class PushConfig:
         "help": "one more tag for the same manifest, e.g. latest once the eval gate passed (repeatable)"})
     annotation: list[str] = field(default_factory=list, metadata={
         "help": "extra manifest annotation key=value (repeatable; overrides values from kaiflow.json)"})
+    attach: list[str] = field(default_factory=list, metadata={
+        "help": "one more file pushed beside the adapter's, under its own name, when it exists (the tune "
+                "step's log; repeatable)", "metavar": "FILE"})
 
 
 @dataclass(frozen=True)
@@ -200,6 +204,15 @@ def push_adapter(config: PushConfig, options: RegistryOptions | None = None,
         if not TAG_RE.match(extra):
             raise StepError(f"--also-tag {extra!r} is not a valid tag")
     files = collect_files(adapter_dir)
+    names = {p.name for p in files}
+    for extra in map(Path, config.attach):
+        if not extra.is_file():
+            log.warning("--attach %s: not there, pushed without it", extra)
+        elif extra.name in names:
+            log.warning("--attach %s: the adapter already has a %s, kept", extra, extra.name)
+        else:
+            files.append(extra)
+            names.add(extra.name)
     now = now or dt.datetime.now(dt.UTC)
     annotations = annotations_from(read_adapter_metadata(adapter_dir), config.annotation, now)
 

@@ -11,6 +11,7 @@ the CUDA base image and wheels exist on their registries, the images' sizes.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -23,11 +24,18 @@ import yaml
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools" / "images"))
-from requirements import requirements  # noqa: E402  (tools/ is not a package)
-from set_images import set_images  # noqa: E402
 
-sys.path.pop(0)
+
+def _tool(name: str):
+    """A script of tools/images/ (not a package: the Dockerfile runs it on a bare Python)."""
+    spec = importlib.util.spec_from_file_location(f"kaiflow_tools_{name}", ROOT / "tools" / "images" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+requirements = _tool("requirements").requirements
+set_images = _tool("set_images").set_images
 
 STAGES = ("pipeline", "serving", "controller")
 # what the install calls each stage's image (controller/manifests/kustomization.yaml, pipelines/images.py)

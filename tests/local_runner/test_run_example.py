@@ -89,7 +89,7 @@ def test_kaiflow_run_executes_every_task_of_the_tiny_tuning_example(tiny_workspa
     workflow_parameters = {p["name"]: p["value"] for p in local_spec["arguments"]["parameters"]}
     target_defined = {"--outputs", "--output-dir", "--dataset-dir", "--checkpoint-dir", "--adapter-dir", "--url",
                       "--config", "--provider", "--mode", "--insecure", "--adapters-dir", "--workdir", "--port",
-                      "--adapter-image", "--image", "--gpus", "--node-label", "--dataset-digest"}
+                      "--adapter-image", "--image", "--gpus", "--node-label", "--dataset-digest", "--attach"}
     for name in order:
         executed = result.tasks[name].command
         argo = templates[tasks[name]["template"]]["container"]
@@ -123,7 +123,8 @@ def test_kaiflow_run_executes_every_task_of_the_tiny_tuning_example(tiny_workspa
     assert result.tasks["tune"].progress.endswith("/4") and result.tasks["tune"].progress.split("/")[0] == "4"
     for name in order:
         assert (workdir / "logs" / f"{name}.log").stat().st_size > 0
-    assert set(result.tasks["tune"].artifacts) == {"loss-curve", "loss-history"}
+    assert set(result.tasks["tune"].artifacts) == {"loss-curve", "loss-history", "training-log"}
+    assert Path(result.tasks["tune"].artifacts["training-log"]).stat().st_size > 0  # KAIFLOW_STEP_LOG
     history = json.loads(Path(result.tasks["tune"].artifacts["loss-history"]).read_text())
     assert history
     assert float(result.output("tune", "eval-loss")) > 0

@@ -232,3 +232,37 @@ def test_bearer_token_registry_push_and_pull(oci_registry_token, tune_output_dir
                                 "--docker-config", str(bad), "--outputs", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "401" in err and oci_registry_token.host in err and "bearer-wrong-pw" not in err
+
+
+def test_the_training_log_and_loss_curve_travel_inside_the_adapter(oci_registry, tune_output_dir, tmp_path,
+                                                                    monkeypatch):
+    """The tune step's log (KAIFLOW_STEP_LOG, kept across retries) is pushed beside loss.png (--attach)."""
+    import logging
+    import subprocess
+    import sys
+
+    from stepkit.common import STEP_LOG_ENV
+
+    log_file = tmp_path / "data" / "logs" / "tune.log"
+    # a step run with the variable set writes its log and its failure line there, appending
+    script = ("import logging, sys; from stepkit.common import run_step, StepError\n"
+              "def main(argv):\n    logging.getLogger('kaiflow.steps.tune').info('epoch 1: loss 2.5')\n"
+              "    raise StepError('dataset row 3: no messages')\n"
+              "sys.exit(run_step(main))")
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", script], env={**__import__("os").environ, STEP_LOG_ENV: str(log_file)},
+                              capture_output=True, text=True)
+        assert done.returncode == 2
+    text = log_file.read_text()
+    assert text.count("epoch 1: loss 2.5") == 2 and text.count("error: dataset row 3: no messages") == 2
+    logging.getLogger().handlers[:] = [h for h in logging.getLogger().handlers if not isinstance(h, logging.FileHandler)]
+
+    outputs = tmp_path / "outputs"
+    image = f"{oci_registry.host}/adapters/with-log:v1"
+    assert run_step(push.main, ["--adapter-dir", str(tune_output_dir), "--image", image, "--insecure",
+                                "--attach", str(log_file), "--attach", str(tmp_path / "absent.log"),
+                                "--outputs", str(outputs)]) == 0
+    _, manifest = get_manifest(oci_registry, "adapters/with-log", "v1")
+    titles = {layer["annotations"]["org.opencontainers.image.title"]: layer["mediaType"] for layer in manifest["layers"]}
+    assert titles["tune.log"] == "text/plain" and titles["loss.png"] == "image/png"
+    assert "absent.log" not in titles
