@@ -339,8 +339,10 @@ def _tuning(workspace: Workspace, target: Target) -> Workflow | CronWorkflow:
     }
     with workflow:
         provision_t = _provision_template(workspace, target, instance_type)
+        # fetch-dataset is the data volume's first consumer: on the GPU node, a WaitForFirstConsumer
+        # class makes the disk in that node's zone (a zonal disk elsewhere could never attach to it)
         fetch_t = tasks.fetch_dataset(target, urls=[tasks.workflow_ref(p) for p in dataset], config=config_file,
-                                      config_map=tuning.config)
+                                      config_map=tuning.config, scheduling=scheduling.placement_only())
         tune_t = tasks.tune(
             target, preset=preset.name, method=tuning.method, adapter_name=name, config=config_file,
             config_map=tuning.config, scheduling=scheduling, deadline=_tune_deadline(preset),

@@ -114,6 +114,13 @@ class Scheduling:
     match_expressions: tuple[m.NodeSelectorRequirement, ...] = field(
         default=(), metadata={"help": "from resource.labelSelector.matchExpressions, as required node affinity"}
     )
+    on_gpu_node: bool = field(default=False, metadata={
+        "help": "placed on the GPU nodes (their taints tolerated) without requesting a GPU"})
+
+    def placement_only(self) -> Scheduling:
+        """The same nodes, no GPU, memory or CPU request: for the data volume's first consumer, so a
+        WaitForFirstConsumer volume (AKS's default classes) is made in the GPU node's zone."""
+        return Scheduling(node_selector=self.node_selector, match_expressions=self.match_expressions, on_gpu_node=True)
 
     def resources(self) -> m.ResourceRequirements | None:
         requests: dict[str, m.Quantity] = {}
@@ -129,7 +136,7 @@ class Scheduling:
         return m.ResourceRequirements(requests=requests, limits=limits or None)
 
     def tolerations(self) -> list[m.Toleration] | None:
-        if not self.gpus:
+        if not self.gpus and not self.on_gpu_node:
             return None
         # GPU node pools are tainted so only GPU work lands there: the NVIDIA device plugin's
         # taint and the one Kaito's gpu-provisioner puts on the nodes it creates.
@@ -349,8 +356,9 @@ def release_nodes(target: Target, *, workspace_name: str, namespace: str, name: 
 
 def fetch_dataset(target: Target, *, urls: Sequence[str], max_bytes: str | None = None,
                   eval_fraction: str | None = None, config: str | None = None, config_map: str | None = None,
-                  name: str = TASK_FETCH_DATASET) -> Container:
-    """``config``: Kaito's training_config.yaml, whose DatasetConfig (columns, split) the step applies."""
+                  scheduling: Scheduling | None = None, name: str = TASK_FETCH_DATASET) -> Container:
+    """``config``: Kaito's training_config.yaml, whose DatasetConfig (columns, split) the step applies.
+    ``scheduling``: where it runs; the first user of the data volume, so on the GPU node (zones)."""
     args = [*_flag("--url", [target.dataset_url(u) for u in urls]), "--output-dir", target.data("dataset")]
     if max_bytes:
         args += ["--max-bytes", max_bytes]
@@ -363,7 +371,7 @@ def fetch_dataset(target: Target, *, urls: Sequence[str], max_bytes: str | None 
             mounts.append(m.VolumeMount(name=TRAINING_CONFIG_VOLUME, mount_path=config.rsplit("/", 1)[0], read_only=True))
     return _step(
         target, name=name, module="fetch_dataset", args=args, outputs=[OUTPUT_DATASET_DIGEST, "summary"], retry=True,
-        deadline=DEADLINES["fetch_dataset"], mounts=mounts,
+        deadline=DEADLINES["fetch_dataset"], mounts=mounts, scheduling=scheduling,
         description="Download and check the training data (parquet/jsonl/json/csv/arrow)",
     )
 
