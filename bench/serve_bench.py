@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="KAIFLOW_TORCH_THREADS for every server (0: torch's default; 1 is steadier on "
-                        "a shared machine, see docs/serving.md)")
+                        "a shared machine, see docs/user-guide/serving.md)")
     parser.add_argument("--quantize", default="auto", choices=("auto", "none", "int8"),
                         help="KAIFLOW_QUANTIZE for every server (auto: int8 on a CPU)")
     parser.add_argument("--anchor", choices=("llama-cpp",), action="append", default=[],

@@ -21,7 +21,7 @@ Tuning (one GPU; the base is frozen, only LoRA matrices train)::
     total     = (base + trainable + acts + logits) × 1.10 + 1 GiB
 
 P: parameters, L: layers, h: hidden size, V: vocabulary, B: batch, S: sequence length, T: context
-tokens held in the KV cache, b: bytes per element. docs/gpu-sizing.md compares these with the
+tokens held in the KV cache, b: bytes per element. docs/reference/gpu-sizing.md compares these with the
 figures Kaito publishes.
 """
 

@@ -151,7 +151,7 @@ def _int8_kernels_available() -> bool:
 
 # Linear layers kept in fp32 under int8: the MLP's down projection. Its input (SwiGLU's output) has
 # outliers that a per-batch activation scale flattens: on SmolLM2, quantizing down_proj alone
-# raised held-out loss from 3.84 to 4.62; every other projection together to 4.08 (docs/serving.md).
+# raised held-out loss from 3.84 to 4.62; every other projection together to 4.08 (docs/user-guide/serving.md).
 KEEP_FP32 = frozenset({"down_proj"})
 
 

@@ -2,7 +2,7 @@
 
 The service runs under ``bentoml serve``, which owns the command line, so configuration comes
 from the environment (a Deployment's ``env``, or what ``steps.deploy`` sets for a local run).
-Each field names its variable and carries a help text; ``docs/serving.md`` lists them.
+Each field names its variable and carries a help text; ``docs/user-guide/serving.md`` lists them.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ OpenAI's shape, OpenAI-style error bodies, a body-size limit and a bearer key.
 
 One worker holds the model and runs the batching engine in a thread; concurrency comes from
 batching inside that worker, not from more workers (each would hold a copy of the model).
-Configuration: environment variables, see :mod:`serving_bento.config` and docs/serving.md.
+Configuration: environment variables, see :mod:`serving_bento.config` and docs/user-guide/serving.md.
 """
 
 from __future__ import annotations

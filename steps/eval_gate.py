@@ -30,7 +30,7 @@ Outcomes (outputs ``promote``, ``current-eval-loss``, ``candidate-eval-loss``, `
 * registry unreachable or 5xx on the manifest after retries -> exit 1 (the pipeline retries it)
 
 The same-rows comparison costs one base-model load and two evaluation passes over the held-out
-rows (see docs/adapters-oci.md for the measured cost on SmolLM2).
+rows (see docs/user-guide/adapters-oci.md for the measured cost on SmolLM2).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 ``python -m steps.provision --provider {local,aks,karpenter,existing} ...`` — one provider per
 module (``local``, ``existing``, ``aks``, ``karpenter``) behind the small ``base.Provider``
-interface; see docs/provisioning.md. :func:`release` (``python -m steps.provision --delete``)
+interface; see docs/user-guide/provisioning.md. :func:`release` (``python -m steps.provision --delete``)
 undoes it (``steps.provision.release``): the controller's finalizer and a Workflow's ``onExit``
 handler call it. ``providers`` finds a provider by name.
 """

@@ -94,6 +94,6 @@ def test_every_setting_is_documented():
     from dataclasses import fields
     from pathlib import Path
 
-    docs = (Path(__file__).resolve().parents[2] / "docs" / "serving.md").read_text()
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "user-guide" / "serving.md").read_text()
     missing = [f.metadata["env"] for f in fields(ServiceConfig) if f"`{f.metadata['env']}`" not in docs]
-    assert not missing, f"settings missing from docs/serving.md: {missing}"
+    assert not missing, f"settings missing from docs/user-guide/serving.md: {missing}"

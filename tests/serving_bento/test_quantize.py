@@ -15,7 +15,7 @@ import pytest
 from serving_bento.adapters import KEEP_FP32, load_separate_adapters, quantize_int8, resolve_quantize
 from serving_bento.config import AdapterSpec, ConfigError, ServiceConfig
 
-# Quality bound for int8 (docs/serving.md, "Quantized base weights"): SmolLM2's loss on HELD_OUT
+# Quality bound for int8 (docs/user-guide/serving.md, "Quantized base weights"): SmolLM2's loss on HELD_OUT
 # may grow by at most 10 % (measured: +6 %), and of the 10 factual questions int8 must answer at
 # least as many as fp32 less one with the expected word (measured: fp32 7, int8 8; they miss
 # different ones: a 135M model's greedy answers flip on small numeric changes).
