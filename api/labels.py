@@ -34,6 +34,9 @@ LABEL_GENERATION = f"{KAIFLOW_PREFIX}/generation"
 ANNOTATION_OWNER = f"{KAIFLOW_PREFIX}/owner"
 # The immutable fields a pipeline was made for (JSON): what a later generation is compared with.
 ANNOTATION_IMMUTABLE = f"{KAIFLOW_PREFIX}/immutable"
+# Set to a new value (any token, e.g. a timestamp) to run the current generation's pipeline again:
+# a generation's Workflow otherwise runs once (status.pipeline.run records it).
+ANNOTATION_RERUN = f"{KAIFLOW_PREFIX}/rerun"
 # With --opt-in the controller acts only on Workspaces annotated "true" (clusters that keep Kaito's).
 ANNOTATION_OPT_IN = f"{KAIFLOW_PREFIX}/managed"
 # "true": the Workspace's labelSelector names nodes the user brought (api.defaults.uses_own_nodes).

@@ -60,6 +60,8 @@ REASON_PODS_NOT_READY = "PodsNotReady"
 REASON_PIPELINE_FAILED = "PipelineFailed"
 REASON_DELETING = "Deleting"
 REASON_RELEASE_TIMEOUT = "ReleaseDeadlineExceeded"
+# The pipeline's Workflow/CronWorkflow name is held by an object kaiflow did not make for this Workspace.
+REASON_NAME_TAKEN = "PipelineNameTaken"
 
 
 class StatusModel(BaseModel):
@@ -100,6 +102,13 @@ class PipelineStatus(StatusModel):
     generation: int | None = Field(default=None, description="the Workspace generation it was made for")
     provider: str | None = Field(default=None, description="the provision provider that made the nodes")
     last_run: PipelineRun | None = None
+    run: int | None = Field(default=None, description="Workflows: which run of this generation (1 = its first; "
+                                                      "a re-run request or a retry adds one)")
+    attempt: int | None = Field(default=None, description="automatic attempts since the generation or the last re-run request")
+    max_attempts: int | None = Field(default=None, description="the controller's --max-attempts")
+    rerun_token: str | None = Field(default=None, description="the last honoured kaiflow.kaito.sh/rerun annotation value")
+    next_retry_at: str | None = Field(default=None, description="when the failed run is retried")
+    retry: str | None = Field(default=None, description="the retry decision for a failed run")
 
 
 def now() -> str:

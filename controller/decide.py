@@ -14,6 +14,7 @@ finds the object it would create and adopts it instead of making another.
 
 from __future__ import annotations
 
+import datetime
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from api.defaults import target_node_count as estimate_node_count
 from api.labels import (
     ANNOTATION_IMMUTABLE,
     ANNOTATION_OWNER,
+    ANNOTATION_RERUN,
     LABEL_GENERATION,
     LABEL_MANAGED_BY,
     LABEL_WORKSPACE,
@@ -57,10 +59,91 @@ class Refused:
     fields: tuple[str, ...]
 
 
-def pipeline_name(workspace: str, kind: str, generation: int, scheduled: bool = False) -> str:
+def pipeline_name(workspace: str, kind: str, generation: int, scheduled: bool = False, run: int = 1) -> str:
+    """``<ws>-<kind>-<generation>``; a re-run or retry of the same generation adds ``-r<run>``."""
     if scheduled:
         return cron_workflow_name(workspace)
-    return dns1123_label(f"{workspace}-{kind}-{generation}")
+    return dns1123_label(f"{workspace}-{kind}-{generation}" + (f"-r{run}" if run > 1 else ""))
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Which run of a generation's Workflow should exist, and whether to create it now.
+
+    A generation's pipeline runs once: the status records it (``status.pipeline.generation``,
+    ``run``), and a Workflow that Argo's TTL deleted is never made again. A new run needs a new
+    generation, a re-run request (``ANNOTATION_RERUN`` set to a token not yet honoured), or an
+    automatic retry of a failed run once ``status.pipeline.nextRetryAt`` has passed.
+    """
+
+    run: int
+    create: bool
+    attempt: int  # automatic attempts since the generation began or the last re-run request
+    rerun_token: str | None
+    why: str  # "first" | "rerun" | "retry" | "recorded"
+
+
+def plan_run(body: dict[str, Any], generation: int, now_s: float) -> RunPlan:
+    """The run the status and annotations call for (pure: the operator applies it)."""
+    record = ((body.get("status") or {}).get("pipeline")) or {}
+    token = ((body.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_RERUN) or None
+    if record.get("kind") != "Workflow" or record.get("generation") != generation:
+        # Not yet recorded for this generation: its first run (a token already there is consumed).
+        return RunPlan(run=1, create=True, attempt=1, rerun_token=token, why="first")
+    run = int(record.get("run") or 1)
+    attempt = int(record.get("attempt") or 1)
+    recorded_token = record.get("rerunToken")
+    if token and token != recorded_token:
+        return RunPlan(run=run + 1, create=True, attempt=1, rerun_token=token, why="rerun")
+    last = record.get("lastRun") or {}
+    due = _timestamp(record.get("nextRetryAt"))
+    if (last.get("name") == record.get("name") and last.get("phase") in ("Failed", "Error")
+            and due is not None and now_s >= due):
+        return RunPlan(run=run + 1, create=True, attempt=attempt + 1, rerun_token=recorded_token, why="retry")
+    return RunPlan(run=run, create=False, attempt=attempt, rerun_token=recorded_token, why="recorded")
+
+
+def retry_after(options: ControllerOptions, attempt: int) -> float | None:
+    """Seconds before automatic attempt ``attempt + 1`` (doubling, capped), None once attempts are spent."""
+    if attempt >= options.max_attempts:
+        return None
+    return min(options.retry_backoff_s * (2 ** (attempt - 1)), options.retry_backoff_max_s)
+
+
+def run_record(plan: RunPlan, options: ControllerOptions, last_run: dict[str, Any] | None,
+               failure_exit_code: str | None, now_s: float) -> dict[str, Any]:
+    """The bookkeeping kept beside ``status.pipeline``'s name and lastRun for a Workflow."""
+    record: dict[str, Any] = {"run": plan.run, "attempt": plan.attempt, "maxAttempts": options.max_attempts}
+    if plan.rerun_token:
+        record["rerunToken"] = plan.rerun_token
+    phase = (last_run or {}).get("phase")
+    if phase not in ("Failed", "Error"):
+        return record
+    hint = f"set the annotation {ANNOTATION_RERUN} to a new value to run it again"
+    if failure_exit_code == "2":
+        record["retry"] = f"not retried: exit code 2 (bad input; retrying will not help); {hint}"
+        return record
+    delay = retry_after(options, plan.attempt)
+    if delay is None:
+        record["retry"] = f"not retried: {plan.attempt} of {options.max_attempts} attempts made; {hint}"
+        return record
+    failed_at = _timestamp((last_run or {}).get("finishedAt")) or now_s
+    record["nextRetryAt"] = _iso(failed_at + delay)
+    record["retry"] = f"attempt {plan.attempt + 1} of {options.max_attempts} after {delay:.0f} s back-off"
+    return record
+
+
+def _timestamp(value: Any) -> float | None:
+    if not value or not isinstance(value, str):
+        return None
+    try:
+        return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _iso(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def target_node_count(workspace: Any) -> int:
@@ -84,7 +167,8 @@ def spec_of(body: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in body.items() if k not in ("status", "metadata")}, "metadata": kept}
 
 
-def decide(body: dict[str, Any], options: ControllerOptions, accepted: dict[str, Any] | None = None) -> Desired | Refused:
+def decide(body: dict[str, Any], options: ControllerOptions, accepted: dict[str, Any] | None = None,
+           run: int = 1) -> Desired | Refused:
     """The pipeline object for this Workspace generation, or why there is none.
 
     ``accepted`` holds the immutable fields of the pipeline made for an earlier generation (from
@@ -114,7 +198,7 @@ def decide(body: dict[str, Any], options: ControllerOptions, accepted: dict[str,
     generation = int((body.get("metadata") or {}).get("generation") or 1)
     kind = "tuning" if workspace.is_tuning else "inference"
     scheduled = bool(workspace.tuning and workspace.tuning.schedule)
-    object_name = pipeline_name(name, kind, generation, scheduled)
+    object_name = pipeline_name(name, kind, generation, scheduled, run)
     try:
         rendered = manifest(workspace, target(options, namespace, object_name))
     except PipelineError as exc:

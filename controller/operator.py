@@ -37,6 +37,7 @@ from kubernetes.client.exceptions import ApiException
 from api.labels import (
     ANNOTATION_IMMUTABLE,
     ANNOTATION_OPT_IN,
+    ANNOTATION_OWNER,
     CONTROLLER_COMPONENT,
     FINALIZER,
     KAIFLOW_PREFIX,
@@ -46,18 +47,21 @@ from api.labels import (
     LABEL_PIPELINE,
     LABEL_WORKSPACE,
     MANAGED_BY,
+    owner_annotation,
 )
 from api.workspace_status import (
     REASON_DELETING,
+    REASON_NAME_TAKEN,
     REASON_RELEASE_TIMEOUT,
     WORKSPACE_DELETING,
     now,
     set_condition,
 )
 from api.workspace_types import GROUP, KIND, STORAGE_VERSION
-from controller.decide import ARGO_API_VERSION, Desired, Refused, decide
+from controller.decide import ARGO_API_VERSION, Desired, Refused, RunPlan, decide, plan_run, run_record
 from controller.options import ControllerOptions
-from controller.status import DONE_PHASES, FAILED_PHASES, Observed, Transition, observe, refused, task_output
+from controller.status import (DONE_PHASES, FAILED_PHASES, Observed, Transition, failure_exit_code, observe, refused,
+                               task_output)
 from pipelines.names import OUTPUT_PROVIDER, TASK_PROVISION
 from stepkit.common import RetryableError, StepError
 from stepkit.kube import (api_client, api_error, delete, get, is_unreachable, request, resource_path, server_side_apply,
@@ -65,6 +69,13 @@ from stepkit.kube import (api_client, api_error, delete, get, is_unreachable, re
 from steps.provision.release import release as release_nodes
 
 log = logging.getLogger("kaiflow.controller")
+# Server-side label selectors of the operator's watches besides the Workspaces: kaiflow's Workflows
+# and Deployments, and the serving pods of its Deployments (not the pipeline's own pods).
+WATCH_SELECTORS: dict[tuple[str, str, str], str] = {
+    ("argoproj.io", "v1alpha1", "workflows"): f"{LABEL_MANAGED_BY}={MANAGED_BY}",
+    ("apps", "v1", "deployments"): f"{LABEL_MANAGED_BY}={MANAGED_BY}",
+    ("", "v1", "pods"): f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_WORKSPACE},!{LABEL_PIPELINE}",
+}
 PLURAL = "workspaces"
 RETRY_DELAY_S = 5.0
 
@@ -151,24 +162,38 @@ class Operator:
             if meta.get("deletionTimestamp"):
                 return
             generation = int(meta.get("generation") or 1)
-            # A first generation has no predecessor to compare with or stop: skip the listing (the
-            # create below adopts an object of the same name), which costs most with many objects.
-            existing = self.pipelines(namespace, name) if generation > 1 else []
+            plan = plan_run(body, generation, time.time())
+            # A first run of a first generation has no predecessor to compare with or stop: skip the
+            # listing (the create below adopts an object of the same name), which costs most with
+            # many objects.
+            existing = self.pipelines(namespace, name) if generation > 1 or plan.run > 1 else []
             current = [p for p in existing if _generation(p) == generation]
             accepted = None if current else self.accepted(existing, generation)
-            verdict = decide(body, self.options, accepted)
+            verdict = decide(body, self.options, accepted, plan.run)
             if isinstance(verdict, Refused):
                 self._write_status(body, refused(body.get("status"), verdict.reason, verdict.message, generation))
                 return
-            if not current:
-                self.ensure(verdict, meta.get("uid"))
+            # A generation's Workflow is made once (plan_run): one that Argo's TTL deleted is not
+            # made again; a CronWorkflow is applied every time (in place, idempotent).
+            if verdict.kind == "CronWorkflow" or (plan.create and not any(
+                    p["metadata"]["name"] == verdict.name for p in current)):
+                if plan.why in ("rerun", "retry"):
+                    log.info("%s of Workspace %s/%s: run %d (%s)", plan.why, namespace, name, plan.run, verdict.name)
+                try:
+                    self.ensure(verdict, meta.get("uid"))
+                except NameTaken as exc:
+                    self._write_status(body, refused(body.get("status"), REASON_NAME_TAKEN, str(exc), generation))
+                    return
             self.supersede(existing, verdict)
-            self._refresh_locked(body, verdict)
+            self._refresh_locked(body, verdict, plan)
 
     def ensure(self, desired: Desired, uid: str | None) -> dict[str, Any]:
         """Create this generation's object, or adopt the one already there (a replay, a restart)."""
 
         if desired.kind == "CronWorkflow":
+            existing = self._get(ARGO_API_VERSION, "CronWorkflow", desired.name, desired.namespace)
+            if existing is not None and self._claim(existing, desired, uid) == "earlier":
+                delete(self.client, ARGO_API_VERSION, "CronWorkflow", desired.name, desired.namespace)
             return server_side_apply(self.client, desired.manifest)
         path = resource_path(ARGO_API_VERSION, "Workflow", namespace=desired.namespace)
 
@@ -180,22 +205,39 @@ class Operator:
             if exc.status != 409:
                 raise api_error(exc, f"creating Workflow {desired.namespace}/{desired.name}") from None
         existing = self._get(ARGO_API_VERSION, "Workflow", desired.name, desired.namespace) or {}
-        owners = {o.get("uid") for o in existing.get("metadata", {}).get("ownerReferences") or []}
-        if uid and owners and uid not in owners:
+        if existing and self._claim(existing, desired, uid) == "earlier":
             # Left by an earlier Workspace of the same name, waiting for garbage collection.
-
             delete(self.client, ARGO_API_VERSION, "Workflow", desired.name, desired.namespace)
             raise kopf.TemporaryError(f"Workflow {desired.name} belonged to an earlier Workspace; deleted it, retrying",
                                       delay=1)
         return existing
 
+    @staticmethod
+    def _claim(existing: dict[str, Any], desired: Desired, uid: str | None) -> str:
+        """``ours``, ``earlier`` (an earlier Workspace of this name made it) or raise ``NameTaken``.
+
+        Nothing kaiflow did not make for a Workspace of this name is overwritten or deleted: a
+        same-named Workflow or CronWorkflow of another tool or user in the namespace is left alone
+        and the Workspace is refused, naming it.
+        """
+        kind = existing.get("kind") or desired.kind
+        if owner_of(existing, desired.namespace, desired.manifest["metadata"]["labels"][LABEL_WORKSPACE]) != "kaiflow":
+            raise NameTaken(f"{kind} {desired.namespace}/{desired.name} exists and was not made by kaiflow for this "
+                            f"Workspace; kaiflow neither overwrites nor deletes it: rename or delete it")
+        owners = {o.get("uid") for o in existing["metadata"].get("ownerReferences") or []}
+        return "earlier" if uid and owners and uid not in owners else "ours"
+
     def supersede(self, existing: list[dict[str, Any]], desired: Desired) -> None:
         """An older generation's CronWorkflow goes; its running Workflow is stopped (Argo's shutdown)."""
 
         for obj in existing:
-            if _generation(obj) == desired.generation or obj["metadata"]["name"] == desired.name:
+            if obj["metadata"]["name"] == desired.name:
+                continue
+            if _generation(obj) == desired.generation and obj.get("kind") == "CronWorkflow":
                 continue
             meta = obj["metadata"]
+            if owner_of(obj, meta["namespace"], desired.manifest["metadata"]["labels"][LABEL_WORKSPACE]) != "kaiflow":
+                continue  # a label alone does not make it ours
             if obj.get("kind") == "CronWorkflow":
                 delete(self.client, ARGO_API_VERSION, "CronWorkflow", meta["name"], meta["namespace"])
             elif ((obj.get("status") or {}).get("phase") not in DONE_PHASES
@@ -232,11 +274,12 @@ class Operator:
             body = self.workspace(namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp") or not self.wanted(body):
                 return
-            verdict = decide(body, self.options, None)
+            plan = plan_run(body, int(body["metadata"].get("generation") or 1), time.time())
+            verdict = decide(body, self.options, None, plan.run)
             if isinstance(verdict, Desired):
-                self._refresh_locked(body, verdict)
+                self._refresh_locked(body, verdict, plan)
 
-    def _refresh_locked(self, body: dict[str, Any], desired: Desired) -> None:
+    def _refresh_locked(self, body: dict[str, Any], desired: Desired, plan: RunPlan) -> None:
         meta = body["metadata"]
         namespace, name = meta.get("namespace") or "default", meta["name"]
         pipeline = self._get(ARGO_API_VERSION, desired.kind, desired.name, namespace)
@@ -261,6 +304,9 @@ class Operator:
         observed = observe(body.get("status"), generation=desired.generation, is_tuning=desired.is_tuning,
                            target_node_count=desired.target_node_count, pipeline=pipeline, run=run,
                            deployment=deployment, pods=pods, nodes_released=released)
+        if desired.kind == "Workflow" and "pipeline" in observed.status:
+            observed.status["pipeline"].update(run_record(
+                plan, self.options, observed.status["pipeline"].get("lastRun"), failure_exit_code(run), time.time()))
         self._write_status(body, observed)
 
     def _release_after_failure(self, body: dict[str, Any], run: dict[str, Any] | None,
@@ -290,7 +336,9 @@ class Operator:
             return
         meta = body["metadata"]
         path = resource_path(f"{GROUP}/{body['apiVersion'].split('/')[-1]}", KIND, meta["name"], meta.get("namespace")) + "/status"
-        self._request("PATCH", path, {"status": observed.status}, content_type="application/merge-patch+json",
+        # A merge patch keeps keys it does not name: name the ones that went (a retry's nextRetryAt).
+        patch = _merge_patch(body.get("status") or {}, observed.status)
+        self._request("PATCH", path, {"status": patch}, content_type="application/merge-patch+json",
                       what=f"updating the status of Workspace {meta['name']}")
         body["status"] = observed.status
         for transition in observed.transitions:
@@ -347,6 +395,8 @@ class Operator:
             selector = f"{LABEL_WORKSPACE}={name},{LABEL_MANAGED_BY}={MANAGED_BY}"
             for kind in ("CronWorkflow", "Workflow"):
                 for obj in self._list(ARGO_API_VERSION, kind, namespace, selector):
+                    if owner_of(obj, namespace, name) != "kaiflow":
+                        continue  # a label alone does not make it ours
                     delete(self.client, ARGO_API_VERSION, kind, obj["metadata"]["name"], namespace)
             provider = ((status.get("pipeline") or {}).get("provider")) or self.options.provider
             budget = max(1.0, min(remaining, 60.0))
@@ -359,6 +409,26 @@ class Operator:
             self.event(body, Transition(WORKSPACE_DELETING, "True", REASON_RELEASE_TIMEOUT,
                                         f"gave up releasing after {self.options.delete_deadline_s:.0f} s: {exc}; "
                                         f"check for leftover nodes labelled {LABEL_WORKSPACE}={name}"))
+
+
+class NameTaken(Exception):
+    """The pipeline's name is held by an object kaiflow did not make for this Workspace."""
+
+
+def owner_of(obj: dict[str, Any], namespace: str, workspace: str) -> str:
+    """``kaiflow`` when ``obj`` carries every mark kaiflow puts on a Workspace's pipeline, else ``foreign``.
+
+    The marks: kaiflow's managed-by label, the Workspace label and owner annotation, and owner
+    references (if any) only to Workspaces of that name.
+    """
+    meta = obj.get("metadata") or {}
+    labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
+    refs = meta.get("ownerReferences") or []
+    if (labels.get(LABEL_MANAGED_BY) == MANAGED_BY and labels.get(LABEL_WORKSPACE) == workspace
+            and annotations.get(ANNOTATION_OWNER) == owner_annotation(namespace, workspace)
+            and all(r.get("kind") == KIND and r.get("name") == workspace for r in refs)):
+        return "kaiflow"
+    return "foreign"
 
 
 def _within(seconds: float, call: Any) -> Any:
@@ -380,6 +450,19 @@ def _within(seconds: float, call: Any) -> Any:
     if "error" in outcome:
         raise outcome["error"]
     return outcome.get("value")
+
+
+def _merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that turns ``old`` into ``new``."""
+    patch: dict[str, Any] = {key: None for key in old if key not in new}
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(old.get(key), dict):
+            nested = _merge_patch(old[key], value)
+            if nested:
+                patch[key] = nested
+        elif key not in old or old[key] != value:
+            patch[key] = value
+    return patch
 
 
 def _generation(obj: dict[str, Any]) -> int | None:
@@ -437,6 +520,10 @@ def registry(options: ControllerOptions) -> tuple[kopf.OperatorRegistry, Operato
         settings.watching.server_timeout = 60
         settings.watching.client_timeout = 90
         settings.watching.connect_timeout = 5
+        # Filter on the API server, not in Python: the operator never receives the cluster's other
+        # pods, Deployments and Workflows (kopf's handler filters alone still stream every object).
+        for resource, selector in WATCH_SELECTORS.items():
+            settings.watching.label_selectors[resource] = selector
         settings.networking.request_timeout = 30
         settings.networking.connect_timeout = 5
 

@@ -43,6 +43,13 @@ class ControllerOptions:
         "choices": ("OnPodCompletion", "OnPodSuccess", "OnWorkflowCompletion", "OnWorkflowSuccess")})
     release_after_failure: bool = field(default=True, metadata={
         "help": "free the provisioned nodes as soon as a Workflow fails (Kaito #1107)"})
+    max_attempts: int = field(default=3, metadata={
+        "help": "automatic runs of one generation's Workflow when it fails, the first included (1 = no retry; "
+                "a failure with exit code 2 is never retried)"})
+    retry_backoff_s: float = field(default=300.0, metadata={
+        "help": "seconds after a failed run before the first retry; doubles with each attempt"})
+    retry_backoff_max_s: float = field(default=3600.0, metadata={
+        "help": "the longest back-off between automatic retries"})
     max_nodes_per_workspace: int = field(default=4, metadata={
         "help": "most GPU nodes one Workspace may have provisioned (its resource.count or the node estimate); "
                 "more is refused with a condition naming resource.count"})

@@ -63,7 +63,7 @@ class Transition:
     @property
     def warning(self) -> bool:
         return self.status == "False" and self.reason in (
-            ws.REASON_JOB_FAILED, ws.REASON_WORKSPACE_FAILED, ws.REASON_INVALID, ws.REASON_IMMUTABLE,
+            ws.REASON_JOB_FAILED, ws.REASON_WORKSPACE_FAILED, ws.REASON_INVALID, ws.REASON_IMMUTABLE, ws.REASON_NAME_TAKEN,
             ws.REASON_PROVISION_FAILED, ws.REASON_PIPELINE_FAILED, ws.REASON_RELEASE_TIMEOUT, *POD_REASONS)
 
 
@@ -122,18 +122,28 @@ def _message(run: dict[str, Any], node: dict[str, Any]) -> str | None:
     return node.get("message")
 
 
+def _failed_node(run: dict[str, Any]) -> dict[str, Any] | None:
+    nodes = (run.get("status") or {}).get("nodes") or {}
+    failed = [n for n in nodes.values() if n.get("phase") in FAILED_PHASES and n.get("type") in ("Pod", "Retry")
+              and "(" not in (n.get("displayName") or "(")]
+    if not failed:
+        failed = [n for n in nodes.values() if n.get("phase") in FAILED_PHASES and n.get("type") == "Pod"]
+    return min(failed, key=lambda n: n.get("finishedAt") or n.get("startedAt") or "") if failed else None
+
+
+def failure_exit_code(run: dict[str, Any] | None) -> str | None:
+    """The exit code of the first failed task (``"2"``: bad input, not worth a retry)."""
+    node = _failed_node(run) if run else None
+    return _exit_code(run, node) if run and node else None
+
+
 def failure(run: dict[str, Any] | None) -> str | None:
     """"task X failed (exit code N): message" for the first failed task, else the Workflow's message."""
     if not run:
         return None
     status = run.get("status") or {}
-    nodes = status.get("nodes") or {}
-    failed = [n for n in nodes.values() if n.get("phase") in FAILED_PHASES and n.get("type") in ("Pod", "Retry")
-              and "(" not in (n.get("displayName") or "(")]
-    if not failed:
-        failed = [n for n in nodes.values() if n.get("phase") in FAILED_PHASES and n.get("type") == "Pod"]
-    if failed:
-        node = min(failed, key=lambda n: n.get("finishedAt") or n.get("startedAt") or "")
+    node = _failed_node(run)
+    if node:
         task = (node.get("displayName") or "?").split("(")[0]
         code = _exit_code(run, node)
         detail = f" (exit code {code})" if code else ""
@@ -213,7 +223,7 @@ def observe(status: dict[str, Any] | None, *, generation: int, is_tuning: bool, 
     old = status or {}
     conditions = [c for c in old.get("conditions") or []
                   if c.get("type") not in (ws.WORKSPACE_DELETING,)
-                  and c.get("reason") not in (ws.REASON_INVALID, ws.REASON_IMMUTABLE)]
+                  and c.get("reason") not in (ws.REASON_INVALID, ws.REASON_IMMUTABLE, ws.REASON_NAME_TAKEN)]
     gen = {"generation": generation}
     phase = ((run or {}).get("status") or {}).get("phase") or "Pending"
     failed = phase in FAILED_PHASES
