@@ -547,6 +547,18 @@ def controller(ctx: typer.Context) -> int:
     return _controller(ctx.args)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
+def doctor(ctx: typer.Context) -> int:
+    """Check a cluster for what kaiflow needs, one line per missing thing with its fix (`kaiflow doctor --help`)."""
+    return _doctor(ctx.args)
+
+
+def _doctor(options: Sequence[str]) -> int:
+    from kaiflow.doctor import main as doctor_main  # kubernetes' client: only for this command
+
+    return doctor_main(list(options))
+
+
 def _controller(options: Sequence[str]) -> int:
     """Replace this process with the operator (same pid, so signals reach it directly)."""
     import os
@@ -588,6 +600,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["controller"]:  # its options are the operator's own (controller/options.py)
         return _controller(argv[1:])
+    if argv[:1] == ["doctor"]:  # its options are its own (kaiflow/doctor.py)
+        return _doctor(argv[1:])
     try:
         result = command().main(args=argv, prog_name="kaiflow", standalone_mode=False,
                                 complete_var=COMPLETE_VAR)
