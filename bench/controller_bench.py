@@ -1,7 +1,10 @@
-"""The operator against the emulated API server: create → Workflow latency, 500 Workspaces, memory.
+"""The operator against an API server: create → Workflow latency, 500 Workspaces, memory.
 
-Per round, a fresh API server (``tests/fixtures/kube.py`` with the CRD installed) and a fresh
-operator process (``kaiflow controller``), then:
+Per round, a fresh API server and a fresh operator process (``kaiflow controller``). The API
+server is the emulator (``tests/fixtures/kube.py`` with the CRD installed; ``--api emulator``), the
+cluster box's real kube-apiserver with kaiflow's install applied and the operator running as its
+own ServiceAccount (``tests/fixtures/cluster.py``; ``--api real``), or both side by side (the
+default). Then:
 
 * throughput: COUNT Workspaces created before the operator starts (an install on a busy cluster,
   or a restart); the time from starting the operator process until every Workspace has its
@@ -16,7 +19,7 @@ operator process (``kaiflow controller``), then:
 Prints each round and the median of ROUNDS. Argo is not played: nothing runs the Workflows,
 so this measures the operator's own work (validate, render with Hera, create, write status).
 
-    python -m bench.controller_bench [--latency 50] [--count 500] [--rounds 3]
+    python -m bench.controller_bench [--api both|real|emulator] [--latency 50] [--count 500] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import argparse
 import http.client
 import json
 import socket
+import ssl
 import statistics
 import sys
 import tempfile
@@ -44,9 +48,10 @@ WS = "/apis/kaito.sh/v1beta1/namespaces/default/workspaces"
 class Watch:
     """A watch stream in a thread; records when each object was first ADDED and when reconciled."""
 
-    def __init__(self, url: str, path: str) -> None:
-        host, port = url.removeprefix("http://").split(":")
-        self.conn = http.client.HTTPConnection(host, int(port))
+    def __init__(self, url: str, path: str, context: ssl.SSLContext | None = None) -> None:
+        host, port = url.split("://")[1].split(":")
+        self.conn = (http.client.HTTPSConnection(host, int(port), context=context) if context
+                     else http.client.HTTPConnection(host, int(port)))
         self.conn.request("GET", path + "?watch=true")
         self.response = self.conn.getresponse()
         self.added: dict[str, float] = {}
@@ -76,25 +81,66 @@ class Watch:
             self.conn.sock.shutdown(socket.SHUT_RDWR)
 
 
-def one_round(latency_n: int, count: int, workdir: Path) -> dict[str, float]:
-    from api.crd import workspace_crd
-    from tests.fixtures.kaito_cluster import crd_emulator_class, install_crd
-    from tests.fixtures.kube import KubeCluster
+class EmulatedApi:
+    """The emulator with the Workspace CRD; the operator runs with the emulator's kubeconfig."""
 
+    def __init__(self, workdir: Path) -> None:
+        from api.crd import workspace_crd
+        from tests.fixtures.kaito_cluster import crd_emulator_class, install_crd
+        from tests.fixtures.kube import KubeCluster
+
+        self.cluster = KubeCluster(workdir, emulator_class=crd_emulator_class())
+        install_crd(self.cluster, workspace_crd())
+        self.cluster.start()
+        self.url, self.context, self.kubeconfig = self.cluster.url, None, self.cluster.kubeconfig
+
+    def create(self, spec: dict) -> None:
+        self.cluster.create(WS, spec)
+
+    def close(self) -> None:
+        self.cluster.stop()
+
+
+class RealApi:
+    """The cluster box's kube-apiserver with ``kubectl apply -k controller/manifests``; the operator
+    runs with a token of its own ServiceAccount, as in a cluster."""
+
+    def __init__(self, workdir: Path) -> None:
+        from kubernetes import client, config
+
+        from tests.fixtures.cluster import Cluster, cluster_tools
+
+        self.box = Cluster(workdir / "box", cluster_tools()).start()
+        self.box.kubectl("apply", "-k", str(ROOT / "controller" / "manifests"))
+        self.box.kubectl("wait", "--for=condition=Established", "crd/workspaces.kaito.sh", "--timeout=60s")
+        self.url = self.box.server
+        self.context = ssl.create_default_context(cafile=str(self.box.pki.ca))
+        self.context.load_cert_chain(str(self.box.pki.admin_cert), str(self.box.pki.admin_key))
+        self.kubeconfig = self.box.service_account_kubeconfig("kaiflow-controller", "kaiflow-system")
+        self.custom = client.CustomObjectsApi(config.new_client_from_config(str(self.box.kubeconfig)))
+
+    def create(self, spec: dict) -> None:
+        group, version = spec["apiVersion"].split("/")
+        self.custom.create_namespaced_custom_object(group, version, "default", "workspaces", spec)
+
+    def close(self) -> None:
+        self.box.stop()
+
+
+def one_round(api_kind: str, latency_n: int, count: int, workdir: Path) -> dict[str, float]:
     spec = yaml.safe_load((ROOT / "examples" / "kaito_workspace_phi_3.yaml").read_text())
-    cluster = KubeCluster(workdir, emulator_class=crd_emulator_class())
-    install_crd(cluster, workspace_crd())
-    with cluster:
-        workflows = Watch(cluster.url, "/apis/argoproj.io/v1alpha1/workflows")
-        workspaces = Watch(cluster.url, WS)
+    api = RealApi(workdir) if api_kind == "real" else EmulatedApi(workdir)
+    try:
+        workflows = Watch(api.url, "/apis/argoproj.io/v1alpha1/workflows", api.context)
+        workspaces = Watch(api.url, WS, api.context)
         # COUNT Workspaces waiting when the operator starts (an install on a busy cluster, or a
         # restart): how long until every one has its Workflow and a status.
         names = [f"bulk-{i:04d}" for i in range(count)]
         for name in names:
             spec["metadata"]["name"] = name
-            cluster.create(WS, spec)
+            api.create(spec)
         started = time.perf_counter()
-        controller = ControllerProcess(cluster.kubeconfig, workdir, ["--resync-s", "600"]).start()
+        controller = ControllerProcess(api.kubeconfig, workdir, ["--resync-s", "600"]).start()
         try:
             wait_for(lambda: all(n in workspaces.reconciled for n in names) and
                      all(f"{n}-inference-1" in workflows.added for n in names),
@@ -108,7 +154,7 @@ def one_round(latency_n: int, count: int, workdir: Path) -> dict[str, float]:
                 name = f"lat-{i}"
                 spec["metadata"]["name"] = name
                 begun = time.perf_counter()
-                cluster.create(WS, spec)
+                api.create(spec)
                 wait_for(lambda n=name: f"{n}-inference-1" in workflows.added, timeout=60, interval=0.002,
                          what=name, on_fail=controller.log)
                 latencies.append(workflows.added[f"{name}-inference-1"] - begun)
@@ -117,6 +163,8 @@ def one_round(latency_n: int, count: int, workdir: Path) -> dict[str, float]:
             controller.stop()
             workflows.close()
             workspaces.close()
+    finally:
+        api.close()
     print("  slowest creates (index, ms):", sorted(((round(v * 1000), i) for i, v in enumerate(latencies)), reverse=True)[:3])
     latencies.sort()
     return {
@@ -132,19 +180,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency", type=int, default=50, help="Workspaces for the latency figures")
     parser.add_argument("--count", type=int, default=500, help="Workspaces created at once")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--api", choices=("both", "real", "emulator"), default="both",
+                        help="the API server: the cluster box's real one, the emulator, or both side by side")
     args = parser.parse_args(argv)
-    rounds = []
+    kinds = ("real", "emulator") if args.api == "both" else (args.api,)
+    rounds: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
     for r in range(args.rounds):
-        with tempfile.TemporaryDirectory(prefix="kaiflow-controller-bench-") as tmp:
-            result = one_round(args.latency, args.count, Path(tmp))
-        rounds.append(result)
-        print(f"round {r + 1}: {args.count} waiting Workspaces reconciled {result['reconcile_s']:.1f} s after the "
-              f"operator started; then create→Workflow p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms "
-              f"(n={args.latency}); operator RSS {result['rss_mib']:.0f} MiB", flush=True)
-    med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
-    print(f"median of {args.rounds}: p50 {med['p50_ms']:.0f} ms, p99 {med['p99_ms']:.0f} ms, "
-          f"{args.count} reconciled in {med['reconcile_s']:.1f} s, RSS {med['rss_mib']:.0f} MiB "
-          f"(load average now {psutil.getloadavg()[0]:.1f} on {psutil.cpu_count()} CPUs)")
+        for kind in kinds:  # side by side in each round, so load drifts hit both alike
+            with tempfile.TemporaryDirectory(prefix="kaiflow-controller-bench-") as tmp:
+                result = one_round(kind, args.latency, args.count, Path(tmp))
+            rounds[kind].append(result)
+            print(f"round {r + 1} [{kind}]: {args.count} waiting Workspaces reconciled {result['reconcile_s']:.1f} s "
+                  f"after the operator started; then create→Workflow p50 {result['p50_ms']:.0f} ms, "
+                  f"p99 {result['p99_ms']:.0f} ms (n={args.latency}); operator RSS {result['rss_mib']:.0f} MiB", flush=True)
+    for kind in kinds:
+        med = {k: statistics.median(r[k] for r in rounds[kind]) for k in rounds[kind][0]}
+        print(f"median of {args.rounds} [{kind}]: p50 {med['p50_ms']:.0f} ms, p99 {med['p99_ms']:.0f} ms, "
+              f"{args.count} reconciled in {med['reconcile_s']:.1f} s, RSS {med['rss_mib']:.0f} MiB")
+    print(f"(load average now {psutil.getloadavg()[0]:.1f} on {psutil.cpu_count()} CPUs)")
     return 0
 
 

@@ -50,6 +50,7 @@ def installed(cluster_box):
     """The box with kaiflow installed as docs/install.md says: the CRD on its own, then the rest."""
     cluster_box.kubectl("apply", "--server-side", "-f", str(ROOT / "controller" / "manifests" / "kaito.sh_workspaces.yaml"))
     cluster_box.kubectl("apply", "-k", str(ROOT / "controller" / "manifests"))
+    cluster_box.kubectl("wait", "--for=condition=Established", "crd/workspaces.kaito.sh", "--timeout=60s")
     return cluster_box
 
 

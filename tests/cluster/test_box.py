@@ -42,7 +42,7 @@ def test_a_pod_lands_on_a_gpu_node_only_with_the_toleration_and_kwok_runs_it(clu
     assert running and cluster_box.get("pod", "q", box_namespace)["spec"]["nodeName"] == node
 
 
-def test_argo_runs_a_dag_in_order_and_retries_a_failed_step(cluster_box, box_namespace, argo_agent):
+def test_argo_runs_a_dag_in_order_retries_a_failed_step_and_runs_the_exit_handler(cluster_box, box_namespace, argo_agent):
     node = f"cpu-{box_namespace}"
     cluster_box.add_node(node, gpus=0, labels={"kaiflow.kaito.sh/test-node": box_namespace})
     cluster_box.kubectl("create", "serviceaccount", "runner", "-n", box_namespace)
@@ -56,12 +56,13 @@ def test_argo_runs_a_dag_in_order_and_retries_a_failed_step(cluster_box, box_nam
     step = {"image": "busybox", "command": ["true"]}
     workflow = {
         "apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow", "metadata": {"name": "dag", "namespace": box_namespace},
-        "spec": {"entrypoint": "main", "serviceAccountName": "runner",
+        "spec": {"entrypoint": "main", "serviceAccountName": "runner", "onExit": "bye", "activeDeadlineSeconds": 600,
                  "nodeSelector": {"kaiflow.kaito.sh/test-node": box_namespace},
                  "templates": [
                      {"name": "main", "dag": {"tasks": [{"name": "a", "template": "a"},
                                                         {"name": "b", "template": "b", "dependencies": ["a"]}]}},
                      {"name": "a", "container": step},
+                     {"name": "bye", "container": step},
                      {"name": "b", "container": step, "retryStrategy": {"limit": 2},
                       "outputs": {"parameters": [{"name": "answer", "valueFrom": {"path": "/tmp/answer"}}]}},
                  ]}}
@@ -72,7 +73,7 @@ def test_argo_runs_a_dag_in_order_and_retries_a_failed_step(cluster_box, box_nam
     status = cluster_box.get("workflow", "dag", box_namespace)["status"]
     assert done and status["phase"] == "Succeeded", status
     order = [f["template"] for f in argo_agent.finished if f["namespace"] == box_namespace]
-    assert order == ["a", "b", "b"]
+    assert order == ["a", "b", "b", "bye"]
     outputs = [n["outputs"]["parameters"][0]["value"] for n in status["nodes"].values()
                if n.get("templateName") == "b" and n["type"] == "Retry"]
     assert outputs == ["42"]
