@@ -51,6 +51,7 @@ from api.labels import (
 )
 from api.workspace_status import (
     REASON_DELETING,
+    REASON_PROVISION_FAILED,
     REASON_NAME_TAKEN,
     REASON_RELEASE_TIMEOUT,
     WORKSPACE_DELETING,
@@ -59,6 +60,7 @@ from api.workspace_status import (
 )
 from api.workspace_types import GROUP, KIND, STORAGE_VERSION
 from controller.decide import ARGO_API_VERSION, Desired, Refused, RunPlan, decide, plan_run, run_record
+from controller.nodes import provision_args
 from controller.options import ControllerOptions
 from controller.status import (DONE_PHASES, FAILED_PHASES, Observed, Transition, failure_exit_code, observe, refused,
                                task_output)
@@ -67,6 +69,7 @@ from stepkit.common import RetryableError, StepError
 from stepkit.kube import (api_client, api_error, delete, get, is_unreachable, request, resource_path, server_side_apply,
                           unreachable_error)
 from steps.provision.release import release as release_nodes
+from steps.provision.release import request as request_nodes
 
 log = logging.getLogger("kaiflow.controller")
 # Server-side label selectors of the operator's watches besides the Workspaces: kaiflow's Workflows
@@ -90,6 +93,7 @@ class Operator:
         self._pending: dict[tuple[str, str], int] = defaultdict(int)
         self._refreshing: set[tuple[str, str]] = set()
         self._queue_lock = threading.Lock()
+        self._request_errors: dict[tuple[str, str], str] = {}  # the last node-request failure reported
 
     # -- API access (stepkit.kube) ---------------------------------------------------------------
 
@@ -300,6 +304,7 @@ class Operator:
             answer = self._request("GET", resource_path("v1", "Pod", namespace=namespace),
                                    query=[("labelSelector", selector)] if selector else None, what="listing pods")
             pods = [p for p in answer.get("items") or [] if LABEL_PIPELINE not in (p["metadata"].get("labels") or {})]
+        self._keep_nodes_requested(body, desired, run)
         released = self._release_after_failure(body, run, deployment)
         observed = observe(body.get("status"), generation=desired.generation, is_tuning=desired.is_tuning,
                            target_node_count=desired.target_node_count, pipeline=pipeline, run=run,
@@ -371,6 +376,35 @@ class Operator:
 
     def release(self, provider: str | None, name: str, namespace: str, *, timeout: float) -> list[str]:
         return release_nodes(provider or "aks", name, namespace, kubeconfig=self.options.kubeconfig, timeout=timeout)
+
+    def _keep_nodes_requested(self, body: dict[str, Any], desired: Desired, run: dict[str, Any] | None) -> None:
+        """While a run waits in provision-nodes, its nodes are requested (idempotent: a claim that
+        failed to launch is made afresh, a pool released after a failed run is asked for again).
+        A failure is a Warning Event (once per message) and is tried again at the next refresh."""
+        if run is None or (run.get("status") or {}).get("phase") in DONE_PHASES:
+            return
+        if task_output(run, TASK_PROVISION, OUTPUT_PROVIDER):
+            return  # provision-nodes is done: its nodes are there
+        key = (desired.namespace, body["metadata"]["name"])
+        try:
+            self.request_nodes(desired)
+            self._request_errors.pop(key, None)
+        except Exception as exc:  # reported; the next refresh (events, --resync-s) tries again
+            log.warning("requesting the nodes of %s/%s failed: %s", *key, exc)
+            if self._request_errors.get(key) != str(exc):
+                self._request_errors[key] = str(exc)
+                self.event(body, Transition("ResourceReady", "False", REASON_PROVISION_FAILED,
+                                            f"the operator could not request the nodes: {exc}"))
+
+    def request_nodes(self, desired: Desired) -> list[str]:
+        """Create the nodes the pipeline's provision-nodes task will wait for (controller/nodes.py):
+        the operator holds the right to create them, tenant namespaces do not. Idempotent."""
+        args = provision_args(desired.manifest)
+        if args is None:
+            return []
+        requested = request_nodes(args, kubeconfig=self.options.kubeconfig)
+        log.info("requested %s for %s/%s", ", ".join(requested) or "no new nodes", desired.namespace, desired.name)
+        return requested
 
     def finalize(self, body: dict[str, Any]) -> None:
         """Release what owner references cannot, within the deadline; raise TemporaryError to retry."""

@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from api.labels import CONTROLLER_COMPONENT, LABEL_INSTANCE_TYPE, LABEL_MANAGED_BY, PROVISIONER_SERVICE_ACCOUNT
+from api.labels import CONTROLLER_COMPONENT, LABEL_INSTANCE_TYPE, LABEL_MANAGED_BY
 from stepkit import kube
 from stepkit.common import StepError
 
@@ -377,35 +377,38 @@ def check_service_accounts(c: Cluster, namespace: str) -> Iterable[Finding]:
 
 
 def check_azure(c: Cluster, namespace: str, provider: str) -> Iterable[Finding]:
+    """The operator creates and releases agent pools (docs/security.md, "Nodes and tenancy"): the
+    Azure settings and the identity are kaiflow-system's, never the Workspace namespace's."""
     if provider != "aks":
         yield ok(f"Azure settings not needed by the {provider} provider")
         return
-    config = c.get(f"/api/v1/namespaces/{namespace}/configmaps/{AZURE_CONFIGMAP}")
+    home = CONTROLLER_NAMESPACE
+    config = c.get(f"/api/v1/namespaces/{home}/configmaps/{AZURE_CONFIGMAP}")
     if config is None:
-        yield missing(f"ConfigMap {namespace}/{AZURE_CONFIGMAP} (the AKS cluster the aks provider adds pools to)",
-                      "fill in controller/manifests/workflows/kaiflow-azure.yaml and apply the install")
+        yield missing(f"ConfigMap {home}/{AZURE_CONFIGMAP} (the AKS cluster the operator adds pools to)",
+                      "fill in controller/manifests/system/kaiflow-azure.yaml and apply the install")
     else:
         data = config.get("data") or {}
         unset = [k for k in ("subscriptionId", "resourceGroup", "clusterName") if PLACEHOLDER.match(data.get(k, ""))]
         if unset:
-            yield missing(f"ConfigMap {namespace}/{AZURE_CONFIGMAP}: {', '.join(unset)} still the example value",
+            yield missing(f"ConfigMap {home}/{AZURE_CONFIGMAP}: {', '.join(unset)} still the example value",
                           "az aks show -g RG -n CLUSTER --query id; set the three values (docs/install.md)")
         else:
-            yield ok(f"ConfigMap {namespace}/{AZURE_CONFIGMAP}: cluster {data['resourceGroup']}/{data['clusterName']}")
-    sa = c.get(f"/api/v1/namespaces/{namespace}/serviceaccounts/{PROVISIONER_SERVICE_ACCOUNT}")
+            yield ok(f"ConfigMap {home}/{AZURE_CONFIGMAP}: cluster {data['resourceGroup']}/{data['clusterName']}")
+    sa = c.get(f"/api/v1/namespaces/{home}/serviceaccounts/{CONTROLLER_DEPLOYMENT}")
     client_id = (((sa or {}).get("metadata") or {}).get("annotations") or {}).get(WORKLOAD_IDENTITY_CLIENT_ID, "")
     if sa is not None and PLACEHOLDER.match(client_id):
-        yield missing(f"ServiceAccount {namespace}/{PROVISIONER_SERVICE_ACCOUNT}: no managed identity client id "
+        yield missing(f"ServiceAccount {home}/{CONTROLLER_DEPLOYMENT}: no managed identity client id "
                       f"({WORKLOAD_IDENTITY_CLIENT_ID})",
                       "az identity create ...; az identity federated-credential create ... (docs/install.md, "
                       "'Workload identity'); annotate the ServiceAccount with its client id")
     elif sa is not None:
-        yield ok(f"ServiceAccount {namespace}/{PROVISIONER_SERVICE_ACCOUNT}: managed identity {client_id}")
+        yield ok(f"ServiceAccount {home}/{CONTROLLER_DEPLOYMENT}: managed identity {client_id}")
     webhooks = c.items("/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations")
     if any("azure-wi" in w["metadata"]["name"] or "workload-identity" in w["metadata"]["name"] for w in webhooks):
         yield ok("Azure workload identity webhook")
     else:
-        yield missing("Azure workload identity webhook (provision-nodes gets no Azure token without it)",
+        yield missing("Azure workload identity webhook (the operator gets no Azure token without it)",
                       "az aks update -g RG -n CLUSTER --enable-oidc-issuer --enable-workload-identity")
 
 

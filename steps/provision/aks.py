@@ -137,6 +137,13 @@ class AKSProvider(Provider):
     def provision(self) -> ProvisionResult:
         from azure.mgmt.containerservice.models import AgentPool
 
+        if self.config.wait_only:
+            # The operator made the pool (request()); the pod has no Azure identity: wait in Kubernetes.
+            pool_name = self.opts.pool_name or pool_safe_name(self.config.workspace_name, self.config.namespace)
+            if not _POOL_NAME.match(pool_name):
+                raise StepError(f"--pool-name: {pool_name!r} must be 1-12 lowercase letters/digits starting with a letter")
+            nodes = self._wait_for_nodes(pool_name, self.config.timeout)
+            return ProvisionResult(provider=self.name, nodes=nodes, details={"agent_pool": pool_name})
         pool_name = self._validate()
         _quiet_azure_logs()
         config, opts = self.config, self.opts
@@ -171,7 +178,34 @@ class AKSProvider(Provider):
         nodes = self._wait_for_nodes(pool_name, max(1.0, deadline - time.monotonic()))
         return ProvisionResult(provider=self.name, nodes=nodes, details=details)
 
-    def _refuse_a_strangers_pool(self, aks: Any, pool_name: str, where: str) -> None:
+    def request(self) -> list[str]:
+        """Create or update the pool without following the operation (the operator's side).
+
+        A pool of ours that already has this size and count, and is not failed, is left alone (no
+        second PUT while AKS is still working on the first).
+        """
+        from azure.mgmt.containerservice.models import AgentPool
+
+        pool_name = self._validate()
+        _quiet_azure_logs()
+        config, opts = self.config, self.opts
+        where = f"{opts.resource_group}/{opts.cluster_name}"
+        try:
+            with self._client() as aks:
+                existing = self._refuse_a_strangers_pool(aks, pool_name, where)
+                if (existing is not None and existing.vm_size == config.instance_type and existing.count == config.count
+                        and getattr(existing, "provisioning_state", None) not in ("Failed", "Canceled")):
+                    return [pool_name]
+                log.info("requesting agent pool %s in %s: %d x %s", pool_name, where, config.count, config.instance_type)
+                aks.agent_pools.begin_create_or_update(opts.resource_group, opts.cluster_name, pool_name,
+                                                       AgentPool(**agent_pool_spec(self, pool_name)),
+                                                       polling_interval=config.poll_interval)
+        except Exception as exc:
+            field_hint = " (--instance-type)" if "vmsize" in str(exc).lower() or "sku" in str(exc).lower() else ""
+            raise _arm_error(exc, where, f"agent pool {pool_name} in {where}{field_hint}") from None
+        return [pool_name]
+
+    def _refuse_a_strangers_pool(self, aks: Any, pool_name: str, where: str) -> Any:
         """A pool of this name that another Workspace (or anyone but kaiflow for this one) owns is
         never rewritten: its count, labels and owner tag stay, and the step exits 2 naming both."""
         from azure.core.exceptions import ResourceNotFoundError
@@ -180,7 +214,7 @@ class AKSProvider(Provider):
             existing = aks.agent_pools.get(self.opts.resource_group, self.opts.cluster_name, pool_name)
         except ResourceNotFoundError as exc:
             if _arm_code(exc) == "NotFound":
-                return
+                return None
             raise
         owner = (existing.tags or {}).get(OWNER_TAG)
         if owner != self.config.owner:
@@ -189,6 +223,7 @@ class AKSProvider(Provider):
                 f"{owner or 'no kaiflow Workspace (no ' + OWNER_TAG + ' tag)'}, not to {self.config.owner}: "
                 f"a name clash; not adopting it (set --pool-name, or rename the Workspace)"
             )
+        return existing
 
     def _wait_for_nodes(self, pool_name: str, timeout: float) -> list[str]:
         from kubernetes import client

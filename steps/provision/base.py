@@ -77,6 +77,12 @@ class ProvisionConfig:
         default=None,
         metadata={"help": "kubeconfig file (default: $KUBECONFIG, ~/.kube/config, then the pod's service account)"},
     )
+    wait_only: bool = field(
+        default=False,
+        metadata={"help": "create nothing: wait for the nodes the kaiflow operator requested for the Workspace and "
+                          "report them (the controller's Workflows; their pods hold no right to create or delete "
+                          "nodes)"},
+    )
 
     def validate(self) -> None:
         if self.provider not in PROVIDERS:
@@ -137,7 +143,20 @@ class Provider(ABC):
 
     @abstractmethod
     def provision(self) -> ProvisionResult:
-        """Make ``config.count`` nodes Ready (creating them if this provider does) and name them."""
+        """Make ``config.count`` nodes Ready (creating them if this provider does) and name them.
+
+        With ``config.wait_only`` nothing is created: the operator requested the nodes
+        (:meth:`request`), the step only waits for them.
+        """
+
+    def request(self) -> list[str]:
+        """Create (or re-apply) what :meth:`provision` would, without waiting; the names requested.
+
+        What the kaiflow operator calls before it creates a Workspace's Workflow, so that creating
+        and deleting nodes stays with the operator's identity, never a tenant namespace's.
+        Providers that create nothing (local, existing) request nothing.
+        """
+        return []
 
     def release(self) -> list[str]:
         """Delete what :meth:`provision` made for the Workspace; the names released ([] if nothing).

@@ -113,8 +113,9 @@ class KarpenterProvider(Provider):
         with kube.api_client(config.kubeconfig) as api:
             reused = ready_preferred_nodes(client.CoreV1Api(api), config)
             claims = [pool_safe_name(config.workspace_name, config.namespace, i) for i in range(config.count - len(reused))]
-            for name in claims:
-                self._apply(api, nodeclaim_body(config, options, name))
+            if not config.wait_only:
+                for name in claims:
+                    self._apply(api, nodeclaim_body(config, options, name))
 
             states: dict[str, str] = {}
 
@@ -135,6 +136,29 @@ class KarpenterProvider(Provider):
         log.info("nodes ready: %s", ", ".join(reused + nodes))
         return ProvisionResult(provider=self.name, nodes=reused + nodes,
                                details={"nodeclaims": claims, "preferred_nodes_used": reused})
+
+    def request(self) -> list[str]:
+        """Create or re-apply the Workspace's claims without waiting (the operator's side).
+
+        A claim of ours that failed to launch is deleted, so the next request makes it afresh.
+        """
+        from kubernetes import client
+
+        config, options = self.config, self.options or KarpenterOptions()
+        if not config.instance_type:
+            raise StepError("--instance-type is required for provider karpenter (the VM size each NodeClaim asks for)")
+        with kube.api_client(config.kubeconfig) as api:
+            reused = ready_preferred_nodes(client.CoreV1Api(api), config)
+            claims = [pool_safe_name(config.workspace_name, config.namespace, i) for i in range(config.count - len(reused))]
+            for name in claims:
+                existing = kube.get(api, API_VERSION, KIND, name)
+                if (existing is not None and _condition(existing, "Launched").get("status") == "False"
+                        and ((existing.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_OWNER) == config.owner):
+                    kube.delete(api, API_VERSION, KIND, name)
+                    log.info("NodeClaim %s failed to launch; deleted it, the next request makes it afresh", name)
+                    continue
+                self._apply(api, nodeclaim_body(config, options, name))
+        return claims
 
     def _apply(self, api: Any, body: dict[str, Any]) -> None:
         """Create the claim, or re-apply ours; never adopt a claim another Workspace (or Kaito) owns.
@@ -180,15 +204,19 @@ class KarpenterProvider(Provider):
         """The node name once the claim is Ready; fails for a claim that cannot launch."""
         claim = kube.get(api, API_VERSION, KIND, name)
         if claim is None:
+            if self.config.wait_only:
+                states[name] = "not requested yet (the kaiflow operator creates it)"
+                return None
             raise RetryableError(f"NodeClaim {name} disappeared while waiting (deleted by Karpenter or a user)")
         launched, ready = _condition(claim, "Launched"), _condition(claim, "Ready")
         if launched.get("status") == "False":
             reason = launched.get("reason") or "unknown reason"
             message = launched.get("message") or ""
-            try:
-                kube.delete(api, API_VERSION, KIND, name)
-            except StepError as exc:
-                log.warning("could not delete failed NodeClaim %s: %s", name, exc)
+            if not self.config.wait_only:  # with --wait-only the operator deletes it (request())
+                try:
+                    kube.delete(api, API_VERSION, KIND, name)
+                except StepError as exc:
+                    log.warning("could not delete failed NodeClaim %s: %s", name, exc)
             raise RetryableError(f"NodeClaim {name} failed to launch a {self.config.instance_type} node: {reason} {message}".rstrip())
         node = (claim.get("status") or {}).get("nodeName")
         if ready.get("status") == "True" and node:

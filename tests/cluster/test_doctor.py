@@ -72,7 +72,7 @@ def test_what_is_missing_is_one_line_each_with_its_fix(installed, box_namespace)
     assert lines_with(lines, "MISSING", "Argo's workflow-controller Deployment", "fix: kubectl apply -n argo")
     for account in ("kaiflow-workflow", "kaiflow-provisioner", "kaiflow-deployer"):
         assert lines_with(lines, "MISSING", f"ServiceAccount {box_namespace}/{account}", "overlay"), lines
-    assert lines_with(lines, "MISSING", f"ConfigMap {box_namespace}/kaiflow-azure", "fix:")
+    assert lines_with(lines, "MISSING", "ConfigMap kaiflow-system/kaiflow-azure", "fix:")  # the operator's (docs/security.md)
     assert lines_with(lines, "MISSING", "workload identity webhook", "--enable-workload-identity")
     json_out = subprocess.run([sys.executable, "-m", "kaiflow.doctor", "--kubeconfig", str(installed.kubeconfig),
                                "-n", box_namespace, "-o", "json"], capture_output=True, text=True, cwd=ROOT,

@@ -6,13 +6,16 @@ really calls — the provision step, the deploy step and Argo's executor run as 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.cluster.conftest import namespace_overlay, run_step
+from tests.cluster.conftest import ROOT, namespace_overlay, run_step
 from tests.fixtures.cluster import GPU_TAINT
 
 RIGHTS = Path(__file__).with_name("rights.yaml")
@@ -61,18 +64,32 @@ def test_each_service_account_may_do_exactly_the_kept_list(installed, account):
     assert found == {ns: sorted(kept[ns]) for ns in kept}, yaml.safe_dump(found)
 
 
-def test_the_provision_step_as_the_provisioner_account_claims_and_releases_nodes(installed, fake_karpenter, tmp_path):
-    kubeconfig = installed.service_account_kubeconfig("kaiflow-provisioner", WORKFLOW_NAMESPACE)
+def request_as(kubeconfig, *argv: str) -> list[str]:
+    """``steps.provision.release.request`` (what the operator does before it creates a Workflow) as an account."""
+    done = subprocess.run([sys.executable, "-c", "import json, sys; from steps.provision.release import request; "
+                           "print(json.dumps(request(sys.argv[1:])))", *argv], capture_output=True, text=True,
+                          env={**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_operator_claims_the_provisioner_waits_and_the_operator_releases(installed, fake_karpenter, tmp_path):
+    """The split of issue 17 (Medium 5): the controller's account creates the NodeClaims, the
+    provision step as the tenant namespace's provisioner only waits (--wait-only), the controller's
+    account releases them."""
+    operator = installed.service_account_kubeconfig("kaiflow-controller", "kaiflow-system")
+    provisioner = installed.service_account_kubeconfig("kaiflow-provisioner", WORKFLOW_NAMESPACE)
     common = ["--provider", "karpenter", "--workspace-name", "ws-rbac", "--namespace", WORKFLOW_NAMESPACE]
-    made = run_step("steps.provision", *common, "--instance-type", "Standard_NC24ads_A100_v4", "--count", "1",
-                    "--outputs", str(tmp_path / "out"), kubeconfig=kubeconfig)
+    sized = [*common, "--instance-type", "Standard_NC24ads_A100_v4", "--count", "1"]
+    assert len(request_as(operator, *sized)) == 1
+    assert request_as(operator, *sized) == request_as(operator, *sized)  # re-applied, not duplicated
+    made = run_step("steps.provision", *sized, "--wait-only", "--outputs", str(tmp_path / "out"), kubeconfig=provisioner)
     assert made.returncode == 0, made.stderr
     nodes = json.loads((tmp_path / "out" / "nodes").read_text())
     assert len(nodes) == 1 and installed.get("node", nodes[0]) is not None
-    again = run_step("steps.provision", *common, "--instance-type", "Standard_NC24ads_A100_v4", "--count", "1",
-                     "--outputs", str(tmp_path / "again"), kubeconfig=kubeconfig)
-    assert again.returncode == 0, again.stderr  # a retried step re-applies the same claim (server-side apply)
-    released = run_step("steps.provision", "--delete", *common, "--outputs", str(tmp_path / "rel"), kubeconfig=kubeconfig)
+    refused = run_step("steps.provision", *sized, "--outputs", str(tmp_path / "self"), kubeconfig=provisioner)
+    assert refused.returncode == 2 and "403" in refused.stderr, "the tenant's provisioner may not create claims itself"
+    released = run_step("steps.provision", "--delete", *common, "--outputs", str(tmp_path / "rel"), kubeconfig=operator)
     assert released.returncode == 0, released.stderr
     assert installed.list("nodeclaims.karpenter.sh", selector="kaito.sh/workspace=ws-rbac") == []
 
@@ -94,14 +111,16 @@ def test_two_namespace_overlays_both_provision(installed, fake_karpenter, tmp_pa
     for namespace in ("team-a", "team-b"):
         installed.kubectl("create", "namespace", namespace)
         installed.kubectl("apply", "-k", str(namespace_overlay(tmp_path / namespace, namespace)))
+    operator = installed.service_account_kubeconfig("kaiflow-controller", "kaiflow-system")
     for namespace in ("team-a", "team-b"):
         kubeconfig = installed.service_account_kubeconfig("kaiflow-provisioner", namespace)
         common = ["--provider", "karpenter", "--workspace-name", "ws", "--namespace", namespace]
-        made = run_step("steps.provision", *common, "--instance-type", "Standard_NC24ads_A100_v4",
+        request_as(operator, *common, "--instance-type", "Standard_NC24ads_A100_v4")
+        made = run_step("steps.provision", *common, "--instance-type", "Standard_NC24ads_A100_v4", "--wait-only",
                         "--outputs", str(tmp_path / f"out-{namespace}"), kubeconfig=kubeconfig)
         assert made.returncode == 0, made.stderr
         released = run_step("steps.provision", "--delete", *common, "--outputs", str(tmp_path / f"rel-{namespace}"),
-                            kubeconfig=kubeconfig)
+                            kubeconfig=operator)
         assert released.returncode == 0, released.stderr
     bindings = {b["metadata"]["name"]: b["subjects"] for b in installed.list("clusterrolebindings")
                 if b["roleRef"]["name"] == "kaiflow-provisioner"}
