@@ -37,6 +37,9 @@ ANNOTATION_IMMUTABLE = f"{KAIFLOW_PREFIX}/immutable"
 # Set to a new value (any token, e.g. a timestamp) to run the current generation's pipeline again:
 # a generation's Workflow otherwise runs once (status.pipeline.run records it).
 ANNOTATION_RERUN = f"{KAIFLOW_PREFIX}/rerun"
+# Pods whose egress the install's NetworkPolicy limits to public addresses (the dataset download).
+LABEL_EGRESS = f"{KAIFLOW_PREFIX}/egress"
+EGRESS_PUBLIC = "public-only"
 # With --opt-in the controller acts only on Workspaces annotated "true" (clusters that keep Kaito's).
 ANNOTATION_OPT_IN = f"{KAIFLOW_PREFIX}/managed"
 # "true": the Workspace's labelSelector names nodes the user brought (api.defaults.uses_own_nodes).

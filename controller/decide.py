@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,13 +152,30 @@ def target_node_count(workspace: Any) -> int:
     return estimate_node_count(workspace)
 
 
-def target(options: ControllerOptions, namespace: str, name: str) -> Any:
+def target(options: ControllerOptions, namespace: str, name: str, preset: str | None = None) -> Any:
     """The ``pipelines.Target`` a Workflow is rendered for (the cluster unless told otherwise)."""
     if options.target == "local":
         workdir = Path(options.local_root or ".").resolve() / namespace / name
         return Target.local(workdir, base_dir=options.local_base_dir)
     return Target.cluster(provider=options.provider,
-                          insecure_registries=tuple(options.insecure_registry) or None)
+                          insecure_registries=tuple(options.insecure_registry) or None,
+                          allow_http_datasets=options.allow_http_datasets,
+                          dataset_block_cidrs=tuple(options.dataset_block_cidr),
+                          allow_remote_code=remote_code_allowed(options, namespace, preset))
+
+
+def remote_code_allowed(options: ControllerOptions, namespace: str, preset: str | None) -> bool:
+    """The admin's ``--allow-remote-code`` entries: ``NS``, ``NS/PRESET`` or ``*/PRESET``."""
+    for entry in options.allow_remote_code:
+        ns, _, model = entry.partition("/")
+        if ns in ("*", namespace) and (not model or model == preset):
+            return True
+    return False
+
+
+def _plain_http_urls(workspace: Any) -> list[tuple[int, str]]:
+    urls = (workspace.tuning.input.urls or []) if workspace.tuning and workspace.tuning.input else []
+    return [(i, u) for i, u in enumerate(urls) if urllib.parse.urlsplit(u).scheme.lower() == "http"]
 
 
 def spec_of(body: dict[str, Any]) -> dict[str, Any]:
@@ -194,13 +212,22 @@ def decide(body: dict[str, Any], options: ControllerOptions, accepted: dict[str,
                 f"{path} is immutable (was {json.dumps(accepted[path])}); delete and recreate the Workspace to change it"
                 for path in changed), tuple(changed))
 
+    if options.target != "local" and not options.allow_http_datasets:
+        plain = _plain_http_urls(workspace)
+        if plain:
+            return Refused(REASON_INVALID, "; ".join(
+                f"tuning.input.urls[{i}]: plain http is refused in this cluster (use https; an admin may allow http "
+                f"with the controller's --allow-http-datasets)" for i, _ in plain),
+                tuple(f"tuning.input.urls[{i}]" for i, _ in plain))
+
     name, namespace = workspace.name, workspace.namespace
     generation = int((body.get("metadata") or {}).get("generation") or 1)
     kind = "tuning" if workspace.is_tuning else "inference"
     scheduled = bool(workspace.tuning and workspace.tuning.schedule)
     object_name = pipeline_name(name, kind, generation, scheduled, run)
     try:
-        rendered = manifest(workspace, target(options, namespace, object_name))
+        preset = workspace.tuning.preset.name if workspace.tuning and workspace.tuning.preset else None
+        rendered = manifest(workspace, target(options, namespace, object_name, preset))
     except PipelineError as exc:
         return Refused(REASON_INVALID, str(exc), ())
     meta = rendered["metadata"]

@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
-from api.labels import ANNOTATION_OPT_IN
+from api.labels import ANNOTATION_OPT_IN, CONTROLLER_COMPONENT
 from stepkit.common import add_dataclass_arguments, dataclass_from_args
 
 # Workspaces carrying this annotation with the value "true" are kaiflow's when --opt-in is set.
@@ -53,6 +53,21 @@ class ControllerOptions:
     max_nodes_per_workspace: int = field(default=4, metadata={
         "help": "most GPU nodes one Workspace may have provisioned (its resource.count or the node estimate); "
                 "more is refused with a condition naming resource.count"})
+    allow_http_datasets: bool = field(default=False, metadata={
+        "help": "allow plain http dataset URLs (default: https only; every address is still checked to be public)"})
+    dataset_block_cidr: tuple[str, ...] = field(default=(), metadata={
+        "help": "an address range dataset downloads may never reach, besides the non-public ones: the cluster's "
+                "service or pod CIDR if it is made of public addresses (repeatable)", "metavar": "CIDR"})
+    allow_remote_code: tuple[str, ...] = field(default=(), metadata={
+        "help": "allow ModelConfig.trust_remote_code in tuning ConfigMaps for NAMESPACE, NAMESPACE/PRESET or */PRESET "
+                "(repeatable; default: refused everywhere)", "metavar": "NS[/PRESET]"})
+    leader_elect: bool = field(default=False, metadata={
+        "help": "one of several replicas: act only while holding the Lease --lease-name (the others wait)"})
+    lease_name: str = field(default=CONTROLLER_COMPONENT, metadata={"help": "the leader election Lease"})
+    lease_namespace: str | None = field(default=None, metadata={
+        "help": "namespace of the Lease (default: $POD_NAMESPACE, else kaiflow-system)"})
+    lease_duration_s: float = field(default=15.0, metadata={
+        "help": "seconds without renewal after which another replica takes the Lease over"})
     delete_deadline_s: float = field(default=120.0, metadata={
         "help": "seconds a deletion waits for node release before letting the Workspace go (Kaito #932)"})
     resync_s: float = field(default=30.0, metadata={
@@ -72,7 +87,8 @@ def parse(argv: Sequence[str] | None = None) -> ControllerOptions:
                                      description="Run the kaiflow operator: Workspaces become Argo Workflows.")
     # Switches and repeatable options come from the command line only (an env "false" is truthy).
     env = {f.name: ENV_PREFIX + f.name.upper() for f in fields(ControllerOptions)
-           if f.name not in ("namespace", "insecure_registry", "opt_in", "release_after_failure", "verbose")}
+           if f.name not in ("namespace", "insecure_registry", "opt_in", "release_after_failure", "verbose", "leader_elect",
+                             "allow_http_datasets", "dataset_block_cidr", "allow_remote_code")}
     add_dataclass_arguments(parser, ControllerOptions, env=env)
     options = dataclass_from_args(ControllerOptions, parser.parse_args(argv))
     if options.target == "local" and not options.local_root:

@@ -61,7 +61,8 @@ class Target(ABC):
 
     @staticmethod
     def cluster(images: Images | None = None, provider: str | None = None,
-                insecure_registries: tuple[str, ...] | None = None) -> ClusterTarget:
+                insecure_registries: tuple[str, ...] | None = None, allow_http_datasets: bool = False,
+                dataset_block_cidrs: tuple[str, ...] = (), allow_remote_code: bool = False) -> ClusterTarget:
         env_insecure = tuple(h for h in os.environ.get("KAIFLOW_INSECURE_REGISTRIES", "").split(",") if h)
         return ClusterTarget(
             data_root=CLUSTER_DATA_ROOT,
@@ -69,6 +70,9 @@ class Target(ABC):
             provider=provider or os.environ.get("KAIFLOW_PROVISIONER") or "aks",
             images=images or Images.from_env(),
             insecure_registries=insecure_registries if insecure_registries is not None else env_insecure,
+            allow_http_datasets=allow_http_datasets,
+            dataset_block_cidrs=tuple(dataset_block_cidrs),
+            allow_remote_code=allow_remote_code,
         )
 
     @staticmethod
@@ -119,6 +123,13 @@ class Target(ABC):
 class ClusterTarget(Target):
     """Argo on Kubernetes: a PVC for data, mounted Secrets and ConfigMaps."""
 
+    allow_http_datasets: bool = field(default=False, metadata={
+        "help": "the admin allows plain http dataset URLs (fetch_dataset --allow-http)"})
+    allow_remote_code: bool = field(default=False, metadata={
+        "help": "the admin allows ModelConfig.trust_remote_code for this Workflow's namespace or model"})
+    dataset_block_cidrs: tuple[str, ...] = field(default=(), metadata={
+        "help": "address ranges dataset downloads may never reach besides the non-public ones "
+                "(the cluster's service and pod CIDRs when they are public addresses)"})
     is_cluster: ClassVar[bool] = True
     deploy_mode: ClassVar[str] = "cluster"
 

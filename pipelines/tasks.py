@@ -27,7 +27,9 @@ from api.labels import (
     ANNOTATION_ARGO_DESCRIPTION,
     API_KEY_SECRET_KEY,
     DEPLOYER_SERVICE_ACCOUNT,
+    EGRESS_PUBLIC,
     GPU_TOLERATION,
+    LABEL_EGRESS,
     MODEL_ACCESS_SECRET_KEY,
     PROVISIONER_SERVICE_ACCOUNT,
     WORKFLOW_SERVICE_ACCOUNT,
@@ -50,8 +52,8 @@ from pipelines.names import (
     TASK_TUNE,
     dns1123_label,
 )
-from pipelines.target import LocalTarget, Target
-from stepkit.common import STEP_LOG_ENV
+from pipelines.target import ClusterTarget, LocalTarget, Target
+from stepkit.common import REMOTE_CODE_ENV, STEP_LOG_ENV
 
 DATA_VOLUME = "kaiflow-data"
 TRAINING_CONFIG_VOLUME = "training-config"
@@ -369,9 +371,17 @@ def fetch_dataset(target: Target, *, urls: Sequence[str], max_bytes: str | None 
         args += ["--config", config]
         if target.is_cluster and config_map:
             mounts.append(m.VolumeMount(name=TRAINING_CONFIG_VOLUME, mount_path=config.rsplit("/", 1)[0], read_only=True))
+    labels = None
+    if isinstance(target, ClusterTarget):
+        # In a cluster the URL is the user's and the pod sits inside the cluster network: public
+        # addresses only, checked at every connection (steps/fetch_dataset/egress.py), and the
+        # install's NetworkPolicy (kaiflow-dataset-egress) selects the pod by this label.
+        args += ["--public-only", *(["--allow-http"] if target.allow_http_datasets else []),
+                 *_flag("--block-cidr", list(target.dataset_block_cidrs))]
+        labels = {LABEL_EGRESS: EGRESS_PUBLIC}
     return _step(
         target, name=name, module="fetch_dataset", args=args, outputs=[OUTPUT_DATASET_DIGEST, "summary"], retry=True,
-        deadline=DEADLINES["fetch_dataset"], mounts=mounts, scheduling=scheduling,
+        deadline=DEADLINES["fetch_dataset"], mounts=mounts, labels=labels, scheduling=scheduling,
         description="Download and check the training data (parquet/jsonl/json/csv/arrow)",
     )
 
@@ -396,6 +406,9 @@ def tune(target: Target, *, preset: str, method: str, adapter_name: str, config:
         args += ["--max-steps", max_steps]
     if epochs:
         args += ["--epochs", epochs]
+    if target.is_cluster and scheduling and scheduling.gpus:
+        # one data-parallel process per GPU the pod requests: the same value as its nvidia.com/gpu
+        args += ["--nproc", str(scheduling.gpus)]
     # the step's log, kept on the data volume (appended across retries): an artifact here, and
     # push-adapter puts it inside the adapter image beside loss.png
     mounts, env = [], [Env(name=STEP_LOG_ENV, value=tune_log_path(target))]
@@ -403,6 +416,10 @@ def tune(target: Target, *, preset: str, method: str, adapter_name: str, config:
         # Weights are downloaded once per workflow onto the data volume; a retried tune pod
         # finds them there and resumes from the last checkpoint on the same volume.
         env.append(Env(name="HF_HOME", value=target.data("hf-cache")))
+        if isinstance(target, ClusterTarget) and not target.allow_remote_code:
+            # trust_remote_code in the tenant's ConfigMap would run a repository's code next to the
+            # HF token and the data volume: refused unless the admin allowed it (the install's setting).
+            env.append(Env(name=REMOTE_CODE_ENV, value="refuse"))
         if config_map:
             mounts.append(m.VolumeMount(name=TRAINING_CONFIG_VOLUME, mount_path=config.rsplit("/", 1)[0], read_only=True))
         if model_access_secret:

@@ -86,6 +86,9 @@ def report_progress(done: int, total: int) -> None:
 # A file the step's log is also written to (appended: a retried pod adds to its predecessor's), e.g.
 # the tune step's log on the data volume, which push-adapter puts inside the adapter image.
 STEP_LOG_ENV = "KAIFLOW_STEP_LOG"
+# "refuse": the tune step refuses ModelConfig.trust_remote_code (the pipelines set it in a cluster
+# unless the admin allowed remote code for the namespace or model: the controller's --allow-remote-code).
+REMOTE_CODE_ENV = "KAIFLOW_REMOTE_CODE"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 

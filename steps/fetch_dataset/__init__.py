@@ -56,13 +56,17 @@ from stepkit.common import (
 from steps.fetch_dataset.arrow import canonical
 from steps.fetch_dataset.kaito_dataset_config import DatasetSettings, read_dataset_config
 from steps.fetch_dataset.download import Fetched, fetch, safe_name
-from steps.fetch_dataset.formats import FORMAT_COLUMNS, FORMAT_KIND, BadRow, UnknownFormat, detect_format, estimate_tokens, normalise_row
+from steps.fetch_dataset.formats import (FORMAT_COLUMNS, FORMAT_KIND, BadRow, UnknownFormat, detect_format, estimate_tokens,
+                                         normalise_row, shown_columns)
+from steps.fetch_dataset.egress import EgressPolicy, Resolver, system_resolver
 from steps.fetch_dataset.readers import BATCH_BYTES, BATCH_ROWS, DecodedBudget, Limits, Reader, byte_slices, file_type
 from stepkit.redaction import install_log_redaction, redact_text, redact_url
 
 log = logging.getLogger("kaiflow.steps.fetch_dataset")
 
 MAX_REPORTED_BAD_ROWS = 10
+# Tests replace the resolver of --public-only (names mapped to addresses they choose, no DNS).
+RESOLVER: Resolver | None = None
 
 
 @dataclass
@@ -92,6 +96,17 @@ class FetchConfig:
     retries: int = field(default=4, metadata={
         "help": "HTTP retries after the first attempt (dropped connection, 5xx) (default %(default)s)"})
     keep_downloads: bool = field(default=False, metadata={"help": "keep the raw downloaded files in DIR/downloads"})
+    public_only: bool = field(default=False, metadata={
+        "help": "in a cluster: connect only to public addresses (checked at every connection and redirect), refuse "
+                "cluster DNS names, file: URLs and plain http (see steps/fetch_dataset/egress.py)"})
+    allow_http: bool = field(default=False, metadata={"help": "with --public-only: allow plain http URLs"})
+    allow_cidr: list[str] = field(default_factory=list, metadata={
+        "help": "with --public-only: an address range allowed although not public (repeatable)", "metavar": "CIDR"})
+    block_cidr: list[str] = field(default_factory=list, metadata={
+        "help": "with --public-only: a further range refused, e.g. the cluster's service CIDR (repeatable)",
+        "metavar": "CIDR"})
+    cluster_domain: str = field(default="cluster.local", metadata={
+        "help": "with --public-only: the cluster's DNS domain, whose names are refused (default %(default)s)"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,7 +289,7 @@ def _open(item: Fetched, settings: DatasetSettings, budget: DecodedBudget) -> tu
         for name, source in mapping.columns.items():
             if source not in reader.columns:
                 raise StepError(f"{where}: DatasetConfig.{mapping.keys[name]} {source!r} is not a column of the "
-                                f"file (columns: {', '.join(reader.columns)})")
+                                f"file (columns: {', '.join(shown_columns(reader.columns))})")
         return reader, mapping.format, mapping.source_columns()
     try:
         fmt = detect_format(reader.columns)
@@ -302,9 +317,15 @@ def _fetch_dataset(config: FetchConfig, downloads: Path) -> dict[str, Any]:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
+    policy = None
+    if config.public_only:
+        policy = EgressPolicy(allow_http=config.allow_http, allow_cidr=tuple(config.allow_cidr),
+                              block_cidr=tuple(config.block_cidr), cluster_domain=config.cluster_domain,
+                              resolver=RESOLVER or system_resolver)
     fetched: list[Fetched] = []
     for i, url in enumerate(config.url):
-        item = fetch(url, downloads / safe_name(url, i), max_bytes=config.max_bytes, timeout_s=config.timeout, retries=config.retries)
+        item = fetch(url, downloads / safe_name(url, i), max_bytes=config.max_bytes, timeout_s=config.timeout,
+                     retries=config.retries, policy=policy)
         log.info("fetched %s: %d bytes in %d attempt(s)", redact_url(url), item.size, item.attempts)
         fetched.append(item)
         report_progress(i + 1, 2 * len(config.url))

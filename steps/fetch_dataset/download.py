@@ -31,6 +31,7 @@ URLs in messages and logs are redacted (``stepkit.redaction``): signed query str
 from __future__ import annotations
 
 import errno
+import http
 import hashlib
 import logging
 import os
@@ -40,6 +41,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from steps.fetch_dataset.egress import EgressPolicy, EgressRefused, guarded_client_args
 from stepkit.common import RetryableError, StepError
 from stepkit.redaction import redact_text, redact_url
 from stepkit.retry import TransientError, call_with_retries
@@ -94,6 +96,8 @@ def classify(exc: BaseException, url: str) -> StepError:
     import httpx
 
     where = f"url {redact_url(url)!r}"
+    if isinstance(exc, EgressRefused) and not str(exc).startswith("url "):
+        return EgressRefused(f"{where}: {exc}")
     if isinstance(exc, StepError):
         return exc
     if isinstance(exc, _Transient):
@@ -136,14 +140,20 @@ def fetch(
     retries: int = 4,
     backoff_s: float = 0.5,
     transport=None,
+    policy: EgressPolicy | None = None,
 ) -> Fetched:
-    """Download ``url`` (or locate a ``file:`` URL); ``transport`` is an httpx transport for tests."""
+    """Download ``url`` (or locate a ``file:`` URL); ``transport`` is an httpx transport for tests.
+
+    ``policy`` (in a cluster): public addresses only, checked at every connection (``egress``).
+    """
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     try:
+        if policy is not None:
+            policy.check_url(url)
         if scheme == "file":
             return _local(url, max_bytes)
         if scheme in ("http", "https"):
-            return _Download(url, dest, max_bytes, timeout_s, transport).run(retries, backoff_s)
+            return _Download(url, dest, max_bytes, timeout_s, transport, policy).run(retries, backoff_s)
     except Exception as exc:
         raise classify(exc, url) from None
     raise StepError(f"url {redact_url(url)!r}: unsupported scheme {scheme or '(none)'!r} (use http, https or file)")
@@ -162,9 +172,10 @@ def _local(url: str, max_bytes: int) -> Fetched:
 class _Download:
     """One HTTP download; ``attempt`` is called once per try and resumes what earlier tries got."""
 
-    def __init__(self, url: str, dest: Path, max_bytes: int, timeout_s: float, transport) -> None:
+    def __init__(self, url: str, dest: Path, max_bytes: int, timeout_s: float, transport,
+                 policy: EgressPolicy | None = None) -> None:
         self.url, self.shown, self.dest, self.max_bytes = url, redact_url(url), dest, max_bytes
-        self.timeout_s, self.transport = timeout_s, transport
+        self.timeout_s, self.transport, self.policy = timeout_s, transport, policy
         self.part = dest.with_name(dest.name + ".part")
         self.have = 0
         self.validator: str | None = None
@@ -176,7 +187,11 @@ class _Download:
 
         self.dest.parent.mkdir(parents=True, exist_ok=True)
         self.part.unlink(missing_ok=True)
-        with httpx.Client(timeout=httpx.Timeout(self.timeout_s), follow_redirects=True, transport=self.transport) as client:
+        if self.policy is not None:
+            args = guarded_client_args(self.policy, self.timeout_s)
+        else:
+            args = {"timeout": httpx.Timeout(self.timeout_s), "follow_redirects": True, "transport": self.transport}
+        with httpx.Client(**args) as client:
             try:
                 return call_with_retries(lambda: self.attempt(client), what=self.shown, attempts=retries + 1,
                                          backoff_s=backoff_s, retry_on=(_Transient,))
@@ -204,9 +219,9 @@ class _Download:
         with client.stream("GET", self.url, headers=headers) as response:
             status = response.status_code
             if status in RETRYABLE_STATUS:
-                raise _Transient(f"HTTP {status} {response.reason_phrase}")
+                raise _Transient(f"HTTP {status} {_phrase(status)}")
             if status >= 300:  # a 3xx here is one httpx did not follow (no Location, 304, ...)
-                raise StepError(f"url {self.shown!r}: HTTP {status} {response.reason_phrase}")
+                raise StepError(f"url {self.shown!r}: HTTP {status} {_phrase(status)}")
             if status == 206 and self.have:
                 log.info("%s: resuming at byte %d", self.shown, self.have)
             else:  # 200: a full body, whatever we had before
@@ -234,6 +249,14 @@ class _Download:
         self.part.replace(self.dest)
         return Fetched(self.url, self.dest, hash_in_background(self.dest), self.have, _media_type(self.content_type),
                        self.attempts)
+
+
+def _phrase(status: int) -> str:
+    """The standard reason phrase: the server's own is text it chose, never echoed."""
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 def _announced_total(response, have: int) -> int | None:

@@ -25,6 +25,7 @@ decoded first. Pure Python, no heavy imports: the fetch step and ``kaiflow valid
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
@@ -67,13 +68,29 @@ class UnknownFormat(ValueError):
     """A file's columns fit none of the accepted formats."""
 
 
+_COLUMN_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_ .-]{0,63}$")
+MAX_SHOWN_COLUMNS = 20
+
+
+def shown_columns(columns: Iterable[str]) -> list[str]:
+    """Column names for an error message, never the file's contents: a CSV's header line or a JSON
+    object's keys are the data's first bytes, so a name that does not look like a column name is
+    shown by its length only (a URL that answers with something other than a dataset stays unread)."""
+    names = list(columns)
+    shown = [n if isinstance(n, str) and _COLUMN_NAME.match(n) else f"<a {len(str(n))}-character name>"
+             for n in names[:MAX_SHOWN_COLUMNS]]
+    if len(names) > MAX_SHOWN_COLUMNS:
+        shown.append(f"<{len(names) - MAX_SHOWN_COLUMNS} more>")
+    return shown
+
+
 def detect_format(columns: Iterable[str]) -> str:
     present = set(columns)
     for name, required in FORMATS:
         if all(c in present for c in required):
             return name
     expected = "; ".join(" + ".join(cols) for _, cols in FORMATS)
-    raise UnknownFormat(f"columns {sorted(present)} fit no accepted format (expected one of: {expected})")
+    raise UnknownFormat(f"columns {shown_columns(sorted(present))} fit no accepted format (expected one of: {expected})")
 
 
 def normalise_row(fmt: str, row: Mapping[str, Any]) -> list[Message] | str:
@@ -151,7 +168,7 @@ def _openai_messages(value: Any) -> list[Message]:
             raise BadRow(f"message {i} is not an object")
         role = message.get("role")
         if role not in ROLES:
-            raise BadRow(f"message {i} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
+            raise BadRow(f"message {i} has an unknown role (expected one of {', '.join(ROLES)})")
         messages.append({"role": role, "content": _content(message.get("content"), f"message {i}")})
     return messages
 
@@ -166,7 +183,7 @@ def _sharegpt_messages(value: Any) -> list[Message]:
         speaker = turn.get("from")
         role = SHAREGPT_ROLES.get(speaker) if isinstance(speaker, str) else None
         if role is None:
-            raise BadRow(f"turn {i} has unknown speaker 'from': {speaker!r} (expected one of {', '.join(SHAREGPT_ROLES)})")
+            raise BadRow(f"turn {i} has an unknown speaker 'from' (expected one of {', '.join(SHAREGPT_ROLES)})")
         messages.append({"role": role, "content": _content(turn.get("value"), f"turn {i}")})
     return messages
 

@@ -35,6 +35,7 @@ Rows then go to Python in slices of about ``BATCH_BYTES`` decoded bytes.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -368,10 +369,15 @@ class Reader:
         return batches
 
     def _csv_reason(self, exc: BaseException, row: int) -> str:
-        if "straddling" in str(exc):
+        """Arrow's CSV errors quote the offending line: keep the reason, never the line."""
+        text = str(exc)
+        if "straddling" in text:
             return (f"row {row} or a later one is longer than the per-row cap of "
                     f"{self.budget.limits.max_row_bytes} (--max-row-bytes)")
-        return str(exc)
+        counts = re.search(r"Expected (\d+) columns, got (\d+)", text)
+        if counts:
+            return f"a row at or after row {row} has {counts.group(2)} columns, the header {counts.group(1)}"
+        return f"a row at or after row {row} cannot be parsed ({type(exc).__name__}; contents not shown)"
 
     # -- JSON lines ---------------------------------------------------------------------------
 

@@ -29,12 +29,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from stepkit.common import StepError
+from stepkit.common import REMOTE_CODE_ENV, StepError
 
 SECTIONS = ("ModelConfig", "QuantizationConfig", "LoraConfig", "TrainingArguments", "DataCollator", "DatasetConfig")
 
@@ -122,6 +123,11 @@ def read_training_config(source: str | Path) -> dict[str, dict[str, Any]]:
             if key not in known:
                 raise StepError(f"training_config.{name}.{key}: unknown key{_hint(key, known)}")
         sections[name] = dict(body)
+    if (sections.get("ModelConfig") or {}).get("trust_remote_code") and os.environ.get(REMOTE_CODE_ENV) == "refuse":
+        raise StepError("training_config.ModelConfig.trust_remote_code: refused in this cluster: it runs the model "
+                        "repository's own code in the tune pod, which holds the model-access token and the data volume "
+                        "later steps read; an admin may allow it for this namespace or model (the controller's "
+                        "--allow-remote-code)")
     return {name: sections.get(name, {}) for name in SECTIONS}
 
 

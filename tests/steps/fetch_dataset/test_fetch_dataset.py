@@ -143,7 +143,7 @@ def test_empty_assistant_turns_name_file_and_row(http_files, tmp_path):
 def test_unknown_role_is_reported(tmp_path):
     path = tmp_path / "roles.jsonl"
     path.write_text(json.dumps({"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "x"}]}) + "\n")
-    expect_error(tmp_path, path.as_uri(), r"roles\.jsonl row 0: message 0 has unknown role 'wizard'")
+    expect_error(tmp_path, path.as_uri(), r"roles\.jsonl row 0: message 0 has an unknown role \(expected")  # the value is row content: not echoed
 
 
 def test_a_few_bad_rows_are_tolerated(http_files, tmp_path):

@@ -1,0 +1,80 @@
+"""What an admin controls in the install (issue 17 items 4 and 6): plain-http dataset URLs and
+``trust_remote_code`` are refused unless the controller's options allow them; in a cluster the
+fetch step is rendered with ``--public-only`` and the label the egress NetworkPolicy selects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from api.labels import EGRESS_PUBLIC, LABEL_EGRESS
+from api.workspace_status import REASON_INVALID
+from controller.decide import Desired, Refused, decide
+from controller.options import ControllerOptions, parse
+from stepkit.common import REMOTE_CODE_ENV, StepError
+from steps.tune.kaito_training_config import read_training_config
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def body(example="kaito_workspace_tuning_phi_3.yaml", namespace="team-a", url=None):
+    obj = yaml.safe_load((EXAMPLES / example).read_text())
+    obj["metadata"] = {**obj["metadata"], "namespace": namespace, "generation": 1, "uid": "u-1"}
+    if url:
+        obj["tuning"]["input"]["urls"] = [url]
+    return obj
+
+
+def template(verdict: Desired, name: str) -> dict:
+    return next(t for t in verdict.manifest["spec"]["templates"] if t["name"] == name)
+
+
+def env_of(verdict: Desired, name: str) -> dict:
+    return {e["name"]: e.get("value") for e in template(verdict, name)["container"].get("env") or []}
+
+
+def test_plain_http_dataset_urls_are_refused_unless_the_admin_allows_them():
+    verdict = decide(body(url="http://data.example.com/train.parquet"), ControllerOptions())
+    assert isinstance(verdict, Refused) and verdict.reason == REASON_INVALID
+    assert verdict.fields == ("tuning.input.urls[0]",) and "--allow-http-datasets" in verdict.message
+    allowed = decide(body(url="http://data.example.com/train.parquet"), parse(["--allow-http-datasets"]))
+    assert isinstance(allowed, Desired)
+    assert "--allow-http" in template(allowed, "fetch-dataset")["container"]["args"]
+
+
+def test_the_fetch_step_in_a_cluster_reaches_public_addresses_only():
+    verdict = decide(body(), parse(["--dataset-block-cidr", "203.0.113.0/24"]))
+    fetch = template(verdict, "fetch-dataset")
+    args = fetch["container"]["args"]
+    assert "--public-only" in args and "--allow-http" not in args
+    assert args[args.index("--block-cidr") + 1] == "203.0.113.0/24"
+    assert fetch["metadata"]["labels"][LABEL_EGRESS] == EGRESS_PUBLIC
+
+
+@pytest.mark.parametrize(("allow", "namespace", "refused"), [
+    ((), "team-a", True),
+    (("team-b",), "team-a", True),
+    (("team-a",), "team-a", False),
+    (("team-a/phi-3-mini-4k-instruct",), "team-a", False),
+    (("team-a/another-model",), "team-a", True),
+    (("*/phi-3-mini-4k-instruct",), "team-z", False),
+])
+def test_trust_remote_code_is_refused_unless_the_admin_allows_the_namespace_or_model(allow, namespace, refused):
+    options = parse([a for entry in allow for a in ("--allow-remote-code", entry)])
+    verdict = decide(body(namespace=namespace), options)
+    assert isinstance(verdict, Desired)
+    assert (env_of(verdict, "tune").get(REMOTE_CODE_ENV) == "refuse") is refused
+
+
+def test_the_tune_step_refuses_trust_remote_code_where_the_pipeline_says_so(tmp_path, monkeypatch):
+    config = tmp_path / "training_config.yaml"
+    config.write_text(yaml.safe_dump({"training_config": {"ModelConfig": {"trust_remote_code": True}}}))
+    assert read_training_config(config)["ModelConfig"]["trust_remote_code"] is True  # locally: the user's own machine
+    monkeypatch.setenv(REMOTE_CODE_ENV, "refuse")
+    with pytest.raises(StepError, match=r"ModelConfig\.trust_remote_code: refused in this cluster"):
+        read_training_config(config)
+    config.write_text(yaml.safe_dump({"training_config": {"ModelConfig": {"trust_remote_code": False}}}))
+    assert read_training_config(config)["ModelConfig"]["trust_remote_code"] is False
