@@ -8,8 +8,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-from controller.options import parse
+from controller.leader import LeaderElector, standby_health
+from controller.options import ControllerOptions, parse
+from stepkit import kube
 from stepkit.common import StepError
+
+# Where the install runs the controller (controller/manifests/system/): the Lease's default home.
+CONTROLLER_NAMESPACE = "kaiflow-system"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("kaiflow").setLevel(logging.DEBUG if options.verbose else logging.INFO)
     reg, _ = registry(options)
     liveness = f"http://0.0.0.0:{options.liveness_port}/healthz" if options.liveness_port else None
+    elector = _lead(options) if options.leader_elect else None
     try:
         kopf.run(
             registry=reg, standalone=True, clusterwide=options.watches_all_namespaces,
@@ -40,7 +46,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except (KeyboardInterrupt, asyncio.CancelledError):
         return 0
+    finally:
+        if elector is not None:
+            elector.release()
     return 0
+
+
+def _lead(options: ControllerOptions) -> LeaderElector:
+    """Wait for the Lease (answering /healthz meanwhile), then keep it; losing it ends the process."""
+    elector = LeaderElector(
+        kube.api_client(options.kubeconfig), options.lease_namespace or os.environ.get("POD_NAMESPACE") or
+        CONTROLLER_NAMESPACE, options.lease_name, duration_s=options.lease_duration_s,
+        renew_s=max(1.0, options.lease_duration_s / 3), retry_s=max(0.5, min(2.0, options.lease_duration_s / 7)))
+    with standby_health(options.liveness_port):
+        elector.wait_to_lead()
+    # exit code 1 without cleanup: another replica may already act, so nothing more is done here
+    elector.keep_leading(lambda: os._exit(1))
+    return elector
 
 
 if __name__ == "__main__":
