@@ -45,6 +45,11 @@ class Completion:
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
 
 
+# Template markup per chat message counted against the character cap before rendering (roles,
+# separators: ChatML spends about 15 characters per turn).
+MESSAGE_OVERHEAD_CHARS = 16
+
+
 class Metrics:
     """Token counters and latency histograms, on BentoML's /metrics (prometheus_client).
 
@@ -108,6 +113,7 @@ class ChatBackend:
         self.metrics: Metrics | None = None
         # HF fast tokenizers are not safe to use from several threads at once ("Already borrowed")
         self._encode_lock = threading.Lock()
+        self._special_tokens: tuple[str, ...] | None = None
 
     # -- life cycle ----------------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -198,7 +204,11 @@ class ChatBackend:
         if self.loaded.chat_template == "none":
             raise RequestError(400, f"{param}: this base model has no chat template; send a prompt instead", param=param)
         conversation = [{"role": m.role, "content": m.text()} for m in messages]
-        self._check_chars(sum(len(m["content"]) for m in conversation), param)
+        # Each message costs its template markup too: tens of thousands of empty messages fit the
+        # body limit yet render far past the character cap, so they are counted before rendering,
+        # and the rendered text is measured again before it is tokenized.
+        self._check_chars(sum(len(m["content"]) + MESSAGE_OVERHEAD_CHARS for m in conversation), param)
+        self._refuse_special_tokens(conversation, param)
         with self._encode_lock:
             try:
                 text = self.loaded.tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
@@ -206,8 +216,30 @@ class ChatBackend:
             except Exception as exc:  # templates raise on roles/orders they do not support
                 raise RequestError(400, f"{param}: the model's chat template refused these messages: {exc}",
                                    param=param) from None
+            self._check_chars(len(text), param)
             ids = self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self._check_prompt(ids, param)
+
+    def special_tokens(self) -> tuple[str, ...]:
+        """The tokenizer's special tokens as text (``<|im_start|>``, ``<|user|>``, ``</s>`` ...)."""
+        if self._special_tokens is None:
+            tokenizer = self.loaded.tokenizer
+            found = set(getattr(tokenizer, "all_special_tokens", None) or [])
+            for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+                if getattr(token, "special", False):
+                    found.add(str(token.content))
+            self._special_tokens = tuple(sorted((t for t in found if t), key=len, reverse=True))
+        return self._special_tokens
+
+    def _refuse_special_tokens(self, conversation: list[dict[str, str]], param: str) -> None:
+        """Message text is tokenized after the template renders it, so a special token written in
+        a message would become a real role boundary (a forged system turn): refused, naming it."""
+        specials = self.special_tokens()
+        for i, message in enumerate(conversation):
+            for token in specials:
+                if token in message["content"]:
+                    raise RequestError(400, f"{param}[{i}].content: contains the model's special token {token!r}, "
+                                       "which would act as chat markup; remove it", param=f"{param}[{i}].content")
 
     def encode_prompt(self, prompt: str, param: str = "prompt") -> list[int]:
         self._check_chars(len(prompt), param)

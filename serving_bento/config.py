@@ -134,7 +134,11 @@ class ServiceConfig:
                                   "(unset it to serve without a key)")
             if raw is None or raw == "":
                 continue
-            if f.name == "adapters":
+            if f.name == "api_key":
+                # a Secret written with `echo key | kubectl create secret ... --from-file` ends in a
+                # newline that no client sends: every request would get 401
+                values["api_key"] = raw.strip()
+            elif f.name == "adapters":
                 values["adapters"] = parse_adapters(raw, var)
             elif f.type == "int":
                 values[f.name] = _parse_int(raw, var)

@@ -573,20 +573,27 @@ class NaiveEngine(_Engine):
                 return torch.tensor([reason is not None])
 
         p = request.params
-        if p.seed is not None:
-            torch.manual_seed(p.seed)
         kwargs: dict[str, Any] = {"do_sample": p.do_sample}
         self._route([request])
         if p.do_sample:
             kwargs.update(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or None)
-        self.model.generate(
-            input_ids=torch.tensor([request.prompt_ids], device=next(self.model.parameters()).device),
-            attention_mask=torch.ones((1, len(request.prompt_ids)), dtype=torch.long),
-            max_new_tokens=p.max_new_tokens,
-            stopping_criteria=StoppingCriteriaList([_Forward()]),
-            pad_token_id=self.pad_token_id,
-            **kwargs,
-        )
+        device = next(self.model.parameters()).device
+        # generate() samples from torch's global generator: give this request its own state (its
+        # seed, or fresh entropy) and put the global one back after, so a seeded request never
+        # makes the next unseeded one predictable.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if p.seed is not None:
+                torch.manual_seed(p.seed)
+            else:
+                torch.seed()
+            self.model.generate(
+                input_ids=torch.tensor([request.prompt_ids], device=device),
+                attention_mask=torch.ones((1, len(request.prompt_ids)), dtype=torch.long),
+                max_new_tokens=p.max_new_tokens,
+                stopping_criteria=StoppingCriteriaList([_Forward()]),
+                pad_token_id=self.pad_token_id,
+                **kwargs,
+            )
         request.finish(state["reason"] or "length")
         self._current = None
         self.active_requests = 0

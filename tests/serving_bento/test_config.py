@@ -97,3 +97,16 @@ def test_every_setting_is_documented():
     docs = (Path(__file__).resolve().parents[2] / "docs" / "user-guide" / "serving.md").read_text()
     missing = [f.metadata["env"] for f in fields(ServiceConfig) if f"`{f.metadata['env']}`" not in docs]
     assert not missing, f"settings missing from docs/user-guide/serving.md: {missing}"
+
+
+def test_an_api_key_from_a_secret_loses_its_trailing_newline():
+    """Issue 17 (Low): a Secret made from a file (``echo key > f``) ends in a newline no client sends;
+    the key from the environment (the Deployment's secretKeyRef) is stripped, as the key file's is."""
+    from starlette.requests import Request
+
+    from serving_bento.app import check_api_key
+
+    config = ServiceConfig.from_env({"KAIFLOW_API_KEY": "s3cret-key\n"})
+    assert config.api_key == "s3cret-key"
+    request = Request({"type": "http", "headers": [(b"authorization", b"Bearer s3cret-key")]})
+    check_api_key(request, config.api_key)  # no 401

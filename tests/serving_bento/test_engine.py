@@ -284,3 +284,31 @@ def test_mixed_adapter_batch_equals_each_adapter_alone(tiny_model_path, tiny_ada
     assert rows_per_step[0] == len(choices), rows_per_step  # the first decode step had every request
     for i, adapter in enumerate(choices):
         assert c.tokens[i] == expected[adapter][: len(c.tokens[i])], (i, adapter)
+
+
+def test_naive_engine_seeds_each_request_alone(tiny):
+    """Issue 17 (Low): a seeded request must not make the next unseeded one predictable. The naive
+    engine used to seed torch's global generator; each request now samples from its own state."""
+    import torch
+
+    model, tok = tiny
+    ids = tok(PROMPTS[1])["input_ids"]
+    seeded = SamplingParams(max_new_tokens=12, do_sample=True, temperature=1.5, top_k=50, seed=7)
+    unseeded = SamplingParams(max_new_tokens=12, do_sample=True, temperature=1.5, top_k=50)
+    engine = NaiveEngine(model, tok, context_length=512, max_batch_size=1)
+    engine.start()
+    try:
+        runs = []
+        for _ in range(2):
+            c = Collector(2)
+            before = torch.random.get_rng_state()
+            engine.submit(c.request(0, ids, seeded))
+            c.wait(1)
+            assert torch.equal(torch.random.get_rng_state(), before), "the seeded request changed the global generator"
+            engine.submit(c.request(1, ids, unseeded))
+            c.wait(1)
+            runs.append((c.tokens[0], c.tokens[1]))
+    finally:
+        engine.stop()
+    assert runs[0][0] == runs[1][0]  # a seed still reproduces its own request
+    assert runs[0][1] != runs[1][1]  # what follows it is not predictable from that seed
