@@ -36,6 +36,8 @@ import urllib.request
 from pathlib import Path
 from typing import Protocol
 
+from stepkit.common import write_private
+
 __all__ = ["DEFAULT_PORT", "LocalRegistryError", "RegistryProcess", "ensure_local_registry", "free_port",
            "registry_answers", "serve"]
 
@@ -113,8 +115,7 @@ class RegistryProcess:
         # Kept with the storage so upload sessions stay valid across a restart on the same root.
         path = self.workdir / "http-secret"
         if not path.exists():
-            path.write_text(secrets.token_urlsafe(32))
-            path.chmod(0o600)
+            write_private(path, secrets.token_urlsafe(32))
         return path.read_text().strip()
 
     def _write_config(self) -> None:
@@ -127,19 +128,18 @@ class RegistryProcess:
             if not Path(HTPASSWD_BINARY).exists():
                 raise LocalRegistryError(f"{HTPASSWD_BINARY} is missing: apt-get install apache2-utils")
             htpasswd = self.workdir / "htpasswd"
-            # -i reads the password from stdin so it never shows in the process list
-            subprocess.run([HTPASSWD_BINARY, "-B", "-i", "-c", str(htpasswd), self.username],
-                           input=(self.password or "").encode(), check=True, capture_output=True)
+            # -i reads the password from stdin so it never shows in the process list; -n prints the
+            # entry, written here 0600 from the start (htpasswd -c would create it with the umask's mode)
+            entry = subprocess.run([HTPASSWD_BINARY, "-n", "-B", "-i", self.username],
+                                   input=(self.password or "").encode(), check=True, capture_output=True).stdout
+            write_private(htpasswd, entry.strip() + b"\n")
             auth = f"auth:\n  htpasswd:\n    realm: kaiflow-local\n    path: {htpasswd}\n"
         config = self.workdir / "config.yml"
-        config.write_text(
-            "version: 0.1\n"
-            "log:\n  level: warn\n  accesslog:\n    disabled: true\n"
-            f"storage:\n  filesystem:\n    rootdirectory: {self.storage}\n  delete:\n    enabled: true\n"
-            f"http:\n  addr: {self.host}\n  secret: {self._http_secret()}\n"
-            + auth
-        )
-        config.chmod(0o600)
+        text = ("version: 0.1\n"
+                "log:\n  level: warn\n  accesslog:\n    disabled: true\n"
+                f"storage:\n  filesystem:\n    rootdirectory: {self.storage}\n  delete:\n    enabled: true\n"
+                f"http:\n  addr: {self.host}\n  secret: {self._http_secret()}\n" + auth)
+        write_private(config, text)
 
     def start(self) -> RegistryProcess:
         if self.running:
@@ -188,10 +188,7 @@ class RegistryProcess:
 
     def write_docker_config(self, path: str | os.PathLike[str], password: str | None = None) -> Path:
         """Write :meth:`docker_config` to ``path`` (mode 0600): what the steps take as ``--docker-config``."""
-        path = Path(path)
-        path.write_text(json.dumps(self.docker_config(password)))
-        path.chmod(0o600)
-        return path
+        return write_private(path, json.dumps(self.docker_config(password)))
 
     def __enter__(self) -> RegistryProcess:
         return self.start()

@@ -89,6 +89,18 @@ STEP_LOG_ENV = "KAIFLOW_STEP_LOG"
 # "refuse": the tune step refuses ModelConfig.trust_remote_code (the pipelines set it in a cluster
 # unless the admin allowed remote code for the namespace or model: the controller's --allow-remote-code).
 REMOTE_CODE_ENV = "KAIFLOW_REMOTE_CODE"
+
+
+def write_private(path: str | os.PathLike[str], data: str | bytes) -> Path:
+    """Write a file only its owner may read, from its first byte: created 0600 (a file written with
+    the umask's mode and chmod-ed after is readable by others in between), never through a symlink."""
+    path = Path(path)
+    raw = data.encode() if isinstance(data, str) else data
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "wb") as out:
+        os.fchmod(out.fileno(), 0o600)  # an existing file keeps its old mode through O_CREAT
+        out.write(raw)
+    return path
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 

@@ -233,13 +233,50 @@ def _terminate(pid: int, process: subprocess.Popen | None = None, timeout: float
                 os.kill(worker, signal.SIGKILL)
 
 
+def recorded_service_process(pid: int, info: dict[str, Any]) -> bool:
+    """Whether ``pid``, read from a service file, is still the server that file describes.
+
+    A pid in a file is only a number: the server may be gone and the number reused, or the file
+    edited. Signalled only when all hold: the process is ours (uid), leads its own process group
+    (the server is started in a new session), runs ``bentoml serve`` of kaiflow's service on the
+    recorded host and port, and started before the file was written (a reused pid starts later).
+    """
+    try:
+        stat = Path(f"/proc/{pid}")
+        if stat.stat().st_uid != os.getuid() or os.getpgid(pid) != pid:
+            return False
+        argv = (stat / "cmdline").read_bytes().split(b"\0")
+    except (OSError, ProcessLookupError):
+        return False
+    if b"bentoml" not in b" ".join(argv) or SERVICE_IMPORT.encode() not in argv:
+        return False
+    for flag, value in (("--port", info.get("port")), ("--host", info.get("host"))):
+        if value is None or flag.encode() not in argv or argv.index(flag.encode()) + 1 >= len(argv) \
+                or argv[argv.index(flag.encode()) + 1] != str(value).encode():
+            return False
+    started = _process_start_time(pid)
+    recorded = info.get("started_at")
+    return started is not None and isinstance(recorded, (int, float)) and started <= recorded + 1.0
+
+
+def _process_start_time(pid: int) -> float | None:
+    """Seconds since the epoch at which ``pid`` started (``/proc/<pid>/stat`` field 22)."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
 def stop_local(workdir: str | os.PathLike[str] = ".kaiflow/serve", service: LocalService | None = None) -> bool:
     """Stop the local service started from ``workdir``; False when none was running."""
     workdir = Path(workdir)
     info = read_service_file(workdir)
     pid = service.pid if service else (info or {}).get("pid")
     stopped = False
-    if pid and (service is not None or pid_is_bento(pid)):
+    if isinstance(pid, int) and pid > 1 and (service is not None or recorded_service_process(pid, info or {})):
         _terminate(pid, service.process if service else None)
         stopped = True
     (workdir / SERVICE_FILE).unlink(missing_ok=True)
