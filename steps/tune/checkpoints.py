@@ -28,14 +28,15 @@ RUN_FILE = "kaiflow-run.json"
 COMPLETE_MARKER = "kaiflow-complete"
 
 
-def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
+def complete_checkpoints(checkpoint_dir: Path, *, remove_incomplete: bool = True) -> list[Path]:
+    """Checkpoints with their marker, oldest first; the others are removed (by rank 0 only)."""
     found = []
     for path in checkpoint_dir.glob("checkpoint-*"):
         suffix = path.name.removeprefix("checkpoint-")
         if path.is_dir() and suffix.isdigit():
             if (path / COMPLETE_MARKER).exists():
                 found.append(path)
-            else:
+            elif remove_incomplete:
                 log.warning("removing incomplete checkpoint %s (the run was stopped while saving it)", path)
                 shutil.rmtree(path, ignore_errors=True)
     return sorted(found, key=lambda p: int(p.name.removeprefix("checkpoint-")))
@@ -54,6 +55,12 @@ def run_identity(cfg: TuneConfig, plan: Plan, digest: str) -> dict[str, Any]:
     training = {k: v for k, v in plan.record["training"].items() if k not in RESUMABLE_CHANGES}
     settings = {"lora": plan.record["lora"], "quantization": plan.record["quantization"], "training": training,
                 "dtype": plan.dtype}
+    # The number of processes is not part of the run: the global batch is (a resumed run may use
+    # another N as long as each rank's share stays whole, see steps.tune.parallel.split_batch).
+    planned = int(training.get("per_device_train_batch_size", 1)) * int(training.get("gradient_accumulation_steps", 1))
+    global_batch = (plan.record.get("parallel") or {}).get("global_batch", planned)
+    if global_batch != planned:
+        settings["global_batch"] = global_batch
     return {
         "preset": cfg.preset,
         "method": cfg.method,

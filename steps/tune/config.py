@@ -18,6 +18,9 @@ class TuneConfig:
     dataset_digest: str | None = field(default=None, metadata={"help": "digest of the dataset (default: summary.json's)"})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps (default: epochs)"})
     skip_initial_eval: bool = field(default=False, metadata={"help": "do not measure the held-out loss before training"})
+    eval_points: int = field(default=10, metadata={
+        "help": "measure the held-out loss about this many times during the run (0: only at the end); "
+                "TrainingArguments.eval_strategy in --config takes precedence"})
     epochs: float | None = field(default=None, metadata={"help": "passes over the training set when --max-steps is not set (default 1)"})
     batch_size: int | None = field(default=None, metadata={"help": "packed sequences per step per device (default 1 on CPU, 2 on CUDA)"})
     max_length: int | None = field(default=None, metadata={"help": "tokens per packed sequence (default 512 on CPU, 2048 on CUDA)"})
@@ -27,3 +30,6 @@ class TuneConfig:
     seed: int | None = field(default=None, metadata={"help": "random seed (default 42)"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads for torch (default: all cores)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
+    nproc: int | None = field(default=None, metadata={
+        "help": "data-parallel processes, one per GPU (default: the visible CUDA devices, 1 on CPU); "
+                "the global batch stays the plan's"})

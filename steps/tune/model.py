@@ -85,20 +85,35 @@ def adapters_to_fp32_on_cpu(model, plan: Plan) -> None:
             param.data = param.data.float()
 
 
-def progress_callback():
+def progress_callback(ranks=None):
+    """Progress, checkpoint markers and one log line per logged step; files from rank 0 only."""
     from transformers import TrainerCallback
 
+    from steps.tune.parallel import Ranks, barrier
+
+    ranks = ranks or Ranks()
+
     class Progress(TrainerCallback):
+        eval_seconds = 0.0  # time in held-out evaluations, which throughput leaves out
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            self.eval_seconds += float((metrics or {}).get("eval_runtime", 0.0))
+            if ranks.is_writer and metrics and "eval_loss" in metrics:
+                log.info("step %d/%d held-out loss %.4f", state.global_step, state.max_steps, metrics["eval_loss"])
+
         def on_step_end(self, args, state, control, **kwargs):
-            report_progress(state.global_step, state.max_steps)
+            if ranks.is_writer:
+                report_progress(state.global_step, state.max_steps)
 
         def on_save(self, args, state, control, **kwargs):
+            # every rank has written its part (its RNG state) before the checkpoint is declared complete
+            barrier(ranks)
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if checkpoint.is_dir():
+            if ranks.is_writer and checkpoint.is_dir():
                 (checkpoint / COMPLETE_MARKER).write_text(f"{state.global_step}\n")
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
+            if ranks.is_writer and logs and "loss" in logs:
                 log.info("step %d/%d loss %.4f", state.global_step, state.max_steps, logs["loss"])
 
     return Progress()

@@ -30,6 +30,7 @@ from typing import Any
 from stepkit.common import StepError
 from steps.tune.config import TuneConfig
 from steps.tune.kaito_training_config import SECTIONS
+from steps.tune.parallel import Ranks, split_batch
 
 DEFAULT_LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "bias": "none", "task_type": "CAUSAL_LM"}
 # TrainingArguments keys the workflow owns: a config that sets them is told they are ignored.
@@ -92,28 +93,31 @@ def detect_device(requested: str) -> str:
 
 
 def make_plan(cfg: TuneConfig, preset, sections: dict[str, dict[str, Any]], device: str, *,
-              chat: bool = True, output_dir: Path | None = None) -> Plan:
+              chat: bool = True, output_dir: Path | None = None, ranks: Ranks = Ranks()) -> Plan:
     """The plan for ``cfg`` on ``device``; ``chat`` rows train on assistant tokens only.
 
     ``output_dir`` is where the trainer writes checkpoints (default ``cfg.checkpoint_dir``).
+    ``ranks``: this process's place in a data-parallel run; the global batch is divided among
+    them (``steps.tune.parallel.split_batch``), everything else is the same on every rank.
     """
     notes: list[str] = []
     model_cfg = dict(sections.get("ModelConfig") or {})
     quant_cfg = dict(sections.get("QuantizationConfig") or {})
     dtype = compute_dtype(model_cfg, device, notes)
     flash = device == "cuda" and importlib.util.find_spec("flash_attn") is not None
-    model_kwargs, template = model_settings(model_cfg, quant_cfg, device, flash, notes)
+    model_kwargs, template = model_settings(model_cfg, quant_cfg, device, flash, notes, ranks.local_rank)
     quant_record = quantization_settings(cfg.method, quant_cfg, dtype, device, notes)
     lora_record = lora_settings(preset, sections.get("LoraConfig") or {})
     training_record = training_settings(cfg, preset, sections, device, dtype, flash, notes)
-    record = {"lora": lora_record, "quantization": quant_record, "training": training_record}
+    parallel, per_rank = parallel_settings(training_record, ranks, device, notes)
+    record = {"lora": lora_record, "quantization": quant_record, "training": training_record, "parallel": parallel}
     return Plan(
         device=device,
         dtype=dtype,
         model_kwargs=model_kwargs,
         quantization=build_bnb_config(quant_record),
         lora=build_lora_config(lora_record),
-        training=build_sft_config(training_record, output_dir or cfg.checkpoint_dir, chat),
+        training=build_sft_config({**training_record, **per_rank}, output_dir or cfg.checkpoint_dir, chat),
         chat_template=template,
         notes=notes,
         record=record,
@@ -140,15 +144,16 @@ def compute_dtype(model_cfg: dict[str, Any], device: str, notes: list[str]) -> s
 
 
 def model_settings(model_cfg: dict[str, Any], quant_cfg: dict[str, Any], device: str, flash: bool,
-                   notes: list[str]) -> tuple[dict[str, Any], str | None]:
+                   notes: list[str], local_rank: int = 0) -> tuple[dict[str, Any], str | None]:
     """``from_pretrained`` keywords and the chat-template setting; moves Kaito's load_in_* to quant_cfg."""
     model_kwargs: dict[str, Any] = {"attn_implementation": "flash_attention_2" if flash else "sdpa"}
     for key in ("revision", "trust_remote_code", "attn_implementation", "local_files_only", "cache_dir"):
         if key in model_cfg:
             model_kwargs[key] = model_cfg.pop(key)
-    model_kwargs["device_map"] = {"": 0} if device == "cuda" else "cpu"
+    # each data-parallel rank holds the whole (quantised) base on its own GPU
+    model_kwargs["device_map"] = {"": local_rank} if device == "cuda" else "cpu"
     if "device_map" in model_cfg:
-        notes.append("ModelConfig.device_map ignored: one device per tuning pod")
+        notes.append("ModelConfig.device_map ignored: each process holds the model on its own device")
         model_cfg.pop("device_map")
     for key in ("load_in_4bit", "load_in_8bit"):  # Kaito accepts them in ModelConfig too
         if key in model_cfg:
@@ -259,6 +264,29 @@ def training_settings(cfg: TuneConfig, preset, sections: dict[str, dict[str, Any
     if training["packing"] is False:
         training.setdefault("padding_free", False)
     return training
+
+
+def parallel_settings(training: dict[str, Any], ranks: Ranks, device: str,
+                      notes: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(record, per-rank SFTConfig overrides): the plan's global batch divided among the ranks."""
+    batch, accumulation, global_batch, note = split_batch(
+        int(training["per_device_train_batch_size"]), int(training["gradient_accumulation_steps"]), ranks.world_size)
+    if note:
+        notes.append(note)
+    record = {"processes": ranks.world_size, "global_batch": global_batch, "per_process_batch": batch,
+              "per_process_gradient_accumulation_steps": accumulation}
+    if not ranks.distributed:
+        return record, {}
+    per_rank: dict[str, Any] = {
+        "per_device_train_batch_size": batch,
+        "gradient_accumulation_steps": accumulation,
+        "ddp_backend": "nccl" if device == "cuda" else "gloo",
+        # LoRA on a frozen base: every trainable parameter gets a gradient each step
+        "ddp_find_unused_parameters": False,
+    }
+    if training.get("gradient_checkpointing"):
+        per_rank["gradient_checkpointing_kwargs"] = {"use_reentrant": False, **(training.get("gradient_checkpointing_kwargs") or {})}
+    return record, per_rank
 
 
 # -- the library objects ------------------------------------------------------------------------

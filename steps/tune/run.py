@@ -10,12 +10,14 @@ removed on the next start.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
 import os
 import resource
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,15 +31,30 @@ from stepkit.common import (
     write_output,
 )
 from steps.tune.checkpoints import (
+    RUN_FILE,
     check_run_record,
     checkpoint_step,
     complete_checkpoints,
     dataset_digest,
     run_identity,
     tokens_at,
-    write_run_record,
 )
 from steps.tune.config import TuneConfig
+from steps.tune.parallel import (
+    Ranks,
+    SampleCounter,
+    barrier,
+    count_training_samples,
+    die_with_launcher,
+    gather,
+    in_worker,
+    init_process_group,
+    launch,
+    processes_wanted,
+    quiet_other_ranks,
+    record_failure,
+    shutdown,
+)
 from steps.tune.plan import detect_device, empty_sections, make_plan
 
 log = logging.getLogger("kaiflow.steps.tune")
@@ -105,7 +122,12 @@ def publish(staging: Path, output_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def tune(cfg: TuneConfig) -> dict[str, Any]:
+def tune(cfg: TuneConfig, ranks: Ranks = Ranks()) -> dict[str, Any]:
+    """Train and write the adapter folder; with ``ranks``, this process's share of a data-parallel run.
+
+    Every rank runs this; only rank 0 (``ranks.is_writer``) writes the run record, the adapter
+    folder and the reports, and removes what a killed run left. The info dict is rank 0's.
+    """
     preset = check_inputs(cfg)
     sections = read_sections(cfg)
 
@@ -125,16 +147,27 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
     device = detect_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    plan = make_plan(cfg, preset, sections, device, chat=chat)
-    for note in plan.notes:
-        log.warning("config: %s", note)
+    if ranks.distributed and device == "cuda" and ranks.local_rank >= torch.cuda.device_count():
+        raise StepError(f"--nproc {ranks.world_size}: rank {ranks.rank} has no GPU "
+                        f"(local rank {ranks.local_rank}, {torch.cuda.device_count()} visible)")
+    plan = make_plan(cfg, preset, sections, device, chat=chat, ranks=ranks)
+    if ranks.is_writer:
+        for note in plan.notes:
+            log.warning("config: %s", note)
+    init_process_group(ranks, device)
 
-    cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    cfg.output_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(cfg.output_dir)
     digest = dataset_digest(cfg)
-    checkpoints = complete_checkpoints(cfg.checkpoint_dir)
-    record = check_run_record(cfg.checkpoint_dir, run_identity(cfg, plan, digest), bool(checkpoints))
+    if ranks.is_writer:
+        cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        cfg.output_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(cfg.output_dir)
+        checkpoints = complete_checkpoints(cfg.checkpoint_dir)
+        record = check_run_record(cfg.checkpoint_dir, run_identity(cfg, plan, digest), bool(checkpoints))
+    # the other ranks read what rank 0 decided: the same checkpoint, the same record
+    barrier(ranks)
+    if not ranks.is_writer:
+        checkpoints = complete_checkpoints(cfg.checkpoint_dir, remove_incomplete=False)
+        record = json.loads((cfg.checkpoint_dir / RUN_FILE).read_text())
     resume_from = checkpoints[-1] if checkpoints else None
 
     from presets.sizing import estimate_tuning
@@ -147,30 +180,58 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
         lora_r=int(plan.lora.r),
         gradient_checkpointing=bool(plan.training.gradient_checkpointing),
     )
-    log.info("memory estimate (GPU sizing, presets.sizing): %s", estimate.describe())
+    if ranks.is_writer:
+        log.info("memory estimate per process (GPU sizing, presets.sizing): %s", estimate.describe())
+        parallel = plan.record["parallel"]
+        log.info("batch: %d sequences per optimizer step = %d processes × %d per process × %d accumulation",
+                 parallel["global_batch"], parallel["processes"], parallel["per_process_batch"],
+                 parallel["per_process_gradient_accumulation_steps"])
 
     source = model_source(preset, plan)
     tokenizer = load_tokenizer(preset, plan, source, chat)
     model = load_base_model(preset, plan, source)
-    trainer = build_trainer(plan, model, tokenizer, train_ds, eval_ds, peft_config=plan.lora,
-                            callbacks=[progress_callback()])
+    progress = progress_callback(ranks)
+    trainer = build_trainer(plan, model, tokenizer, train_ds, eval_ds, peft_config=plan.lora, callbacks=[progress])
+    counter = SampleCounter()
+    count_training_samples(trainer, counter)
 
-    if eval_ds is not None and "eval_loss_initial" not in record and not cfg.skip_initial_eval:
-        record["eval_loss_initial"] = float(trainer.evaluate()["eval_loss"])
-        write_run_record(cfg.checkpoint_dir, record)
-        log.info("held-out loss before training: %.4f", record["eval_loss_initial"])
-    if resume_from:
+    # The held-out loss before training is measured by the trainer at the start of train()
+    # (eval_on_start), not by an evaluate() call before it: an evaluate() before train() marks the
+    # model as prepared, and the trainer then skips wrapping it in DDP, so the ranks would train
+    # apart without a word (transformers 5.24 + accelerate 1.15).
+    at_start = eval_ds is not None and resume_from is None and not cfg.skip_initial_eval
+    schedule_evaluation(trainer, plan, cfg.eval_points, at_start=at_start)
+    if resume_from and ranks.is_writer:
         log.info("resuming from %s", resume_from)
 
     # read now: checkpoint rotation may delete the resumed checkpoint during training
     tokens_before = tokens_at(resume_from) if resume_from else 0
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    train_seconds = time.perf_counter() - started
-    tokens = trainer.state.num_input_tokens_seen - tokens_before
+    # throughput counts training only, not the held-out evaluations made during train()
+    train_seconds = time.perf_counter() - started - progress.eval_seconds
+    tokens = trainer.state.num_input_tokens_seen - tokens_before  # all ranks' tokens (the trainer sums them)
 
-    eval_loss = float(trainer.evaluate()["eval_loss"]) if eval_ds is not None else math.nan
+    if eval_ds is None:
+        eval_loss = math.nan
+    elif (last := last_eval(trainer.state.log_history)) and last["step"] == trainer.state.global_step:
+        eval_loss = float(last["eval_loss"])
+    else:
+        eval_loss = float(trainer.evaluate()["eval_loss"])
+    initial = next((e for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == 0), None)
+    if initial is not None:
+        record["eval_loss_initial"] = float(initial["eval_loss"])
     peak = peak_memory_bytes(device)
+
+    rank_summary = dict(counter.summary(ranks.rank), peak_memory_bytes=peak,
+                        adapter_checksum=trainable_checksum(trainer.model))
+    log.info("rank %d of %d trained on %d examples (%d tokens) in this run",
+             ranks.rank, ranks.world_size, counter.examples, counter.tokens)
+    per_rank = gather(ranks, rank_summary)
+    # which examples each rank saw, to show the shards cover the dataset (skipped for large runs)
+    fingerprints = gather(ranks, counter.fingerprints if counter.examples <= 200_000 else None)
+    if not ranks.is_writer:
+        return {}
 
     history = trainer.state.log_history
     losses = [{"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate"), "epoch": e.get("epoch")}
@@ -183,16 +244,24 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
         "tokens_per_s": tokens / train_seconds if train_seconds > 0 else math.nan,
         "tokens": int(tokens),
         "train_seconds": round(train_seconds, 3),
-        "peak_memory_bytes": peak,
-        "peak_memory_kind": "cuda_max_allocated" if device == "cuda" else "process_max_rss",
+        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in per_rank),
+        "peak_memory_kind": "cuda_max_allocated" if device == "cuda" else "process_max_rss",  # the largest rank's
         "steps": int(trainer.state.global_step),
         "resumed_from_step": checkpoint_step(resume_from) if resume_from else None,
+        "processes": ranks.world_size,
+        # what each rank trained on in this run (after a resume: since the checkpoint)
+        "ranks": per_rank,
+        "examples": sum(r["examples"] for r in per_rank),
+        # DDP keeps the replicas equal: the same adapter on every rank, or the run was not data parallel
+        "replicas_identical": len({r["adapter_checksum"] for r in per_rank}) == 1,
+        "examples_distinct": (len({f for shard in fingerprints for f in shard})
+                              if all(shard is not None for shard in fingerprints) else None),
         "memory_estimate": {"total_bytes": estimate.total_bytes, "total_gib": round(estimate.total_gib, 3),
-                            "parts": estimate.parts, "settings": estimate.settings},
+                            "parts": estimate.parts, "settings": estimate.settings, "per": "process"},
     }
     log.info(
         "peak memory measured: %.2f GiB (%s); estimate for a GPU: %.2f GiB",
-        peak / 1024**3, metrics["peak_memory_kind"], estimate.total_gib,
+        metrics["peak_memory_bytes"] / 1024**3, metrics["peak_memory_kind"], estimate.total_gib,
     )
     info = {
         "base_model": plan.source or preset.source,
@@ -209,6 +278,45 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
     }
     write_adapter_folder(cfg.output_dir, trainer.model, losses, [e for e in history if "eval_loss" in e], info)
     return info
+
+
+def last_eval(history: list[dict]) -> dict | None:
+    return next((e for e in reversed(history) if "eval_loss" in e), None)
+
+
+def schedule_evaluation(trainer, plan, points: int, *, at_start: bool) -> None:
+    """Held-out loss about ``points`` times a run (and at the start); the user's eval_strategy wins."""
+    if trainer.eval_dataset is None:
+        return
+    args = trainer.args
+    args.eval_on_start = at_start
+    if plan.record["training"].get("eval_strategy", "no") != "no" or points <= 0:
+        return
+    from transformers.trainer_utils import IntervalStrategy
+
+    total = total_steps(trainer)
+    args.eval_strategy = IntervalStrategy.STEPS
+    args.eval_steps = max(1, math.ceil(total / points))
+
+
+def total_steps(trainer) -> int:
+    """The optimizer steps train() will take (max_steps, else epochs over the sharded dataloader)."""
+    args = trainer.args
+    if args.max_steps and args.max_steps > 0:
+        return int(args.max_steps)
+    batches = len(trainer.get_train_dataloader())
+    per_epoch = max(1, math.ceil(batches / max(1, args.gradient_accumulation_steps)))
+    return max(1, math.ceil(args.num_train_epochs * per_epoch))
+
+
+def trainable_checksum(model) -> str:
+    """A digest of the trainable weights (the adapter), to check that every rank holds the same."""
+    h = hashlib.sha256()
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if param.requires_grad:
+            h.update(name.encode())
+            h.update(param.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def write_adapter_folder(output_dir: Path, model, losses: list[dict], evals: list[dict], info: dict[str, Any]) -> None:
@@ -228,10 +336,31 @@ def write_adapter_folder(output_dir: Path, model, losses: list[dict], evals: lis
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     cfg = dataclass_from_args(TuneConfig, args)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    info = tune(cfg)
+    if cfg.nproc is not None and cfg.nproc < 1:
+        raise StepError(f"--nproc must be at least 1, got {cfg.nproc}")
+    if not in_worker():
+        processes = processes_wanted(cfg.nproc, detect_device(cfg.device))
+        if processes > 1:
+            return launch(argv, processes, detect_device(cfg.device))
+    die_with_launcher()
+    ranks = Ranks.from_env()
+    quiet_other_ranks(ranks)
+    try:
+        info = tune(cfg, ranks)
+    except StepError as exc:
+        record_failure(f"error: {exc}")
+        raise
+    except BaseException as exc:
+        record_failure(f"error: unexpected {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        shutdown(ranks)
+    if not ranks.is_writer:
+        return 0
     metrics = info["metrics"]
     write_output(args.outputs, "train-loss", f"{metrics['train_loss']:.6f}")
     write_output(args.outputs, "eval-loss", f"{metrics['eval_loss']:.6f}")

@@ -197,7 +197,15 @@ def test_local_target_changes_only_what_target_defines(tmp_path: Path):
             c_args.insert(c_args.index("--image") + 2, "--insecure")  # 127.0.0.1 is plain http locally
         if name == "fetch-dataset":  # in a cluster, the URL may reach public addresses only (issue 17)
             c_args.remove("--public-only")
+        if name == "tune":  # a cluster pod trains with one process per GPU it requests (issue 22)
+            index = c_args.index("--nproc")
+            assert c_args[index + 1] == str(_gpu_request(template))
+            del c_args[index:index + 2]
         assert c_args == l_args, name
+
+
+def _gpu_request(template: dict) -> int:
+    return int(template["container"]["resources"]["limits"]["nvidia.com/gpu"])
 
 
 def _output_names(template: dict) -> list[str]:
