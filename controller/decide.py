@@ -250,4 +250,5 @@ def _lifetime(rendered: dict[str, Any], options: ControllerOptions, scheduled: b
     if options.workflow_ttl_s is not None:
         spec["ttlStrategy"] = {"secondsAfterCompletion": options.workflow_ttl_s}
     if options.pod_gc is not None:
-        spec["podGC"] = {"strategy": options.pod_gc}
+        # the rendered deleteDelayDuration stays: succeeded pods' logs are readable for a day
+        spec["podGC"] = {**(spec.get("podGC") or {}), "strategy": options.pod_gc}

@@ -50,7 +50,7 @@ def test_lifetime_options_reach_the_workflow():
     options = ControllerOptions(workflow_ttl_s=600, pod_gc="OnWorkflowCompletion")
     spec = decide(body("kaito_workspace_phi_3.yaml"), options).manifest["spec"]
     assert spec["ttlStrategy"] == {"secondsAfterCompletion": 600}
-    assert spec["podGC"] == {"strategy": "OnWorkflowCompletion"}
+    assert spec["podGC"] == {"strategy": "OnWorkflowCompletion", "deleteDelayDuration": "24h"}  # the delay stays
 
 
 def test_invalid_workspace_is_refused_naming_the_field():
