@@ -89,9 +89,10 @@ def test_tuning_workspace_runs_on_argo_and_its_status_follows(installed, tenant,
     assert reasons.index("Provisioning") < reasons.index("Provisioned") < reasons.index("Started") \
         < reasons.index("workspaceSucceeded"), reasons
     assert "Events:" in box.kubectl("describe", "wks", name, "-n", tenant).stdout
-    # Argo evaluated the tune template's metrics from the outputs the step reported.
+    # Argo evaluated the tune template's metrics from the outputs the step reported (Argo 3.6+
+    # prefixes custom metrics with argo_workflows_).
     metrics = box.argo_metrics()
-    assert any(line.startswith("kaiflow_tune_eval_loss") and line.rstrip().endswith(" 0.5")
+    assert any(line.startswith("argo_workflows_kaiflow_tune_eval_loss{") and line.rstrip().endswith(" 0.5")
                for line in metrics.splitlines()), [l for l in metrics.splitlines() if "kaiflow" in l]
 
 
