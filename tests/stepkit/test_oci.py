@@ -185,3 +185,27 @@ def test_persistent_5xx_gives_a_clear_error(oci_registry, tune_output_dir, tmp_p
     finally:
         proxy.close()
     assert "HTTP 503" in str(error.value) and "after 3 attempts" in str(error.value) and proxy.host in str(error.value)
+
+
+def test_hashing_writer_hashes_and_writes_in_order_and_raises_a_write_error_in_the_caller():
+    import hashlib
+    import io
+
+    from stepkit.oci.client import HashingWriter
+
+    chunks = [bytes([i]) * 5000 for i in range(20)]
+    out = io.BytesIO()
+    with HashingWriter(out) as sink:
+        for chunk in chunks:
+            sink.put(chunk)
+    assert out.getvalue() == b"".join(chunks)
+    assert sink.hexdigest() == hashlib.sha256(b"".join(chunks)).hexdigest()
+
+    class Full(io.BytesIO):
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        with HashingWriter(Full()) as sink:
+            for chunk in chunks:
+                sink.put(chunk)
