@@ -444,16 +444,17 @@ def run(
         raise _usage(f"kaiflow run takes one Workspace file, got {len(sources)}")
     source = sources[0]
     parameters = parse_parameters(parameter)
+    base_dir = None
     if source == "-":  # read once: the runner reads the file again to build the manifest
         workdir.mkdir(parents=True, exist_ok=True)
         saved = workdir / "workspace.yaml"
         saved.write_bytes(sys.stdin.buffer.read())
-        source = str(saved)
+        source, base_dir = str(saved), Path.cwd()  # relative file: URLs resolve as for a file here
     try:
         bundle = load_bundle(source, mode="local", namespace=namespace)
         _print_warnings(bundle.source, bundle.warnings)
         return run_cli(source, workdir, resume=resume, parameters=parameters or None, namespace=namespace,
-                       preflight=check)
+                       preflight=check, base_dir=base_dir)
     except WorkspaceValidationError as exc:
         print(exc, file=sys.stderr)
         return 1

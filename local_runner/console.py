@@ -14,7 +14,7 @@ INTERRUPTED = 130
 
 def run_cli(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[str], resume: bool = False,
             console: Any = None, parameters: dict[str, str] | None = None, namespace: str | None = None,
-            preflight: bool = True) -> int:
+            preflight: bool = True, base_dir: str | os.PathLike[str] | None = None) -> int:
     """Run, then print a summary or the failure; returns the exit code.
 
     0 all tasks finished; 1 a task failed (its name, exit code and log tail are printed, and
@@ -33,7 +33,7 @@ def run_cli(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[s
     console = console or Console(stderr=True)
     try:
         result = run(workspace_path, workdir, resume=resume, console=console, parameters=parameters,
-                     namespace=namespace, preflight=preflight)
+                     namespace=namespace, preflight=preflight, base_dir=base_dir)
     except RunFailed as exc:
         detail = "; ".join(d for d in (f"exit code {exc.exit_code}" if exc.exit_code else "", exc.reason) if d)
         console.print(f"[bold red]task {exc.task} failed[/] ({detail})", highlight=False)

@@ -10,7 +10,8 @@ with the workflow arguments it will use (``-p``), and checks:
   started when nothing answers there, by the same code as ``kaiflow registry`` with its default
   storage (``.kaiflow/registry``), for the length of the run; any other address must answer.
 * **datasets** (``fetch-dataset --url``): a ``file:`` URL names a readable file; an http(s) URL
-  answers (a ``HEAD``; 404 and 410 refused, anything else is left to the step, which has retries).
+  answers (a ``HEAD``; 404 and 410 refused, anything else is left to the step, which has retries);
+  the training config file (``--config``) exists.
 * **disk** where the workdir lives: the model's weights at 16 bits (parameters × 2 bytes; the
   adapter, checkpoints and the merged service model stay well below that) plus ``SPARE_BYTES``
   for the dataset, checkpoints and logs. A model of unknown size is not checked.
@@ -187,6 +188,10 @@ def check(manifest: dict[str, Any], workdir: str | Path, parameters: dict[str, s
     _check_registries(images, result, problems, start_registry)
     for url in _flag_values(manifest, scope, only=TASK_FETCH_DATASET).get("--url", []):
         _check_dataset(url, result, problems)
+    for config in dict.fromkeys(flags.get("--config", [])):
+        if not Path(config).is_file():
+            problems.append(f"training config {config}: no such file; fix tuning.config (a path relative to the "
+                            "Workspace file's folder in a local run, or a ConfigMap in the same file)")
     needed = _model_bytes(flags.get("--preset", []))
     if needed is not None:
         where = Path(workdir)

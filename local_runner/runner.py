@@ -448,9 +448,10 @@ class LocalRun:
 
 def local_manifest(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[str], *,
                    port: int | None = None, docker_config: str | os.PathLike[str] | None = None,
-                   namespace: str | None = None) -> dict[str, Any]:
+                   namespace: str | None = None, base_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """The manifest ``run`` executes: the Workspace's Workflow built for ``Target.local``
-    (``kaiflow render --target local`` prints it). ``namespace``: ``-n``, for a Workspace naming none."""
+    (``kaiflow render --target local`` prints it). ``namespace``: ``-n``, for a Workspace naming none;
+    ``base_dir``: where relative ``file:`` URLs and ``tuning.config`` resolve (default: the file's folder)."""
     from api.workspace_validation import load_bundle
 
     from pipelines.target import TRAINING_CONFIG_KEY, Target
@@ -473,7 +474,7 @@ def local_manifest(workspace_path: str | os.PathLike[str], workdir: str | os.Pat
         from api.inference_config import read_inference_config
 
         service_env = read_inference_config(inference_map).as_env()
-    target = Target.local(workdir, base_dir=Path(workspace_path).resolve().parent, port=port,
+    target = Target.local(workdir, base_dir=base_dir or Path(workspace_path).resolve().parent, port=port,
                           docker_config_file=docker_config)
     return build(workspace, target, service_env).to_dict()
 
@@ -482,7 +483,7 @@ def run(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[str],
         port: int | None = None, docker_config: str | os.PathLike[str] | None = None,
         console: Any = None, env: dict[str, str] | None = None,
         parameters: dict[str, str] | None = None, namespace: str | None = None,
-        preflight: bool = False) -> RunResult:
+        preflight: bool = False, base_dir: str | os.PathLike[str] | None = None) -> RunResult:
     """Run a Workspace's DAG on this machine; raise ``RunFailed`` at the first failing task.
 
     ``port`` is where a local deploy serves (a free one is picked, and kept for ``resume``);
@@ -505,7 +506,8 @@ def run(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[str],
             port = port or settings.get("port")
             docker_config = docker_config or settings.get("docker_config")
         port = port or _free_port()
-        manifest = local_manifest(workspace_path, workdir, port=port, docker_config=docker_config, namespace=namespace)
+        manifest = local_manifest(workspace_path, workdir, port=port, docker_config=docker_config, namespace=namespace,
+                                  base_dir=base_dir)
         if preflight:
             from local_runner.preflight import check as check_needs
 

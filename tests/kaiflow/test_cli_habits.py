@@ -174,3 +174,14 @@ def test_every_option_has_help_and_its_default_shown():
                 missing.append(f"{' '.join(path)} {param.name}: default not shown")
     assert not missing, missing
     assert "[default: .kaiflow]" in _kaiflow("run", "--help").stdout.replace("\n", " ").replace("  ", " ")
+
+
+def test_run_reads_standard_input_with_relative_urls_from_here(tmp_path):
+    """`kaiflow run -f -`: file: URLs resolve against the current directory, as for a file there."""
+    text = (ROOT / "examples" / "local_tuning_tiny.yaml").read_text().replace("file:data/", "file:examples/data/").replace(
+        "config: configs/", "config: examples/configs/")
+    done = _kaiflow("run", "-f", "-", "--workdir", str(tmp_path / "work"), "-p", "output-image=127.0.0.1:1/x/y:v1",
+                    stdin=text)
+    assert done.returncode == 2  # refused before the first task: nothing answers on 127.0.0.1:1
+    assert "registry 127.0.0.1:1" in done.stderr
+    assert "dataset" not in done.stderr and "training config" not in done.stderr  # both found from here

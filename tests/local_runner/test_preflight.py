@@ -16,14 +16,16 @@ from local_runner.runner import local_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "examples" / "local_tuning_tiny.yaml"
+TINY_CONFIG = str(ROOT / "examples" / "configs" / "tiny_training_config.yaml")
 
 
-def _workspace(tmp_path: Path, url: str, image: str) -> Path:
+def _workspace(tmp_path: Path, url: str, image: str, config: str = TINY_CONFIG) -> Path:
     path = tmp_path / "ws.yaml"
     path.write_text(
         "apiVersion: kaito.sh/v1beta1\nkind: Workspace\nmetadata: {name: checked}\n"
         "resource: {labelSelector: {matchLabels: {a: b}}}\n"
         f"tuning:\n  preset: {{name: kaiflow-tiny-test}}\n  method: lora\n  input: {{urls: ['{url}']}}\n"
+        f"  config: {config}\n"
         f"  output: {{image: '{image}'}}\n"
     )
     return path
@@ -31,13 +33,14 @@ def _workspace(tmp_path: Path, url: str, image: str) -> Path:
 
 def test_missing_dataset_and_registry_are_refused_before_any_task(tmp_path):
     port = free_port()
-    workspace = _workspace(tmp_path, "file:no/such/data.parquet", f"127.0.0.1:{port}/x/y:v1")
+    workspace = _workspace(tmp_path, "file:no/such/data.parquet", f"127.0.0.1:{port}/x/y:v1", config="no-such.yaml")
     out = io.StringIO()
     assert run_cli(workspace, tmp_path / "work", console=Console(file=out, width=300)) == 2
     text = out.getvalue()
     assert "before the first task" in text
     assert f"registry 127.0.0.1:{port}: nothing answers there; start one with `kaiflow registry --port {port}`" in text
     assert "no/such/data.parquet" in text and "-p dataset-url=" in text
+    assert f"training config {tmp_path / 'no-such.yaml'}: no such file" in text
     assert not (tmp_path / "work" / "logs").exists() and not (tmp_path / "work" / "state.json").exists()
 
 
