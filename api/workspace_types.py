@@ -133,7 +133,8 @@ class TuningSpec(KaitoModel):
     input: DataSource
     output: DataDestination
     schedule: str | None = extension(
-        "cron expression (5 fields, UTC) for scheduled retuning; the new adapter is rolled out only if its "
+        "cron expression (5 fields, UTC, or Argo's @daily/@weekly/.../@every <duration>) for scheduled retuning; "
+        "the new adapter is rolled out only if its "
         "held-out loss is no worse than the one serving"
     )
 
