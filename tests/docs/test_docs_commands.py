@@ -84,3 +84,29 @@ def test_the_cli_reference_lists_every_subcommand_and_option():
                 if opt.startswith("-") and opt not in ("-h", "--help") and f"`{opt}" not in reference:
                     missing.append(f"{name} {opt}")
     assert not missing, missing
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_relative_links_and_anchors_resolve():
+    broken = []
+    for path in DOCS:
+        for target in LINK.findall(FENCE.sub("", path.read_text())):
+            if re.match(r"^[a-z]+:", target):  # http:, https:, mailto:
+                continue
+            file, _, anchor = target.partition("#")
+            resolved = (path.parent / file).resolve() if file else path
+            if not resolved.exists():
+                broken.append(f"{path.relative_to(ROOT)}: {target}")
+                continue
+            if anchor and resolved.suffix == ".md":
+                headings = {_anchor(h) for h in re.findall(r"^#+ (.+)$", FENCE.sub("", resolved.read_text()), re.M)}
+                if anchor not in headings:
+                    broken.append(f"{path.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, broken
