@@ -131,3 +131,35 @@ def test_names_use_every_character_the_pool_limit_allows_for_the_hash():
     assert len(pools) == len(claims) == len(workspaces)
     assert all(re.fullmatch(r"[a-z][a-z0-9]{11}", p) for p in pools)
     assert max(len(pool_safe_name(w, "team-a", 99)) for w in workspaces[:100]) == 12
+
+
+# -- the operator requests, the task waits (issue 17, Medium 5) ---------------------------------
+
+
+def test_wait_only_creates_nothing_and_reports_what_the_operator_requested(kube, tmp_path, capsys):
+    from steps.provision.release import request
+
+    assert run_step(main, argv(kube, tmp_path / "early", "--wait-only", "--timeout", "0.3")) == 1
+    assert "not requested yet (the kaiflow operator creates it)" in capsys.readouterr().err
+    assert kube.list(CLAIMS) == [], "--wait-only never creates a claim"
+    args = argv(kube, tmp_path / "req")[:-6]  # the task's command line, without the test's waits
+    assert request(args, kubeconfig=str(kube.kubeconfig)) == [pool_safe_name("phi-3", "team-a", 0)]
+    with kube.simulate_karpenter():
+        assert run_step(main, argv(kube, tmp_path / "ok", "--wait-only")) == 0
+    assert json.loads((tmp_path / "ok" / "nodes").read_text()) == [f"aks-{pool_safe_name('phi-3', 'team-a', 0)}-vmss000000"]
+
+
+def test_a_claim_that_failed_to_launch_is_kept_by_the_waiting_task_and_renewed_by_the_operator(kube, tmp_path, capsys):
+    from steps.provision.release import request
+
+    name = pool_safe_name("phi-3", "team-a", 0)
+    args = argv(kube, tmp_path / "req")[:-6]
+    request(args, kubeconfig=str(kube.kubeconfig))
+    with kube.simulate_karpenter(fail_reason="InsufficientCapacity"):
+        assert run_step(main, argv(kube, tmp_path, "--wait-only")) == 1
+    assert "InsufficientCapacity" in capsys.readouterr().err
+    assert [c["metadata"]["name"] for c in kube.list(CLAIMS)] == [name], "the task may not delete it"
+    request(args, kubeconfig=str(kube.kubeconfig))  # the operator's next request deletes the failed claim
+    assert kube.list(CLAIMS) == []
+    request(args, kubeconfig=str(kube.kubeconfig))  # ... and the one after makes it afresh
+    assert [c["metadata"]["name"] for c in kube.list(CLAIMS)] == [name]
