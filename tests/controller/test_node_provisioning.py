@@ -43,6 +43,8 @@ def operator_env(objects: dict, config_map_data: dict[str, str]) -> dict[str, st
         if "value" in var:
             env[var["name"]] = var["value"]
             continue
+        if "configMapKeyRef" not in var["valueFrom"]:
+            continue  # the pod's own name and namespace (fieldRef): not Azure's
         ref = var["valueFrom"]["configMapKeyRef"]
         config_map = objects[("ConfigMap", ref["name"])]
         assert config_map["metadata"]["namespace"] == deployment["metadata"]["namespace"]
