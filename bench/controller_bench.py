@@ -113,7 +113,9 @@ class RealApi:
         self.box = Cluster(workdir / "box", cluster_tools()).start()
         # the install as docs/install.md gives it: the CRD on its own, then the rest
         self.box.kubectl("apply", "--server-side", "-f", str(ROOT / "controller" / "manifests" / "kaito.sh_workspaces.yaml"))
-        self.box.kubectl("apply", "-k", str(ROOT / "controller" / "manifests"))
+        manifests = ROOT / "controller" / "manifests"
+        self.box.kubectl("apply", "--server-side", "-f", str(manifests / "kaito.sh_workspaces.yaml"))
+        self.box.kubectl("apply", "-k", str(manifests))
         self.box.kubectl("wait", "--for=condition=Established", "crd/workspaces.kaito.sh", "--timeout=60s")
         self.url = self.box.server
         self.context = ssl.create_default_context(cafile=str(self.box.pki.ca))
