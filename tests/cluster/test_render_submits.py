@@ -43,3 +43,24 @@ def test_kubectl_creates_the_whole_rendered_stream(cluster_box, box_namespace, s
         assert made.startswith(shown), (made, shown)
     listing = json.loads(_render("-f", str(source), "-n", box_namespace, "-o", "json"))
     assert {i["metadata"]["namespace"] for i in listing["items"]} == {box_namespace}
+
+
+def test_argo_submit_reads_only_the_workflow_of_the_stream(cluster_box, box_namespace, tmp_path):
+    """Why the docs say `kubectl create -f -`: argo submit takes the Workflow of the stream and drops
+    the ConfigMap it mounts (a warning in its log), which `render` says on standard error too."""
+    from tests.fixtures.cluster import cluster_tools
+
+    source = CORPUS / "multi-doc-tuning-configmap.yaml"
+    documents = list(yaml.safe_load_all(source.read_text()))
+    for document in documents:
+        document["metadata"].pop("namespace", None)
+    path = tmp_path / source.name
+    path.write_text(yaml.safe_dump_all(documents, sort_keys=False))
+    stream = tmp_path / "stream.yaml"
+    stream.write_text(_render("-f", str(path), "-n", box_namespace))
+    done = subprocess.run([str(cluster_tools() / "argo"), "submit", "--dry-run", "-o", "json", "-n", box_namespace,
+                           str(stream)], capture_output=True, text=True, timeout=120,
+                          env={"KUBECONFIG": str(cluster_box.kubeconfig), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert '"generateName": "tuning-with-config-tuning-"' in done.stdout  # the Workflow is submitted
+    assert done.stderr.count("is not of kind Workflow. Ignoring") == 1, done.stderr  # the ConfigMap is not
