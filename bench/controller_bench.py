@@ -112,7 +112,6 @@ class RealApi:
 
         self.box = Cluster(workdir / "box", cluster_tools()).start()
         # the install as docs/install.md gives it: the CRD on its own, then the rest
-        self.box.kubectl("apply", "--server-side", "-f", str(ROOT / "controller" / "manifests" / "kaito.sh_workspaces.yaml"))
         manifests = ROOT / "controller" / "manifests"
         self.box.kubectl("apply", "--server-side", "-f", str(manifests / "kaito.sh_workspaces.yaml"))
         self.box.kubectl("apply", "-k", str(manifests))
