@@ -114,12 +114,14 @@ def progress_callback(ranks=None):
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if ranks.is_writer and logs and "loss" in logs:
-                log.info("step %d/%d loss %.4f", state.global_step, state.max_steps, logs["loss"])
+                extra = f" lr {logs['learning_rate']:.3g}" if isinstance(logs.get("learning_rate"), (int, float)) else ""
+                log.info("step %d/%d loss %.4f%s", state.global_step, state.max_steps, logs["loss"], extra)
 
     return Progress()
 
 
 def build_trainer(plan: Plan, model, tokenizer, train_ds, eval_ds, *, peft_config=None, callbacks=()):
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTTrainer
 
     try:
@@ -134,5 +136,9 @@ def build_trainer(plan: Plan, model, tokenizer, train_ds, eval_ds, *, peft_confi
         )
     except ValueError as exc:
         raise StepError(f"cannot set up training: {exc}") from None
+    # one log line per logged step is the Progress callback's; the trainer's own would print the
+    # same step again as a dict (PrinterCallback) or draw a tqdm bar into the log (ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
     adapters_to_fp32_on_cpu(trainer.model, plan)
     return trainer

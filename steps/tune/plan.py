@@ -23,6 +23,7 @@ Heavy imports (torch, peft, trl, transformers) happen inside the functions.
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,6 @@ OWNED_KEYS = {
     "overwrite_output_dir": "the checkpoint dir is managed by kaiflow",
     "save_strategy": "kaiflow checkpoints every save_steps so a retried step resumes (Kaito's 'epoch'/'no' loses work)",
     "resume_from_checkpoint": "kaiflow resumes from the newest complete checkpoint by itself",
-    "report_to": "metrics go to loss.json and kaiflow.json",
     "push_to_hub": "the adapter is pushed by the push_adapter step",
     "hub_model_id": "the adapter is pushed by the push_adapter step",
     "hub_token": "the adapter is pushed by the push_adapter step",
@@ -55,7 +55,11 @@ WORKFLOW_TRAINING = {
     "dataset_num_proc": None,
 }
 # Changing these between a run and its rerun continues the same training.
-RESUMABLE_CHANGES = ("max_steps", "save_steps", "logging_steps")
+RESUMABLE_CHANGES = ("max_steps", "save_steps", "logging_steps", "report_to")
+# report_to values kaiflow honours; TensorBoard's event files are written under the checkpoint dir
+# (so a resumed run appends to them) and copied into the adapter folder, which is pushed.
+REPORTERS = ("tensorboard", "mlflow")
+TENSORBOARD_DIR = "tensorboard"
 
 
 @dataclass
@@ -231,6 +235,7 @@ def training_settings(cfg: TuneConfig, preset, sections: dict[str, dict[str, Any
     for key, why in OWNED_KEYS.items():
         if key in train_cfg:
             notes.append(f"TrainingArguments.{key}={train_cfg.pop(key)!r} ignored: {why}")
+    training["report_to"] = reporting_settings(train_cfg.pop("report_to", None), notes)
     training.update(train_cfg)
     flags = {
         "max_steps": cfg.max_steps,
@@ -264,6 +269,41 @@ def training_settings(cfg: TuneConfig, preset, sections: dict[str, dict[str, Any
     if training["packing"] is False:
         training.setdefault("padding_free", False)
     return training
+
+
+def reporting_settings(requested: Any, notes: list[str]) -> list[str] | str:
+    """``TrainingArguments.report_to``: the trackers this image can feed, each refusal noted.
+
+    TensorBoard (tensorboardX writes the events; ``all`` includes it); MLflow when
+    ``MLFLOW_TRACKING_URI`` is set and ``mlflow`` is installed; anything else is noted and dropped
+    (a tracker that needs its own service or credentials would fail the step after the model loaded).
+    """
+    if requested in (None, "none", []):
+        return "none"
+    names = [requested] if isinstance(requested, str) else list(requested)
+    if "all" in names:
+        names = list(REPORTERS)
+    chosen: list[str] = []
+    for name in dict.fromkeys(names):
+        if name == "none":
+            continue
+        if name == "tensorboard":
+            if importlib.util.find_spec("tensorboardX") or importlib.util.find_spec("tensorboard"):
+                chosen.append(name)
+            else:
+                notes.append("TrainingArguments.report_to tensorboard ignored: neither tensorboardX nor tensorboard is installed")
+        elif name == "mlflow":
+            if not os.environ.get("MLFLOW_TRACKING_URI"):
+                notes.append("TrainingArguments.report_to mlflow ignored: MLFLOW_TRACKING_URI is not set")
+            elif importlib.util.find_spec("mlflow") is None:
+                notes.append("TrainingArguments.report_to mlflow ignored: mlflow is not installed in this image "
+                             "(pip install mlflow-skinny)")
+            else:
+                chosen.append(name)
+        else:
+            notes.append(f"TrainingArguments.report_to {name} ignored: kaiflow reports to {' and '.join(REPORTERS)} "
+                         "(and always to loss.json, loss.png and kaiflow.json)")
+    return chosen or "none"
 
 
 def parallel_settings(training: dict[str, Any], ranks: Ranks, device: str,

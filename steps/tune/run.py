@@ -55,7 +55,7 @@ from steps.tune.parallel import (
     record_failure,
     shutdown,
 )
-from steps.tune.plan import detect_device, empty_sections, make_plan
+from steps.tune.plan import TENSORBOARD_DIR, detect_device, empty_sections, make_plan
 
 log = logging.getLogger("kaiflow.steps.tune")
 
@@ -131,8 +131,10 @@ def tune(cfg: TuneConfig, ranks: Ranks = Ranks()) -> dict[str, Any]:
     preset = check_inputs(cfg)
     sections = read_sections(cfg)
 
+    from steps.tune.logs import quiet_libraries
     from steps.tune.model import build_trainer, load_base_model, load_split, load_tokenizer, model_source, progress_callback
 
+    repeats = quiet_libraries()
     train_path, eval_path = cfg.dataset_dir / "train.parquet", cfg.dataset_dir / "eval.parquet"
     train_ds = load_split(train_path)
     eval_ds = load_split(eval_path) if eval_path.is_file() else None
@@ -183,10 +185,15 @@ def tune(cfg: TuneConfig, ranks: Ranks = Ranks()) -> dict[str, Any]:
     if ranks.is_writer:
         log.info("memory estimate per process (GPU sizing, presets.sizing): %s", estimate.describe())
         parallel = plan.record["parallel"]
-        log.info("batch: %d sequences per optimizer step = %d processes × %d per process × %d accumulation",
+        log.info("batch: %d packed sequences per optimizer step = %d processes × %d per process × %d accumulation",
                  parallel["global_batch"], parallel["processes"], parallel["per_process_batch"],
                  parallel["per_process_gradient_accumulation_steps"])
 
+    tensorboard = None
+    if "tensorboard" in (plan.training.report_to or []):
+        # one folder across retries (a resumed run appends), copied into the adapter folder at the end
+        tensorboard = cfg.checkpoint_dir / TENSORBOARD_DIR
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(tensorboard)
     source = model_source(preset, plan)
     tokenizer = load_tokenizer(preset, plan, source, chat)
     model = load_base_model(preset, plan, source)
@@ -276,7 +283,10 @@ def tune(cfg: TuneConfig, ranks: Ranks = Ranks()) -> dict[str, Any]:
         "config_notes": plan.notes,
         "metrics": metrics,
     }
-    write_adapter_folder(cfg.output_dir, trainer.model, losses, [e for e in history if "eval_loss" in e], info)
+    write_adapter_folder(cfg.output_dir, trainer.model, losses, [e for e in history if "eval_loss" in e], info,
+                         tensorboard=tensorboard)
+    if repeats.repeats:
+        log.info("library warnings: %d repeats of %d distinct ones not shown again", repeats.repeats, len(repeats.seen))
     return info
 
 
@@ -319,7 +329,8 @@ def trainable_checksum(model) -> str:
     return h.hexdigest()[:16]
 
 
-def write_adapter_folder(output_dir: Path, model, losses: list[dict], evals: list[dict], info: dict[str, Any]) -> None:
+def write_adapter_folder(output_dir: Path, model, losses: list[dict], evals: list[dict], info: dict[str, Any], *,
+                         tensorboard: Path | None = None) -> None:
     from steps.tune.report import write_reports
 
     staging = partial_dir(output_dir)
@@ -327,6 +338,8 @@ def write_adapter_folder(output_dir: Path, model, losses: list[dict], evals: lis
     staging.mkdir(parents=True)
     try:
         model.save_pretrained(staging)
+        if tensorboard is not None and tensorboard.is_dir():
+            shutil.copytree(tensorboard, staging / TENSORBOARD_DIR)
         write_reports(staging, losses, evals, info["metrics"])
         (staging / "kaiflow.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
         publish(staging, output_dir)

@@ -80,7 +80,7 @@ def test_tuning_dag_order_and_parameter_passing():
     assert tune["container"]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
     assert tune["nodeSelector"] == {"app": "phi-3-adapter"}
     assert {t["key"] for t in tune["tolerations"]} == {"nvidia.com/gpu", "sku"}
-    assert {a["name"] for a in tune["outputs"]["artifacts"]} == {"loss-curve", "loss-history", "training-log"}
+    assert {a["name"] for a in tune["outputs"]["artifacts"]} == {"loss-curve", "loss-history", "training-log", "tensorboard"}
     # network steps retry with backoff, but never on exit code 2 (bad input)
     for name in ("provision-nodes", "fetch-dataset", "push-adapter"):
         assert templates[name]["retryStrategy"]["expression"] == "asInt(lastRetry.exitCode) != 2"

@@ -91,3 +91,68 @@ def test_cuda_defaults_layer():
 def test_values_the_libraries_refuse_fail_before_loading_with_the_section(method, given, message):
     with pytest.raises(StepError, match=message):
         make_plan(config(method), TINY, sections(**given), "cpu")
+
+
+# -- report_to (issue 19) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("requested", "uri", "expected", "noted"),
+    [
+        (None, None, "none", None),
+        ("tensorboard", None, ["tensorboard"], None),
+        (["tensorboard", "wandb"], None, ["tensorboard"], "report_to wandb ignored"),
+        ("mlflow", None, "none", "MLFLOW_TRACKING_URI is not set"),
+        ("all", None, ["tensorboard"], "MLFLOW_TRACKING_URI is not set"),
+    ],
+)
+def test_report_to_keeps_the_trackers_this_image_can_feed(monkeypatch, requested, uri, expected, noted):
+    from steps.tune.plan import reporting_settings
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    notes: list[str] = []
+    assert reporting_settings(requested, notes) == expected
+    assert (noted is None and notes == []) or any(noted in n for n in notes), notes
+
+
+def test_mlflow_needs_its_uri_and_the_package(monkeypatch):
+    import importlib.util
+
+    from steps.tune import plan as plan_module
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5001")
+    real = importlib.util.find_spec
+    notes: list[str] = []
+    monkeypatch.setattr(plan_module.importlib.util, "find_spec", lambda name: None if name == "mlflow" else real(name))
+    assert plan_module.reporting_settings("mlflow", notes) == "none" and "mlflow is not installed" in notes[0]
+    monkeypatch.setattr(plan_module.importlib.util, "find_spec", lambda name: object() if name == "mlflow" else real(name))
+    assert plan_module.reporting_settings(["mlflow", "tensorboard"], []) == ["mlflow", "tensorboard"]
+
+
+def test_report_to_from_the_config_reaches_the_trainer_and_may_change_on_resume():
+    from steps.tune.checkpoints import run_identity
+
+    given = sections(TrainingArguments={"report_to": "tensorboard"})
+    plan = make_plan(config(), TINY, given, "cpu")
+    assert plan.training.report_to == ["tensorboard"] and not any("report_to" in n for n in plan.notes)
+    plain = make_plan(config(), TINY, empty_sections(), "cpu")
+    assert plain.training.report_to == [] or plain.training.report_to == "none" or plain.training.report_to == ["none"]
+    assert run_identity(config(), plan, "sha256:x") == run_identity(config(), plain, "sha256:x")
+
+
+def test_the_global_batch_is_divided_among_the_ranks():
+    """(The SFTConfig itself is built in the ranks, where torchrun's environment lets it join the group.)"""
+    from steps.tune.parallel import Ranks
+    from steps.tune.plan import parallel_settings
+
+    training = training_settings(config(batch_size=4), TINY, empty_sections(), "cpu", "float32", False, [])
+    record, per_rank = parallel_settings(training, Ranks(world_size=2, rank=1, local_rank=1), "cpu", [])
+    assert record == {"processes": 2, "global_batch": 4, "per_process_batch": 2,
+                      "per_process_gradient_accumulation_steps": 1}
+    assert per_rank == {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "ddp_backend": "gloo",
+                        "ddp_find_unused_parameters": False}
+    assert parallel_settings(training, Ranks(), "cpu", []) == (
+        {"processes": 1, "global_batch": 4, "per_process_batch": 4, "per_process_gradient_accumulation_steps": 1}, {})
+    notes: list[str] = []
+    record, per_rank = parallel_settings(dict(training, per_device_train_batch_size=1), Ranks(2, 0, 0), "cuda", notes)
+    assert record["global_batch"] == 2 and per_rank["ddp_backend"] == "nccl" and "raised to 2" in notes[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -228,6 +229,51 @@ def test_adapter_folder_appears_whole_or_not_at_all(tmp_path, tiny_data, monkeyp
             main(argv)
     assert (adapter / "kaiflow.json").read_text() == first and (adapter / "adapter_model.safetensors").stat().st_size > 0
     assert sorted(p.name for p in tmp_path.glob(".adapter*")) == []
+
+
+def test_what_a_user_reads_log_curve_and_tensorboard(tmp_path, tiny_data):
+    """Issue 19: one log line per logged step (console and KAIFLOW_STEP_LOG), no bars, each library
+    warning once; held-out loss about ten times a run; TensorBoard events inside the adapter folder."""
+    config = tmp_path / "c.yaml"
+    config.write_text("training_config:\n  TrainingArguments:\n    report_to: tensorboard\n")
+    cmd = [sys.executable, "-m", "steps.tune", *tune_argv(tmp_path, TINY, "lora", tiny_data, "--config", str(config),
+                                                           "--max-steps", "20", "--max-length", "128")]
+    env = dict(os.environ, KAIFLOW_STEP_LOG=str(tmp_path / "tune.log"))
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    console = done.stdout + done.stderr
+    for text in (console, (tmp_path / "tune.log").read_text()):
+        assert re.findall(r"step (\d+)/20 loss", text) == [str(i) for i in range(1, 21)]
+        assert "{'loss'" not in text and "\r" not in text and "it/s]" not in text and "%|" not in text
+        warned = [line.split(" ", 3)[3] for line in text.splitlines() if " WARNING " in line and " kaiflow" not in line]
+        assert len(warned) == len(set(warned)), warned
+    assert all(line.startswith("20") for line in done.stderr.splitlines()), "a line outside the log format"
+    evals = json.loads((tmp_path / "adapter" / "loss.json").read_text())["eval"]
+    assert [e["step"] for e in evals] == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
+    assert len(re.findall(r"step \d+/20 held-out loss", console)) == len(evals)
+    events = list((tmp_path / "adapter" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0
+    assert float(read_output(tmp_path / "outputs", "eval-loss")) == pytest.approx(evals[-1]["eval_loss"], abs=1e-5)
+
+
+def test_the_loss_plot_draws_only_what_was_measured(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from steps.tune.report import plot_loss, smoothed, smoothing_weight
+
+    assert smoothed([2.0, 2.0, 2.0], 0.9) == pytest.approx([2.0, 2.0, 2.0])  # debiased: no pull towards 0
+    assert smoothing_weight(5) == 0 and smoothing_weight(20) == 0.6 and smoothing_weight(1000) == 0.95
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    losses = [{"step": i, "loss": 3 - i / 20} for i in range(1, 41)]
+    plot_loss(tmp_path / "loss.png", losses, {"steps": 40, "tokens_per_s": 10.0},
+              [{"step": 0, "eval_loss": 3.1}, {"step": 20, "eval_loss": 2.2}, {"step": 40, "eval_loss": 1.1}])
+    ax = figures[0].axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    held_out = next(line for label, line in lines.items() if label.startswith("held-out"))
+    assert held_out.get_linestyle() == "None" and list(held_out.get_xdata()) == [0, 20, 40]
+    assert any("smoothed" in label for label in lines) and ax.get_xlabel() and ax.get_ylabel()
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # --- slow: the real small model -------------------------------------------------------------------
