@@ -61,6 +61,8 @@ ANNOTATION_ARGO_DESCRIPTION = "workflows.argoproj.io/description"
 API_KEY_SECRET_KEY = "api-key"
 MODEL_ACCESS_SECRET_KEY = "HF_TOKEN"
 DOCKER_CONFIG_SECRET_KEY = ".dockerconfigjson"
+# The operator's Secret <workspace>-dataset-urls: signed dataset URLs (a query string), one per line.
+DATASET_URLS_SECRET_KEY = "dataset-urls.txt"
 
 # ServiceAccounts (controller/manifests/ creates them with their RBAC).
 WORKFLOW_SERVICE_ACCOUNT = "kaiflow-workflow"  # every Workflow pod, and Argo's executor

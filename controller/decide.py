@@ -28,6 +28,7 @@ from api.labels import (
     ANNOTATION_IMMUTABLE,
     ANNOTATION_OWNER,
     ANNOTATION_RERUN,
+    DATASET_URLS_SECRET_KEY,
     LABEL_GENERATION,
     LABEL_MANAGED_BY,
     LABEL_WORKSPACE,
@@ -51,6 +52,8 @@ class Desired:
     manifest: dict[str, Any]
     target_node_count: int
     is_tuning: bool
+    # Applied before the pipeline object: the Secret holding signed dataset URLs, if any.
+    secret: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -152,7 +155,8 @@ def target_node_count(workspace: Any) -> int:
     return estimate_node_count(workspace)
 
 
-def target(options: ControllerOptions, namespace: str, name: str, preset: str | None = None) -> Any:
+def target(options: ControllerOptions, namespace: str, name: str, preset: str | None = None,
+           dataset_urls_secret: str | None = None) -> Any:
     """The ``pipelines.Target`` a Workflow is rendered for (the cluster unless told otherwise)."""
     if options.target == "local":
         workdir = Path(options.local_root or ".").resolve() / namespace / name
@@ -161,7 +165,34 @@ def target(options: ControllerOptions, namespace: str, name: str, preset: str | 
                           insecure_registries=tuple(options.insecure_registry) or None,
                           allow_http_datasets=options.allow_http_datasets,
                           dataset_block_cidrs=tuple(options.dataset_block_cidr),
-                          allow_remote_code=remote_code_allowed(options, namespace, preset))
+                          allow_remote_code=remote_code_allowed(options, namespace, preset),
+                          dataset_urls_secret=dataset_urls_secret)
+
+
+def signed_urls(workspace: Any) -> list[str]:
+    """The dataset URLs when one carries a query string or credentials (a signature, a SAS token)."""
+    urls = (workspace.tuning.input.urls or []) if workspace.tuning and workspace.tuning.input else []
+    signed = any(urllib.parse.urlsplit(u).query or urllib.parse.urlsplit(u).username for u in urls)
+    return list(urls) if signed else []
+
+
+def dataset_urls_secret(body: dict[str, Any], name: str, namespace: str, urls: list[str]) -> dict[str, Any]:
+    """The Secret the fetch step reads signed URLs from (never the Workflow spec or pod arguments)."""
+    meta = body.get("metadata") or {}
+    owner = [{"apiVersion": body.get("apiVersion") or "kaito.sh/v1beta1", "kind": "Workspace", "name": name,
+              "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}] if meta.get("uid") else None
+    secret: dict[str, Any] = {
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        # generateName: the operator only ever creates such Secrets (RBAC: create, no get), a new one
+        # per run, garbage-collected with the Workspace.
+        "metadata": {"generateName": f"{name}-dataset-urls-", "namespace": namespace,
+                     "labels": {LABEL_WORKSPACE: name, LABEL_MANAGED_BY: MANAGED_BY},
+                     "annotations": {ANNOTATION_OWNER: owner_annotation(namespace, name)}},
+        "stringData": {DATASET_URLS_SECRET_KEY: "".join(f"{u}\n" for u in urls)},
+    }
+    if owner:
+        secret["metadata"]["ownerReferences"] = owner
+    return secret
 
 
 def remote_code_allowed(options: ControllerOptions, namespace: str, preset: str | None) -> bool:
@@ -227,7 +258,10 @@ def decide(body: dict[str, Any], options: ControllerOptions, accepted: dict[str,
     object_name = pipeline_name(name, kind, generation, scheduled, run)
     try:
         preset = workspace.tuning.preset.name if workspace.tuning and workspace.tuning.preset else None
-        rendered = manifest(workspace, target(options, namespace, object_name, preset))
+        signed = signed_urls(workspace) if options.target != "local" else []
+        secret = dataset_urls_secret(body, name, namespace, signed) if signed else None
+        rendered = manifest(workspace, target(options, namespace, object_name, preset,
+                                              secret["metadata"]["generateName"] if secret else None))
     except PipelineError as exc:
         return Refused(REASON_INVALID, str(exc), ())
     meta = rendered["metadata"]
@@ -241,7 +275,7 @@ def decide(body: dict[str, Any], options: ControllerOptions, accepted: dict[str,
     _lifetime(rendered, options, scheduled)
     return Desired(kind="CronWorkflow" if scheduled else "Workflow", name=object_name, namespace=namespace,
                    generation=generation, manifest=rendered, target_node_count=target_node_count(workspace),
-                   is_tuning=workspace.is_tuning)
+                   is_tuning=workspace.is_tuning, secret=secret)
 
 
 def _lifetime(rendered: dict[str, Any], options: ControllerOptions, scheduled: bool) -> None:

@@ -23,6 +23,7 @@ Design
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import json
 import logging
@@ -65,6 +66,7 @@ from controller.options import ControllerOptions
 from controller.status import (DONE_PHASES, FAILED_PHASES, Observed, Transition, failure_exit_code, observe, refused,
                                task_output)
 from pipelines.names import OUTPUT_PROVIDER, TASK_PROVISION
+from pipelines.tasks import DATASET_URLS_VOLUME
 from stepkit.common import RetryableError, StepError
 from stepkit.kube import (api_client, api_error, delete, get, is_unreachable, request, resource_path, server_side_apply,
                           unreachable_error)
@@ -194,6 +196,8 @@ class Operator:
     def ensure(self, desired: Desired, uid: str | None) -> dict[str, Any]:
         """Create this generation's object, or adopt the one already there (a replay, a restart)."""
 
+        if desired.secret is not None:
+            desired = self.apply_secret(desired, uid)
         if desired.kind == "CronWorkflow":
             existing = self._get(ARGO_API_VERSION, "CronWorkflow", desired.name, desired.namespace)
             if existing is not None and self._claim(existing, desired, uid) == "earlier":
@@ -215,6 +219,31 @@ class Operator:
             raise kopf.TemporaryError(f"Workflow {desired.name} belonged to an earlier Workspace; deleted it, retrying",
                                       delay=1)
         return existing
+
+    def apply_secret(self, desired: Desired, uid: str | None) -> Desired:
+        """Create the Secret of signed dataset URLs and point the pipeline's volume at it.
+
+        The operator may create Secrets but never read one (RBAC): each run gets a new Secret
+        (``generateName``, owned by the Workspace), so nothing is overwritten or read back. A
+        CronWorkflow of this generation keeps the Secret it already names (the URLs are the same).
+        """
+        secret = dict(desired.secret or {})
+        name = None
+        if desired.kind == "CronWorkflow":
+            existing = self._get(ARGO_API_VERSION, "CronWorkflow", desired.name, desired.namespace)
+            owners = {o.get("uid") for o in ((existing or {}).get("metadata") or {}).get("ownerReferences") or []}
+            if existing is not None and _generation(existing) == desired.generation and uid in owners:
+                name = _urls_secret_of(existing)
+        if name is None:
+            created = self._request("POST", resource_path("v1", "Secret", namespace=desired.namespace), secret,
+                                    what=f"creating the dataset URLs Secret of {desired.name}")
+            name = created["metadata"]["name"]
+        manifest = copy.deepcopy(desired.manifest)
+        spec = manifest["spec"]["workflowSpec"] if desired.kind == "CronWorkflow" else manifest["spec"]
+        for volume in spec.get("volumes") or []:
+            if volume.get("name") == DATASET_URLS_VOLUME:
+                volume["secret"]["secretName"] = name
+        return dataclasses.replace(desired, manifest=manifest)
 
     @staticmethod
     def _claim(existing: dict[str, Any], desired: Desired, uid: str | None) -> str:
@@ -497,6 +526,14 @@ def _merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         elif key not in old or old[key] != value:
             patch[key] = value
     return patch
+
+
+def _urls_secret_of(obj: dict[str, Any]) -> str | None:
+    spec = (obj.get("spec") or {}).get("workflowSpec") or obj.get("spec") or {}
+    for volume in spec.get("volumes") or []:
+        if volume.get("name") == DATASET_URLS_VOLUME:
+            return (volume.get("secret") or {}).get("secretName")
+    return None
 
 
 def _generation(obj: dict[str, Any]) -> int | None:

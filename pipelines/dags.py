@@ -49,6 +49,7 @@ from api.labels import (
     ANNOTATION_METHOD,
     ANNOTATION_OWNER,
     ANNOTATION_PRESET,
+    DATASET_URLS_SECRET_KEY,
     DOCKER_CONFIG_SECRET_KEY,
     LABEL_MANAGED_BY,
     LABEL_PIPELINE,
@@ -77,7 +78,7 @@ from pipelines.names import (
     TASK_TUNE,
     task_output_ref,
 )
-from pipelines.target import TRAINING_CONFIG_KEY, Target
+from pipelines.target import CLUSTER_DATASET_URLS_DIR, TRAINING_CONFIG_KEY, ClusterTarget, Target
 from presets import Preset, get_preset, served_model_name
 from presets.gpus import Sku
 
@@ -306,7 +307,14 @@ def _tuning(workspace: Workspace, target: Target) -> Workflow | CronWorkflow:
                           [push_secret] if push_secret else [], tuning.config)
     # What a user changes when resubmitting (argo submit -p / resubmit): workflow arguments the
     # tasks reference, instead of values baked into their command lines.
-    dataset = _dataset_arguments([target.dataset_url(u) for u in tuning.input.urls])
+    urls_secret = target.dataset_urls_secret if isinstance(target, ClusterTarget) else None
+    urls_file = f"{CLUSTER_DATASET_URLS_DIR}/{DATASET_URLS_SECRET_KEY}"
+    # Signed URLs (the operator put them in a Secret) are neither workflow arguments nor step arguments.
+    dataset = {} if urls_secret else _dataset_arguments([target.dataset_url(u) for u in tuning.input.urls])
+    if urls_secret:
+        urls_volume = m.Volume(name=tasks.DATASET_URLS_VOLUME, secret=m.SecretVolumeSource(
+            secret_name=urls_secret, items=[m.KeyToPath(key=DATASET_URLS_SECRET_KEY, path=DATASET_URLS_SECRET_KEY)]))
+        spec["volumes"] = [*(spec.get("volumes") or []), urls_volume]
     repository = _repository(output.image)
     arguments = dict(dataset)
     if scheduled:
@@ -342,7 +350,8 @@ def _tuning(workspace: Workspace, target: Target) -> Workflow | CronWorkflow:
         # fetch-dataset is the data volume's first consumer: on the GPU node, a WaitForFirstConsumer
         # class makes the disk in that node's zone (a zonal disk elsewhere could never attach to it)
         fetch_t = tasks.fetch_dataset(target, urls=[tasks.workflow_ref(p) for p in dataset], config=config_file,
-                                      config_map=tuning.config, scheduling=scheduling.placement_only())
+                                      config_map=tuning.config, scheduling=scheduling.placement_only(),
+                                      url_file=urls_file if urls_secret else None)
         tune_t = tasks.tune(
             target, preset=preset.name, method=tuning.method, adapter_name=name, config=config_file,
             config_map=tuning.config, scheduling=scheduling, deadline=_tune_deadline(preset),

@@ -41,6 +41,7 @@ CLUSTER_DATA_ROOT = "/kaiflow/data"
 CLUSTER_OUTPUTS_DIR = "/tmp/kaiflow/outputs"
 CLUSTER_DOCKER_CONFIG_DIR = "/kaiflow/docker-config"
 CLUSTER_TRAINING_CONFIG_DIR = "/kaiflow/training-config"
+CLUSTER_DATASET_URLS_DIR = "/kaiflow/dataset-urls"
 TRAINING_CONFIG_KEY = "training_config.yaml"
 LOCAL_REGISTRY_HOSTS = ("127.0.0.1", "localhost")
 
@@ -62,7 +63,8 @@ class Target(ABC):
     @staticmethod
     def cluster(images: Images | None = None, provider: str | None = None,
                 insecure_registries: tuple[str, ...] | None = None, allow_http_datasets: bool = False,
-                dataset_block_cidrs: tuple[str, ...] = (), allow_remote_code: bool = False) -> ClusterTarget:
+                dataset_block_cidrs: tuple[str, ...] = (), allow_remote_code: bool = False,
+                dataset_urls_secret: str | None = None) -> ClusterTarget:
         env_insecure = tuple(h for h in os.environ.get("KAIFLOW_INSECURE_REGISTRIES", "").split(",") if h)
         return ClusterTarget(
             data_root=CLUSTER_DATA_ROOT,
@@ -73,6 +75,7 @@ class Target(ABC):
             allow_http_datasets=allow_http_datasets,
             dataset_block_cidrs=tuple(dataset_block_cidrs),
             allow_remote_code=allow_remote_code,
+            dataset_urls_secret=dataset_urls_secret,
         )
 
     @staticmethod
@@ -127,6 +130,9 @@ class ClusterTarget(Target):
         "help": "the admin allows plain http dataset URLs (fetch_dataset --allow-http)"})
     allow_remote_code: bool = field(default=False, metadata={
         "help": "the admin allows ModelConfig.trust_remote_code for this Workflow's namespace or model"})
+    dataset_urls_secret: str | None = field(default=None, metadata={
+        "help": "a Secret holding the dataset URLs (key DATASET_URLS_SECRET_KEY): the fetch step reads them from a "
+                "mounted file, so signed URLs stay out of the Workflow spec and the pod's arguments"})
     dataset_block_cidrs: tuple[str, ...] = field(default=(), metadata={
         "help": "address ranges dataset downloads may never reach besides the non-public ones "
                 "(the cluster's service and pod CIDRs when they are public addresses)"})

@@ -57,6 +57,7 @@ from stepkit.common import REMOTE_CODE_ENV, STEP_LOG_ENV
 
 DATA_VOLUME = "kaiflow-data"
 TRAINING_CONFIG_VOLUME = "training-config"
+DATASET_URLS_VOLUME = "dataset-urls"
 OUTPUTS_VOLUME = "kaiflow-outputs"
 # Output parameters are short strings and small JSON documents.
 OUTPUTS_SIZE_LIMIT = "16Mi"
@@ -358,10 +359,13 @@ def release_nodes(target: Target, *, workspace_name: str, namespace: str, name: 
 
 def fetch_dataset(target: Target, *, urls: Sequence[str], max_bytes: str | None = None,
                   eval_fraction: str | None = None, config: str | None = None, config_map: str | None = None,
-                  scheduling: Scheduling | None = None, name: str = TASK_FETCH_DATASET) -> Container:
+                  scheduling: Scheduling | None = None, url_file: str | None = None,
+                  name: str = TASK_FETCH_DATASET) -> Container:
     """``config``: Kaito's training_config.yaml, whose DatasetConfig (columns, split) the step applies.
     ``scheduling``: where it runs; the first user of the data volume, so on the GPU node (zones)."""
     args = [*_flag("--url", [target.dataset_url(u) for u in urls]), "--output-dir", target.data("dataset")]
+    if url_file:  # the URLs are in a mounted Secret (signed URLs: never in the spec or the arguments)
+        args += ["--url-file", url_file]
     if max_bytes:
         args += ["--max-bytes", max_bytes]
     if eval_fraction:
@@ -371,6 +375,8 @@ def fetch_dataset(target: Target, *, urls: Sequence[str], max_bytes: str | None 
         args += ["--config", config]
         if target.is_cluster and config_map:
             mounts.append(m.VolumeMount(name=TRAINING_CONFIG_VOLUME, mount_path=config.rsplit("/", 1)[0], read_only=True))
+    if url_file and target.is_cluster:
+        mounts.append(m.VolumeMount(name=DATASET_URLS_VOLUME, mount_path=url_file.rsplit("/", 1)[0], read_only=True))
     labels = None
     if isinstance(target, ClusterTarget):
         # In a cluster the URL is the user's and the pod sits inside the cluster network: public
@@ -429,8 +435,6 @@ def tune(target: Target, *, preset: str, method: str, adapter_name: str, config:
         Artifact(name="loss-curve", path=f"{adapter_dir}/loss.png", archive=NoneArchiveStrategy(), optional=True),
         Artifact(name="loss-history", path=f"{adapter_dir}/loss.json", archive=NoneArchiveStrategy(), optional=True),
         Artifact(name="training-log", path=tune_log_path(target), archive=NoneArchiveStrategy(), optional=True),
-        # TensorBoard's event files, when the training config's report_to asks for them (a folder: tar.gz)
-        Artifact(name="tensorboard", path=f"{adapter_dir}/tensorboard", optional=True),
     ]
     labels = {"adapter": adapter_name, "preset": preset, "method": method}
     metrics = [

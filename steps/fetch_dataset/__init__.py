@@ -35,6 +35,7 @@ bad rows, and any exception nobody classified exit 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -71,8 +72,12 @@ RESOLVER: Resolver | None = None
 
 @dataclass
 class FetchConfig:
-    url: list[str] = field(metadata={"help": "dataset URL (http, https or file); repeat for several files"})
     output_dir: Path = field(metadata={"help": "where train.parquet, eval.parquet and summary.json are written"})
+    url: list[str] = field(default_factory=list, metadata={
+        "help": "dataset URL (http, https or file); repeat for several files"})
+    url_file: Path | None = field(default=None, metadata={
+        "help": "a file of dataset URLs, one per line, read after --url (in a cluster: a mounted Secret, so that "
+                "signed URLs stay out of the Workflow spec and the pod's arguments)"})
     config: Path | None = field(default=None, metadata={
         "help": "Kaito training_config.yaml (or its ConfigMap): DatasetConfig columns, split and seed apply"})
     max_bytes: int = field(default=2 * 1024**3, metadata={"help": "size cap per file in bytes (default %(default)s)"})
@@ -267,7 +272,7 @@ def _arrow_batch(writer: SplitWriter, fmt: str, batch, sizes, file_index: int, f
 
 def _check(config: FetchConfig) -> None:
     if not config.url:
-        raise StepError("--url: at least one dataset URL is needed")
+        raise StepError("--url/--url-file: at least one dataset URL is needed")
     if not 0 <= config.max_bad_fraction <= 1:
         raise StepError(f"--max-bad-fraction must be in [0, 1], got {config.max_bad_fraction}")
     if not 0 <= config.eval_fraction <= 0.5:
@@ -299,6 +304,12 @@ def _open(item: Fetched, settings: DatasetSettings, budget: DecodedBudget) -> tu
 
 
 def fetch_dataset(config: FetchConfig) -> dict[str, Any]:
+    if config.url_file is not None:
+        try:
+            listed = [line.strip() for line in Path(config.url_file).read_text().splitlines() if line.strip()]
+        except OSError as exc:
+            raise StepError(f"--url-file {config.url_file}: {exc.strerror}") from None
+        config = dataclasses.replace(config, url=[*config.url, *listed], url_file=None)
     _check(config)
     downloads = Path(config.output_dir) / "downloads"
     try:

@@ -63,7 +63,9 @@ def gpu_node(cluster_box):
         cluster_box.add_node(name, gpus=1, labels={"app": "phi-3-adapter", "apps": "phi-3",
                                                    "node.kubernetes.io/instance-type": "Standard_NC6s_v3"},
                              taints=[GPU_TAINT, {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}])
-    return name
+    yield name
+    # other modules check where their pods land: leave no second node with the same labels
+    cluster_box.kubectl("delete", "node", name, "--wait=false", check=False)
 
 
 def start_operator(installed, start_controller, *args, kubeconfig=None):

@@ -78,3 +78,27 @@ def test_the_tune_step_refuses_trust_remote_code_where_the_pipeline_says_so(tmp_
         read_training_config(config)
     config.write_text(yaml.safe_dump({"training_config": {"ModelConfig": {"trust_remote_code": False}}}))
     assert read_training_config(config)["ModelConfig"]["trust_remote_code"] is False
+
+
+SIGNED = "https://acct.blob.core.windows.net/data/train.parquet?sv=2025-01-05&se=2027-01-01&sig=S3CRETSIGNATURE"
+
+
+def test_signed_dataset_urls_travel_in_a_secret_not_in_the_workflow():
+    """Issue 17 (Low): a URL with a query string goes in a Secret the operator creates (a new one per
+    run, generateName); the Workflow spec and the fetch pod's arguments never carry it."""
+    verdict = decide(body(url=SIGNED), ControllerOptions())
+    assert isinstance(verdict, Desired) and verdict.secret is not None
+    secret = verdict.secret
+    assert secret["kind"] == "Secret" and secret["metadata"]["generateName"] == "workspace-tuning-phi-3-mini-dataset-urls-"
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    assert list(secret["stringData"].values()) == [SIGNED + "\n"]
+    import json
+
+    assert "S3CRETSIGNATURE" not in json.dumps(verdict.manifest)
+    fetch = template(verdict, "fetch-dataset")
+    args = fetch["container"]["args"]
+    assert "--url" not in args and args[args.index("--url-file") + 1] == "/kaiflow/dataset-urls/dataset-urls.txt"
+    volume = next(v for v in verdict.manifest["spec"]["volumes"] if v["name"] == "dataset-urls")
+    assert volume["secret"]["secretName"] == secret["metadata"]["generateName"]  # the operator fills in the name
+    plain = decide(body(url="https://data.example.com/train.parquet"), ControllerOptions())
+    assert plain.secret is None and "--url" in template(plain, "fetch-dataset")["container"]["args"]

@@ -229,3 +229,14 @@ def test_errors_never_echo_row_contents(http_files, tmp_path, name, body, secret
     for secret in secrets:
         assert secret not in text, text
     assert name in str(error.value)
+
+
+def test_urls_from_a_file_as_the_cluster_mounts_them(http_files, tmp_path, resolver):
+    """Signed URLs reach the step through a mounted Secret (--url-file), never its arguments."""
+    resolver({"data.example.com": ["127.0.0.1"]})
+    http_files.add("signed.parquet", parquet_bytes(ROWS))
+    listed = tmp_path / "dataset-urls.txt"
+    listed.write_text(f"http://data.example.com:{port_of(http_files)}/files/signed.parquet?sig=SECRET\n\n")
+    summary = fetch_dataset(FetchConfig(url_file=listed, output_dir=tmp_path / "out", public_only=True,
+                                        allow_http=True, allow_cidr=list(LOOPBACK)))
+    assert summary["rows"] == len(ROWS) and "SECRET" not in json.dumps(summary)
