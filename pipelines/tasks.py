@@ -435,6 +435,8 @@ def tune(target: Target, *, preset: str, method: str, adapter_name: str, config:
         Artifact(name="loss-curve", path=f"{adapter_dir}/loss.png", archive=NoneArchiveStrategy(), optional=True),
         Artifact(name="loss-history", path=f"{adapter_dir}/loss.json", archive=NoneArchiveStrategy(), optional=True),
         Artifact(name="training-log", path=tune_log_path(target), archive=NoneArchiveStrategy(), optional=True),
+        # TensorBoard's event files, when the training config's report_to asks for them (a folder: tar.gz)
+        Artifact(name="tensorboard", path=f"{adapter_dir}/tensorboard", optional=True),
     ]
     labels = {"adapter": adapter_name, "preset": preset, "method": method}
     metrics = [
