@@ -16,7 +16,16 @@ would be several times slower still on a CPU, and that would measure the CPU, no
 Throughput counts real tokens only (the attention mask's ones; (a) has no padding at all) over the
 time spent in ``trainer.train()``; model loading and tokenisation are excluded for all three.
 
-    .venv/bin/python -m bench.tune_bench [--preset smollm2-135m-instruct] [--method qlora] [--rows 160]
+    .venv/bin/python -m bench.tune_bench [--preset smollm2-135m-instruct] [--method qlora] [--rows 160] [--runs 3]
+
+Each recipe runs ``--runs`` times (default 3, interleaved a, b, c, a, b, c, ...); every run is
+printed, and the table gives the median of each recipe, the ratios the medians' ratios.
+
+``--procs N`` measures data parallelism instead: ``steps.tune`` with one process and with N
+processes (gloo ranks on a CPU, one per GPU on a GPU machine), the same global batch of N packed
+sequences per step (``--batch-size N``: one process takes all N, each rank one), the same rows;
+throughput is all ranks' real tokens over the time in ``trainer.train()``. On a 2-core CPU
+expect little gain: it checks the mechanics, not the speed.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import json
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -111,10 +121,13 @@ def worker(kind: str, preset_name: str, method: str, data_dir: Path, max_length:
             "steps": trainer.state.global_step}
 
 
-def run_ours(preset: str, method: str, data_dir: Path, work: Path, max_length: int) -> dict:
+def run_ours(preset: str, method: str, data_dir: Path, work: Path, max_length: int, *extra: str) -> dict:
+    for name in ("a-adapter", "a-ckpt", "a-outputs"):  # each run trains from scratch
+        subprocess.run(["rm", "-rf", str(work / name)], check=True)
     cmd = [sys.executable, "-m", "steps.tune", "--preset", preset, "--method", method, "--dataset-dir", str(data_dir),
            "--output-dir", str(work / "a-adapter"), "--checkpoint-dir", str(work / "a-ckpt"), "--epochs", "1",
-           "--max-length", str(max_length), "--logging-steps", "10", "--skip-initial-eval", "--outputs", str(work / "a-outputs")]
+           "--max-length", str(max_length), "--logging-steps", "10", "--skip-initial-eval", "--eval-points", "0",
+           "--outputs", str(work / "a-outputs"), *extra]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = json.loads((work / "a-adapter" / "kaiflow.json").read_text())["metrics"]
     return {"tokens": metrics["tokens"], "seconds": metrics["train_seconds"], "tokens_per_s": metrics["tokens_per_s"],
@@ -128,12 +141,61 @@ def run_worker(kind: str, preset: str, method: str, data_dir: Path, max_length: 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def median_of(runs: list[dict]) -> dict:
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
+def print_table(results: dict[str, dict]) -> None:
+    print(f"{'recipe':<18}{'tokens':>8}{'steps':>7}{'seconds':>9}{'tokens/s':>10}{'peak RSS MiB':>14}")
+    for name, r in results.items():
+        print(f"{name:<18}{r['tokens']:>8.0f}{r['steps']:>7.0f}{r['seconds']:>9.1f}{r['tokens_per_s']:>10.1f}"
+              f"{r['peak_rss_bytes'] / 2**20:>14.0f}")
+
+
+def compare_recipes(args, work: Path) -> None:
+    runs: dict[str, list[dict]] = {"a_kaiflow": [], "b_kaito_default": [], "c_plain_trl": []}
+    for round_ in range(1, args.runs + 1):
+        runs["a_kaiflow"].append(run_ours(args.preset, args.method, work / "data", work, args.max_length))
+        runs["b_kaito_default"].append(run_worker("kaito", args.preset, args.method, work / "data", args.max_length))
+        runs["c_plain_trl"].append(run_worker("plain", args.preset, args.method, work / "data", args.max_length))
+        a, b, c = (runs[k][-1]["tokens_per_s"] for k in runs)
+        print(f"run {round_}: tokens/s (a) {a:.1f}  (b) {b:.1f}  (c) {c:.1f}   (a)/(b) = {a / b:.2f}  (a)/(c) = {a / c:.2f}",
+              flush=True)
+    medians = {name: median_of(r) for name, r in runs.items()}
+    print(f"median of {args.runs} runs:")
+    print_table(medians)
+    a = medians["a_kaiflow"]["tokens_per_s"]
+    ab, ac = a / medians["b_kaito_default"]["tokens_per_s"], a / medians["c_plain_trl"]["tokens_per_s"]
+    print(f"(a)/(b) = {ab:.2f} (goal >= 2.0)   (a)/(c) = {ac:.2f} (goal >= 1.0)")
+    print(json.dumps({"runs": runs, "medians": medians, "a_over_b": ab, "a_over_c": ac}))
+
+
+def compare_processes(args, work: Path) -> None:
+    n = args.procs
+    label = {1: "1 process", n: f"{n} processes"}
+    runs: dict[int, list[dict]] = {1: [], n: []}
+    for round_ in range(1, args.runs + 1):
+        for procs in (1, n):
+            runs[procs].append(run_ours(args.preset, args.method, work / "data", work, args.max_length,
+                                        "--nproc", str(procs), "--batch-size", str(n)))
+        one, many = runs[1][-1]["tokens_per_s"], runs[n][-1]["tokens_per_s"]
+        print(f"run {round_}: tokens/s {label[1]} {one:.1f}, {label[n]} {many:.1f}  ({many / one:.2f}x)", flush=True)
+    medians = {label[procs]: median_of(r) for procs, r in runs.items()}
+    print(f"median of {args.runs} runs, global batch {n} packed sequences of {args.max_length} tokens per step:")
+    print_table(medians)
+    speedup = medians[label[n]]["tokens_per_s"] / medians[label[1]]["tokens_per_s"]
+    print(f"{label[n]} / {label[1]} = {speedup:.2f}x")
+    print(json.dumps({"runs": {label[p]: r for p, r in runs.items()}, "medians": medians, "speedup": speedup}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="smollm2-135m-instruct")
     parser.add_argument("--method", default="qlora", choices=["lora", "qlora"])
     parser.add_argument("--rows", type=int, default=28, help="rows fetched; ~90%% train one epoch")
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--runs", type=int, default=3, help="runs of each recipe; the table gives the medians")
+    parser.add_argument("--procs", type=int, help="compare steps.tune with 1 and with this many data-parallel processes")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -153,20 +215,12 @@ def main() -> None:
         source.write_text("".join(json.dumps(r) + "\n" for r in make_rows(args.rows)))
         summary = fetch_dataset(FetchConfig(url=[source.as_uri()], output_dir=work / "data"))
         print(f"model {args.preset}, method {args.method}, {summary['train_rows']} training rows, one epoch each, "
-              f"{os.cpu_count()} CPU threads")
-        results = {
-            "a_kaiflow": run_ours(args.preset, args.method, work / "data", work, args.max_length),
-            "b_kaito_default": run_worker("kaito", args.preset, args.method, work / "data", args.max_length),
-            "c_plain_trl": run_worker("plain", args.preset, args.method, work / "data", args.max_length),
-        }
-    print(f"{'recipe':<18}{'tokens':>8}{'steps':>7}{'seconds':>9}{'tokens/s':>10}{'peak RSS MiB':>14}")
-    for name, r in results.items():
-        print(f"{name:<18}{r['tokens']:>8}{r['steps']:>7}{r['seconds']:>9.1f}{r['tokens_per_s']:>10.1f}"
-              f"{r['peak_rss_bytes'] / 2**20:>14.0f}")
-    a = results["a_kaiflow"]["tokens_per_s"]
-    ab, ac = a / results["b_kaito_default"]["tokens_per_s"], a / results["c_plain_trl"]["tokens_per_s"]
-    print(f"(a)/(b) = {ab:.2f} (goal >= 2.0)   (a)/(c) = {ac:.2f} (goal >= 1.0)")
-    print(json.dumps({"results": results, "a_over_b": ab, "a_over_c": ac}))
+              f"{os.cpu_count()} CPU threads, load average {os.getloadavg()[0]:.1f}", flush=True)
+        if args.procs and args.procs > 1:
+            compare_processes(args, work)
+        else:
+            compare_recipes(args, work)
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
