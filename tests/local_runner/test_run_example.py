@@ -89,7 +89,10 @@ def test_kaiflow_run_executes_every_task_of_the_tiny_tuning_example(tiny_workspa
     workflow_parameters = {p["name"]: p["value"] for p in local_spec["arguments"]["parameters"]}
     target_defined = {"--outputs", "--output-dir", "--dataset-dir", "--checkpoint-dir", "--adapter-dir", "--url",
                       "--config", "--provider", "--mode", "--insecure", "--adapters-dir", "--workdir", "--port",
-                      "--adapter-image", "--image", "--gpus", "--node-label", "--dataset-digest", "--attach"}
+                      "--adapter-image", "--image", "--gpus", "--node-label", "--dataset-digest", "--attach",
+                      # cluster-only: the operator makes the nodes, fetch reaches public addresses only,
+                      # tune runs one process per GPU the pod requests
+                      "--wait-only", "--public-only", "--nproc"}
     for name in order:
         executed = result.tasks[name].command
         argo = templates[tasks[name]["template"]]["container"]
