@@ -11,6 +11,7 @@ from itertools import count
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 _tenants = count(1)
@@ -36,6 +37,16 @@ def namespace_overlay(folder: Path, namespace: str) -> Path:
     base = os.path.relpath(ROOT / "controller" / "manifests" / "workflows", folder)
     (folder / "kustomization.yaml").write_text(OVERLAY.format(namespace=namespace, base=base))
     return folder
+
+
+def workspace_file(example: str, namespace: str, name: str | None = None) -> dict:
+    """The Workspace of an example file, moved to ``namespace`` (and renamed)."""
+    docs = [d for d in yaml.safe_load_all((ROOT / "examples" / example).read_text()) if d]
+    ws = next(d for d in docs if d["kind"] == "Workspace")
+    ws["metadata"]["namespace"] = namespace
+    if name:
+        ws["metadata"]["name"] = name
+    return ws
 
 
 def run_step(module: str, *args: str, kubeconfig: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:

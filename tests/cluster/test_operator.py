@@ -11,16 +11,13 @@ garbage collection, and names at the 63-character limit.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import yaml
 
+from tests.cluster.conftest import workspace_file
 from tests.fixtures.argo_agent import Outcome
 from tests.fixtures.cluster import GPU_TAINT, wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "examples"
 NODES = json.dumps(["aks-ws-node-0"])
 
 
@@ -37,15 +34,6 @@ def gpu_node(cluster_box):
                                                            "node.kubernetes.io/instance-type": "Standard_NC6s_v3"},
                          taints=[GPU_TAINT, {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}])
     return "phi-3-gpu-node"
-
-
-def workspace_file(example: str, namespace: str, name: str | None = None) -> dict:
-    docs = [d for d in yaml.safe_load_all((EXAMPLES / example).read_text()) if d]
-    ws = next(d for d in docs if d["kind"] == "Workspace")
-    ws["metadata"]["namespace"] = namespace
-    if name:
-        ws["metadata"]["name"] = name
-    return ws
 
 
 def conditions(box, namespace, name):

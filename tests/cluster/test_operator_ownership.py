@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.cluster.conftest import workspace_file
 from tests.fixtures.argo_agent import Outcome
 from tests.fixtures.cluster import wait_until
 
@@ -31,15 +32,6 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 NODES = json.dumps(["aks-ws-node-0"])
 RERUN = "kaiflow.kaito.sh/rerun"
-
-
-def workspace_file(example: str, namespace: str, name: str | None = None) -> dict:
-    docs = [d for d in yaml.safe_load_all((EXAMPLES / example).read_text()) if d]
-    ws = next(d for d in docs if d["kind"] == "Workspace")
-    ws["metadata"]["namespace"] = namespace
-    if name:
-        ws["metadata"]["name"] = name
-    return ws
 
 
 def workflows(box, namespace):
