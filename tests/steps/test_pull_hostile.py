@@ -346,6 +346,7 @@ class TokenRealm:
 
     def __init__(self, delay_s: float = 0.0):
         self.seen: list[dict[str, str]] = []
+        self.released = threading.Event()  # close() ends a delay at once
         realm = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -354,7 +355,7 @@ class TokenRealm:
 
             def do_GET(self) -> None:  # noqa: N802
                 realm.seen.append(dict(self.headers))
-                time.sleep(delay_s)
+                realm.released.wait(delay_s)
                 body = b'{"token": "t"}'
                 try:
                     self.send_response(200)
@@ -369,6 +370,7 @@ class TokenRealm:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
+        self.released.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -406,7 +408,9 @@ def test_no_credentials_go_to_a_plain_http_realm_of_an_https_registry(tmp_path):
 
 
 def test_token_request_times_out_and_is_retried_then_exit_1(hostile, tmp_path):
-    realm = TokenRealm(delay_s=3.0)
+    # The realm answers after 120 s: a client that ignored --timeout-s would take 240 s for its two
+    # attempts, so the generous 60 s bound below tells the two apart on any machine, however loaded.
+    realm = TokenRealm(delay_s=120.0)
     try:
         hostile.challenge = f'Bearer realm="{realm.url}",service="hostile",scope="repository:{REPO}:pull"'
         world = World(tmp_path)
@@ -417,7 +421,7 @@ def test_token_request_times_out_and_is_retried_then_exit_1(hostile, tmp_path):
         realm.close()
     assert code == 1, err
     assert "ReadTimeout requesting a token" in err and "after 2 attempts" in err
-    assert len(realm.seen) == 2 and elapsed < 10
+    assert len(realm.seen) == 2 and elapsed < 60
     world.assert_untouched()
 
 

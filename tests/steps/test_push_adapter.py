@@ -132,7 +132,7 @@ def test_registry_stopped_mid_push_is_retried_then_fails_and_tags_nothing(regist
     with pytest.raises(RegistryUnavailableError) as failure:
         push.push_adapter(push.PushConfig(str(adapter), f"{registry.host}/adapters/broken:v1"), FAST_RETRIES,
                           on_layer=stop_after_first_layer)
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 60  # it gives up (a bound for a hang, generous for a loaded machine)
     message = str(failure.value)
     assert "after 3 attempts" in message and registry.host in message and "adapter_model.safetensors" in message
     assert pushed_layers == [1]

@@ -163,7 +163,7 @@ def test_cluster_readiness_deadline_is_a_clear_error(kube):
     started = time.monotonic()
     with pytest.raises(RetryableError, match="0/1 replicas ready; the new spec is not observed yet after 1 s"):
         deploy_cluster(d, ready_timeout=1, kubeconfig=str(kube.kubeconfig), poll=0.2)
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 60  # it ends (never ready would wait forever); generous for a loaded machine
 
 
 def test_rollout_state_is_judged_like_kubectl():

@@ -47,7 +47,7 @@ def test_karpenter_release_waits_for_the_finalizer_under_a_deadline(kube):
     started = time.monotonic()
     with pytest.raises(RetryableError, match=r"timed out after 0.5 s waiting for NodeClaims held to be deleted"):
         release("karpenter", "phi-3", "team-a", kubeconfig=str(kube.kubeconfig), timeout=0.5)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 60  # it gives up (a bound for a hang, generous for a loaded machine)
     assert kube.get(f"{CLAIMS}/held")["metadata"]["deletionTimestamp"]
 
     def karpenter_drains() -> None:
