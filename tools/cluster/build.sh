@@ -18,13 +18,17 @@
 #                Not argoexec: its module zip lacks the Linux Setpgid of workflow/executor/osspecific
 #                ("undefined: Setpgid"), and it needs a container's /var/run/argo anyway
 #                (docs/testing.md).
+# Other Argo versions (argo-v3.6/: v3.6.18) are built by build-argo.sh, which reuses this script's
+# Kubernetes, etcd and kwok binaries.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cache_root="${KAIFLOW_CACHE:-$HOME/.cache/kaiflow}/cluster-tools"
 # Bump when the way of building changes (flags, what is copied) so every machine rebuilds.
 RECIPE=1
 KARPENTER_VERSION=v1.14.3
-key="$( { cat "$here"/*/go.mod "$here"/*/go.sum "$here"/*/tools.go; echo "$RECIPE $KARPENTER_VERSION"; go version; } | sha256sum | cut -c1-16)"
+# The three modules by name (the same files, in the same order, as the */ glob this used to be): the
+# other Argo versions' modules beside them (argo-v3.6/, built by build-argo.sh) have keys of their own.
+key="$( { cat "$here"/{argo,kubernetes,kwok}/go.mod "$here"/{argo,kubernetes,kwok}/go.sum "$here"/{argo,kubernetes,kwok}/tools.go; echo "$RECIPE $KARPENTER_VERSION"; go version; } | sha256sum | cut -c1-16)"
 out="$cache_root/$key"
 tools=(kube-apiserver kube-controller-manager kube-scheduler etcd kwok workflow-controller argo)
 
