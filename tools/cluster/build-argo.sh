@@ -5,7 +5,8 @@
 # (a Go module of its own: v3.6.18 there) and assembles a box folder beside them, in a cache
 # outside the repository:
 #   ${KAIFLOW_CACHE:-~/.cache/kaiflow}/cluster-tools-argo/<minor>-<key>/argo/{bin,share}
-#       that version's workflow-controller and argo, and its own CRDs (manifests/base/crds/full)
+#       that version's workflow-controller and argo, and its own CRDs (manifests/base/crds/minimal,
+#       what its install.yaml applies: see below)
 #   ${KAIFLOW_CACHE:-~/.cache/kaiflow}/cluster-tools-argo/<minor>-<key>/box-<build.sh's key>/{bin,share}
 #       what the fixture starts: links to build.sh's Kubernetes, etcd and kwok binaries, this
 #       version's Argo binaries; its CRDs, build.sh's kwok stages and Karpenter CRDs (copies), and
@@ -46,19 +47,28 @@ log() { printf '[cluster-tools-argo %4ss] %s\n' "$(( $(date +%s) - start ))" "$*
 argo_version="$(sed -n 's#^require github.com/argoproj/argo-workflows/v3 \(v[^ ]*\)$#\1#p' "$module/go.mod")"
 [ -n "$argo_version" ] || { echo "$module/go.mod: no 'require github.com/argoproj/argo-workflows/v3 vX.Y.Z' line" >&2; exit 1; }
 argo_ldflags="-s -w -X github.com/argoproj/argo-workflows/v3.version=$argo_version"
-if [ ! -f "$out/argo/.complete" ]; then
-  rm -rf "$out/argo" && mkdir -p "$out/argo/bin" "$out/argo/share/argo-crds"
-  for name in workflow-controller argo; do
-    log "building $name $argo_version"
-    (cd "$module" && nice -n 10 go build -trimpath -ldflags "$argo_ldflags" -o "$out/argo/bin/$name" \
-       "github.com/argoproj/argo-workflows/v3/cmd/$name")
-  done
+mkdir -p "$out/argo/bin"
+for name in workflow-controller argo; do
+  [ -x "$out/argo/bin/$name" ] && continue
+  log "building $name $argo_version"
+  (cd "$module" && nice -n 10 go build -trimpath -ldflags "$argo_ldflags" -o "$out/argo/bin/$name.tmp" \
+     "github.com/argoproj/argo-workflows/v3/cmd/$name")
+  mv "$out/argo/bin/$name.tmp" "$out/argo/bin/$name"
+  log "built $name; binaries $(du -sh "$out/argo/bin" | cut -f1)"
+done
+if [ ! -f "$out/argo/share/.complete" ]; then
+  # The minimal CRDs, which Argo's own install.yaml applies (v3.6 and v3.7 alike), not full/:
+  # v3.6's full CRDs are refused by Kubernetes 1.33's API server ("dag.tasks.items.properties[inline]
+  # .type: Required value", "steps.items.items: Required value") and its README calls them "probably
+  # not suitable to be used in your cluster". Argo v3.7 fixed them; build.sh's v3.7.9 box applies
+  # full/, the stricter check of the rendered fields (the v3.6 CLI's `argo lint --offline` refuses
+  # unknown fields too).
   argo_dir="$(cd "$module" && go list -m -f '{{.Dir}}' github.com/argoproj/argo-workflows/v3)"
-  cp "$argo_dir"/manifests/base/crds/full/argoproj.io_*.yaml "$out/argo/share/argo-crds/"
+  rm -rf "$out/argo/share" && mkdir -p "$out/argo/share/argo-crds"
+  cp "$argo_dir"/manifests/base/crds/minimal/argoproj.io_*.yaml "$out/argo/share/argo-crds/"
   chmod -R u+w "$out/argo/share"
   echo "$argo_version" > "$out/argo/share/argo-version"
-  touch "$out/argo/.complete"
-  log "built in $(( $(date +%s) - start )) s; binaries $(du -sh "$out/argo/bin" | cut -f1)"
+  touch "$out/argo/share/.complete"
 fi
 
 # The box's folder for this pair (build.sh's key, this key): built aside, then moved into place.
