@@ -40,6 +40,7 @@ from api.labels import (
     ANNOTATION_OPT_IN,
     ANNOTATION_OWNER,
     CONTROLLER_COMPONENT,
+    FIELD_MANAGER,
     FINALIZER,
     KAIFLOW_PREFIX,
     LABEL_CRON_WORKFLOW,
@@ -82,6 +83,9 @@ WATCH_SELECTORS: dict[tuple[str, str, str], str] = {
     ("", "v1", "pods"): f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_WORKSPACE},!{LABEL_PIPELINE}",
 }
 PLURAL = "workspaces"
+# Writes that record a field manager: the operator's are all "kaiflow" (without it the API server
+# names the client's User-Agent, "OpenAPI-Generator", in managedFields and in conflict messages).
+WRITES = ("POST", "PUT", "PATCH")
 RETRY_DELAY_S = 5.0
 
 
@@ -108,6 +112,8 @@ class Operator:
 
     def _request(self, method: str, path: str, body: Any = None, *, query: list[tuple[str, str]] | None = None,
                  content_type: str = "application/json", what: str = "") -> Any:
+        if method in WRITES:
+            query = _managed(query)
         try:
             return request(self.client, method, path, body=body, query=query, content_type=content_type)
         except ApiException as exc:
@@ -206,7 +212,7 @@ class Operator:
         path = resource_path(ARGO_API_VERSION, "Workflow", namespace=desired.namespace)
 
         try:
-            created = request(self.client, "POST", path, body=desired.manifest)
+            created = request(self.client, "POST", path, body=desired.manifest, query=_managed(None))
             log.info("created Workflow %s/%s", desired.namespace, desired.name)
             return created
         except ApiException as exc:
@@ -526,6 +532,11 @@ def _merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         elif key not in old or old[key] != value:
             patch[key] = value
     return patch
+
+
+def _managed(query: list[tuple[str, str]] | None) -> list[tuple[str, str]]:
+    query = list(query or [])
+    return query if any(key == "fieldManager" for key, _ in query) else [*query, ("fieldManager", FIELD_MANAGER)]
 
 
 def _urls_secret_of(obj: dict[str, Any]) -> str | None:
