@@ -251,6 +251,8 @@ def test_a_watch_answered_410_gone_relists_and_loses_no_workspace(installed, ten
         assert relists, story()
         listed = json.loads(bytes(relists[0].answer))
         assert {"created-while-cut", "changed-while-cut"} <= {w["metadata"]["name"] for w in listed["items"]}
+        # Gone while the operator runs: its finalizer releases the NodeClaims it requested for them.
+        box.kubectl("delete", "wks", "--all", "-n", tenant, "--timeout=120s", timeout=150)
     finally:
         hold.set()
         operator.stop()
