@@ -14,8 +14,11 @@ Every subcommand imports what it needs when it runs, so `kaiflow validate` never
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
@@ -307,12 +310,111 @@ def crd() -> int:
 MAX_RENDERED_BYTES = 1024 * 1024
 
 
+# The rendered spec's hash in a Workflow's name: 40 bits, so two different specs with the same
+# prefix do not meet by chance; the prefix is cut so the whole name stays a 63-character label
+# (Argo puts it in a label of every pod).
+NAME_HASH_CHARS = 10
+# The kinds `argo submit` / `argo cron create` take from a stream; they ignore every other document.
+WORKFLOW_KINDS = ("Workflow", "CronWorkflow")
+
+
 class RenderRefused(Exception):
     """One line for standard error; exit 1."""
 
 
+def name_for_apply(document: dict[str, Any]) -> dict[str, Any]:
+    """Give a Workflow (or a CronWorkflow that lacks one) a ``metadata.name`` that is the same for the
+    same rendered object: ``<generateName prefix>-<hash of everything else>``.
+
+    ``kubectl apply`` needs a name (a ``generateName`` alone is refused); the same stream applied twice
+    then finds its Workflow and runs nothing new. ``generateName`` stays, so ``argo resubmit`` names
+    its runs as before. Changed in place and returned.
+    """
+    from pipelines.names import MAX_CRON_WORKFLOW_NAME, MAX_LABEL, dns1123_label
+
+    metadata = document.get("metadata") or {}
+    if metadata.get("name") or not metadata.get("generateName"):
+        return document
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    digest = hashlib.sha256(canonical.encode()).hexdigest()[:NAME_HASH_CHARS]
+    limit = MAX_CRON_WORKFLOW_NAME if document.get("kind") == "CronWorkflow" else MAX_LABEL
+    prefix = dns1123_label(metadata["generateName"].rstrip("-"), limit - NAME_HASH_CHARS - 1)
+    document["metadata"] = {"name": f"{prefix}-{digest}", **metadata}
+    return document
+
+
+def _training_config_target(bundle: Any, ws: Any) -> Any:
+    """The cluster Target for ``ws``: with the training config of ``tuning.config`` carried inside the
+    Workflow when this file has its ConfigMap (``None``: the default Target, the ConfigMap mounted).
+
+    A text with ``{{`` is not carried: Argo would evaluate it as a template expression.
+    """
+    from pipelines import Target
+    from pipelines.target import TRAINING_CONFIG_KEY
+
+    config_map = bundle.config_map(ws.tuning.config) if ws.tuning is not None else None
+    text = ((config_map or {}).get("data") or {}).get(TRAINING_CONFIG_KEY)
+    if text is None:
+        return None
+    if "{{" in text:
+        print(f"note: {bundle.source}: ConfigMap {ws.tuning.config}: its {TRAINING_CONFIG_KEY} contains '{{{{', which "
+              "Argo would evaluate, so the Workflow mounts the ConfigMap instead of carrying the text", file=sys.stderr)
+        return None
+    return replace(Target.cluster(), training_config_text=text)
+
+
+def _references(workflow: dict[str, Any]) -> set[tuple[str, str]]:
+    """The (kind, name) of every Secret, ConfigMap and PVC a rendered Workflow uses by name: volumes,
+    ``secretKeyRef``/``configMapKeyRef`` variables, and the ``--...-secret NAME`` arguments with which
+    the deploy step hands a Secret to the service it rolls out."""
+    found: set[tuple[str, str]] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            if isinstance(value.get("secretName"), str):
+                found.add(("Secret", value["secretName"]))
+            for key, kind in (("secretKeyRef", "Secret"), ("configMapKeyRef", "ConfigMap"), ("configMap", "ConfigMap")):
+                if isinstance(value.get(key), dict) and value[key].get("name"):
+                    found.add((kind, value[key]["name"]))
+            if isinstance(value.get("persistentVolumeClaim"), dict) and value["persistentVolumeClaim"].get("claimName"):
+                found.add(("PersistentVolumeClaim", value["persistentVolumeClaim"]["claimName"]))
+            args = value.get("args")
+            if isinstance(args, list):
+                found.update(("Secret", v) for flag, v in zip(args, args[1:])
+                             if isinstance(flag, str) and flag.startswith("--") and flag.endswith("-secret"))
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(workflow.get("spec"))
+    return found
+
+
+def submit_notes(documents: list[dict[str, Any]]) -> list[str]:
+    """What ``argo submit`` (``argo cron create`` for a CronWorkflow) would lose of this stream: it
+    takes only the Workflows and ignores every other document. One line per Workflow that uses one
+    of those documents; none when the Workflows alone suffice."""
+    others = {(d["kind"], d["metadata"]["name"], d["metadata"].get("namespace")): d
+              for d in documents if d.get("kind") not in WORKFLOW_KINDS}
+    notes = []
+    for doc in documents:
+        if doc.get("kind") not in WORKFLOW_KINDS:
+            continue
+        namespace = doc["metadata"].get("namespace")
+        used = sorted(f"{kind}/{name}" for kind, name in _references(doc) if (kind, name, namespace) in others)
+        if not used:
+            continue
+        command = "argo cron create" if doc["kind"] == "CronWorkflow" else "argo submit"
+        notes.append(f"note: `{command}` takes only the {doc['kind']} of this stream; {_object_name(doc)} uses "
+                     f"{', '.join(used)} from it, which must exist in namespace {namespace} before it runs "
+                     "(`kubectl apply -f -` creates the whole stream)")
+    return notes
+
+
 def _object_name(doc: dict[str, Any]) -> str:
-    """kubectl's ``-o name``: ``configmap/x``, ``workflow.argoproj.io/x`` (a generateName prefix as it is)."""
+    """kubectl's ``-o name``: ``configmap/x``, ``workflow.argoproj.io/x`` (a generateName prefix when it has no name)."""
     kind = doc["kind"].lower()
     group = doc["apiVersion"].split("/")[0] if "/" in doc["apiVersion"] else ""
     metadata = doc.get("metadata") or {}
@@ -320,7 +422,8 @@ def _object_name(doc: dict[str, Any]) -> str:
 
 
 def _cluster_documents(file: str, namespace: str | None, parameters: dict[str, str]) -> list[dict[str, Any]]:
-    """Secrets, then per Workspace its ConfigMaps/PVCs and its Workflow: what ``kubectl create -f -`` takes."""
+    """Secrets, then per Workspace its ConfigMaps/PVCs and its Workflow (named: ``name_for_apply``), the
+    training config carried inside it when the file has its ConfigMap: what ``kubectl apply -f -`` takes."""
     from api.inference_config import read_inference_config
     from api.workspace_validation import load_bundle
     from pipelines import manifest, to_yaml
@@ -339,13 +442,14 @@ def _cluster_documents(file: str, namespace: str | None, parameters: dict[str, s
             doc.setdefault("metadata", {}).setdefault("namespace", ws.namespace)
         inference_map = bundle.config_map(ws.inference.config if ws.inference else None)
         service_env = read_inference_config(inference_map).as_env() if inference_map is not None else None
-        workflow = manifest(ws, service_env=service_env)
+        workflow = manifest(ws, _training_config_target(bundle, ws), service_env=service_env)
         set_parameters(workflow, parameters, f"{bundle.source}: {ws.name}")
         size = len(to_yaml(workflow).encode())
         if size > MAX_RENDERED_BYTES:
             raise RenderRefused(f"{bundle.source}: {ws.name}: the rendered Workflow is {size} bytes, over the "
-                                f"{MAX_RENDERED_BYTES}-byte limit for one Kubernetes object (etcd); shorten the URL list")
-        documents += [*companions, workflow]
+                                f"{MAX_RENDERED_BYTES}-byte limit for one Kubernetes object (etcd); shorten the URL "
+                                "list or the training config")
+        documents += [*companions, name_for_apply(workflow)]
     return documents
 
 
@@ -367,16 +471,18 @@ def render(
     output: RenderOutput = typer.Option(RenderOutput.yaml, "-o", "--output",
                                         help="yaml: a multi-document stream; json: a v1 List; name: kind/name per object"),
     target: Mode = typer.Option(Mode.cluster, "--target",
-                                help="cluster: for `kubectl create -f -`; local: the manifest `kaiflow run` executes"),
+                                help="cluster: for `kubectl apply -f -`; local: the manifest `kaiflow run` executes"),
     workdir: Path = typer.Option(Path(".kaiflow"), "--workdir", metavar="DIR", help="--target local: the run's work folder, as "
                                  "`kaiflow run --workdir` (paths in the manifest point into it)"),
     parameter: Optional[list[str]] = ParameterOption,
 ) -> int:
     """Print every object a Workspace file needs: its Secrets, the ConfigMaps/PVCs each Workspace uses,
-    and its Argo Workflow (or CronWorkflow for tuning.schedule).
+    and its Argo Workflow (or CronWorkflow for tuning.schedule), named from a hash of its content.
 
-    Submit everything with `kaiflow render -f ws.yaml | kubectl create -f -` (`argo submit` reads only the
-    Workflows of a stream).
+    Submit everything with `kaiflow render -f ws.yaml | kubectl apply -f -` (the same stream twice runs once).
+    `argo submit` takes only the Workflow: enough when the Workflow uses no Secret of the file that is not in
+    the cluster yet (a tuning.config ConfigMap of the file travels inside the Workflow); render says so on
+    standard error otherwise.
     """
     from api import WorkspaceValidationError
     from pipelines import PipelineError, to_yaml
@@ -404,10 +510,9 @@ def render(
         _dump({"apiVersion": "v1", "kind": "List", "items": documents}, "json")
     else:
         sys.stdout.write("---\n".join(to_yaml(d) for d in documents))
-    others = [d["kind"] for d in documents if d.get("apiVersion") == "v1"]
-    if others and target is Mode.cluster and output is RenderOutput.yaml:
-        print(f"note: {len(others)} object(s) ({', '.join(sorted(set(others)))}) precede the Workflow: "
-              "`kubectl create -f -` creates them all; `argo submit` would submit the Workflow alone", file=sys.stderr)
+    if target is Mode.cluster and output is RenderOutput.yaml:  # the stream argo submit reads (not a List)
+        for note in submit_notes(documents):
+            print(note, file=sys.stderr)
     return 0
 
 

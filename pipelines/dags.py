@@ -185,7 +185,7 @@ def _workflow_spec(workspace: Workspace, target: Target, kind: str, volume_gib: 
             secret_name=s, items=[m.KeyToPath(key=DOCKER_CONFIG_SECRET_KEY, path="config.json")]))
         for s in dict.fromkeys(secrets)
     ]
-    if config_map:
+    if config_map and not tasks.carries_training_config(target):  # else a raw input artifact of the steps reading it
         volumes.append(m.Volume(name=tasks.TRAINING_CONFIG_VOLUME, config_map=m.ConfigMapVolumeSource(
             name=config_map, items=[m.KeyToPath(key=TRAINING_CONFIG_KEY, path=TRAINING_CONFIG_KEY)])))
     pod_labels = {LABEL_WORKSPACE: workspace.metadata.name, LABEL_MANAGED_BY: MANAGED_BY, LABEL_PIPELINE: kind}

@@ -136,6 +136,11 @@ class ClusterTarget(Target):
     dataset_block_cidrs: tuple[str, ...] = field(default=(), metadata={
         "help": "address ranges dataset downloads may never reach besides the non-public ones "
                 "(the cluster's service and pod CIDRs when they are public addresses)"})
+    training_config_text: str | None = field(default=None, metadata={
+        "help": "the training_config.yaml of tuning.config's ConfigMap, carried inside the Workflow (a raw input "
+                "artifact at the path the ConfigMap volume would have used) instead of mounting the ConfigMap: "
+                "`kaiflow render` sets it when the Workspace's file has the ConfigMap, so `argo submit` of the "
+                "Workflow alone needs no ConfigMap; None (the controller): the ConfigMap is mounted"})
     is_cluster: ClassVar[bool] = True
     deploy_mode: ClassVar[str] = "cluster"
 

@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from hera.workflows import Artifact, Container, Env, NoneArchiveStrategy, Parameter, RetryStrategy
+from hera.workflows import Artifact, Container, Env, NoneArchiveStrategy, Parameter, RawArtifact, RetryStrategy
 from hera.workflows import models as m
 
 from api.labels import (
@@ -169,6 +169,7 @@ def _step(
     inputs: Iterable[str] = (),
     outputs: Iterable[str] = (),
     artifacts: Sequence[Artifact] = (),
+    input_artifacts: Sequence[Artifact] = (),
     retry: bool = False,
     deadline: int | None = None,
     data_volume: bool = True,
@@ -182,7 +183,8 @@ def _step(
     metrics: Sequence[m.Prometheus] = (),
     output_defaults: dict[str, str] | None = None,
 ) -> Container:
-    """``kubernetes_api``: the step talks to the API server, so its pod gets a service-account token."""
+    """``kubernetes_api``: the step talks to the API server, so its pod gets a service-account token.
+    ``artifacts``: output artifacts; ``input_artifacts``: files Argo's executor places before the step starts."""
     cluster = target.is_cluster
     # Every {{inputs.parameters.X}} the command line uses is declared, explicit ones first.
     declared = list(dict.fromkeys([*inputs, *(r for a in args for r in INPUT_REFERENCE.findall(a))]))
@@ -213,7 +215,7 @@ def _step(
         image_pull_policy=target.images.pull_policy,
         command=["python", "-m", f"steps.{module}"],
         args=[*args, "--outputs", target.outputs_dir] if outputs else list(args),
-        inputs=[Parameter(name=i) for i in declared] or None,
+        inputs=[*(Parameter(name=i) for i in declared), *input_artifacts] or None,
         outputs=[
             Parameter(name=o, value_from=m.ValueFrom(path=target.output_path(o), default=(output_defaults or {}).get(o)),
                       global_name=GLOBAL_OUTPUTS.get(o))
@@ -299,6 +301,25 @@ def docker_config_volume_name(secret_name: str) -> str:
     return dns1123_label(f"docker-config-{secret_name}")
 
 
+def carries_training_config(target: Target) -> bool:
+    """The training config travels inside the Workflow (``kaiflow render`` had the ConfigMap) rather than
+    in a mounted ConfigMap volume."""
+    return isinstance(target, ClusterTarget) and target.training_config_text is not None
+
+
+def _training_config(target: Target, config: str | None, config_map: str | None) -> tuple[list[m.VolumeMount], list[Artifact]]:
+    """How a cluster step gets ``tuning.config``'s training_config.yaml at ``config``: the ConfigMap volume's
+    mount, or (``carries_training_config``) a raw input artifact at the same path, so the Workflow alone
+    carries what the step reads (``argo submit`` drops every other document of a stream)."""
+    if not (target.is_cluster and config and config_map):
+        return [], []
+    if carries_training_config(target):
+        # Argo's init container writes the text into its input-artifacts emptyDir and mounts that
+        # file (subPath) at the path; 0444: readable by the step's non-root user
+        return [], [RawArtifact(name=TRAINING_CONFIG_VOLUME, path=config, data=target.training_config_text, mode=0o444)]
+    return [m.VolumeMount(name=TRAINING_CONFIG_VOLUME, mount_path=config.rsplit("/", 1)[0], read_only=True)], []
+
+
 # -- the steps ----------------------------------------------------------------------------------
 
 
@@ -370,11 +391,9 @@ def fetch_dataset(target: Target, *, urls: Sequence[str], max_bytes: str | None 
         args += ["--max-bytes", max_bytes]
     if eval_fraction:
         args += ["--eval-fraction", eval_fraction]
-    mounts = []
     if config:
         args += ["--config", config]
-        if target.is_cluster and config_map:
-            mounts.append(m.VolumeMount(name=TRAINING_CONFIG_VOLUME, mount_path=config.rsplit("/", 1)[0], read_only=True))
+    mounts, config_artifacts = _training_config(target, config, config_map)
     if url_file and target.is_cluster:
         mounts.append(m.VolumeMount(name=DATASET_URLS_VOLUME, mount_path=url_file.rsplit("/", 1)[0], read_only=True))
     labels = None
@@ -387,7 +406,8 @@ def fetch_dataset(target: Target, *, urls: Sequence[str], max_bytes: str | None 
         labels = {LABEL_EGRESS: EGRESS_PUBLIC}
     return _step(
         target, name=name, module="fetch_dataset", args=args, outputs=[OUTPUT_DATASET_DIGEST, "summary"], retry=True,
-        deadline=DEADLINES["fetch_dataset"], mounts=mounts, labels=labels, scheduling=scheduling,
+        deadline=DEADLINES["fetch_dataset"], mounts=mounts, input_artifacts=config_artifacts, labels=labels,
+        scheduling=scheduling,
         description="Download and check the training data (parquet/jsonl/json/csv/arrow)",
     )
 
@@ -415,9 +435,10 @@ def tune(target: Target, *, preset: str, method: str, adapter_name: str, config:
     if target.is_cluster and scheduling and scheduling.gpus:
         # one data-parallel process per GPU the pod requests: the same value as its nvidia.com/gpu
         args += ["--nproc", str(scheduling.gpus)]
+    mounts, config_artifacts = _training_config(target, config, config_map)
     # the step's log, kept on the data volume (appended across retries): an artifact here, and
     # push-adapter puts it inside the adapter image beside loss.png
-    mounts, env = [], [Env(name=STEP_LOG_ENV, value=tune_log_path(target))]
+    env = [Env(name=STEP_LOG_ENV, value=tune_log_path(target))]
     if target.is_cluster:
         # Weights are downloaded once per workflow onto the data volume; a retried tune pod
         # finds them there and resumes from the last checkpoint on the same volume.
@@ -426,8 +447,6 @@ def tune(target: Target, *, preset: str, method: str, adapter_name: str, config:
             # trust_remote_code in the tenant's ConfigMap would run a repository's code next to the
             # HF token and the data volume: refused unless the admin allowed it (the install's setting).
             env.append(Env(name=REMOTE_CODE_ENV, value="refuse"))
-        if config_map:
-            mounts.append(m.VolumeMount(name=TRAINING_CONFIG_VOLUME, mount_path=config.rsplit("/", 1)[0], read_only=True))
         if model_access_secret:
             # the Hub reads the token from the variable of the key's name
             env.append(_secret_env(MODEL_ACCESS_SECRET_KEY, model_access_secret, MODEL_ACCESS_SECRET_KEY))
@@ -448,7 +467,8 @@ def tune(target: Target, *, preset: str, method: str, adapter_name: str, config:
     return _step(
         target, name=name, module="tune", args=args, outputs=["train-loss", "eval-loss", "tokens-per-second"],
         metrics=metrics,
-        artifacts=loss_curve, deadline=deadline, mounts=mounts, env=env, scheduling=scheduling,
+        artifacts=loss_curve, input_artifacts=config_artifacts, deadline=deadline, mounts=mounts, env=env,
+        scheduling=scheduling,
         # no .upper(): in a WorkflowTemplate `method` is an Argo placeholder, which is case-sensitive
         description=f"Fine-tuning of {preset} ({method})",
     )
