@@ -12,6 +12,9 @@ controller suite on the real API server").
   a claim held by another controller's finalizer, as Karpenter holds one while it drains a node).
 * A Workspace the operator's own rules refuse (a plain-http dataset URL, which the CRD accepts): a
   condition naming the field, a Warning Event, state Failed and no Workflow.
+* A scheduled Workspace: its CronWorkflow, run at once with ``argo submit --from cronwf/...``
+  (Argo's own way, instead of waiting for the schedule), runs on Argo; the status shows the run as
+  ``pipeline.lastRun`` with the eval gate's decision; deleting the Workspace deletes the CronWorkflow.
 * Owner-reference garbage collection by kube-controller-manager itself: with the operator gone
   and its finalizer removed by hand, deleting the Workspace deletes its Workflow and Argo's pods.
   (With the operator running, its finalizer deletes the Workflows first: test_operator.py's
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
 import threading
 
 import pytest
@@ -30,7 +34,7 @@ import yaml
 from api.labels import ANNOTATION_OWNER, FINALIZER, LABEL_GENERATION, LABEL_WORKSPACE, owner_annotation
 from tests.cluster.conftest import workspace_file
 from tests.fixtures.argo_agent import Outcome
-from tests.fixtures.cluster import wait_until
+from tests.fixtures.cluster import GPU_TAINT, wait_until
 
 EXAMPLE = "kaito_workspace_tuning_phi_3.yaml"
 HELD = Outcome(outputs={"nodes": '["n"]', "provider": "karpenter"})
@@ -223,3 +227,45 @@ def test_the_garbage_collector_deletes_the_workflow_of_a_deleted_workspace(insta
                what="kube-controller-manager's garbage collector to delete the Workflow")
     wait_until(lambda: not box.list("pods", namespace=tenant, selector=pod_selector), timeout=120,
                what="the garbage collector to delete Argo's pods (owned by the Workflow)")
+
+
+@pytest.fixture(scope="module")
+def weekly_node(cluster_box):
+    """A node for the scheduled example's tune and gate pods (labelSelector app=tuning-phi-3-weekly)."""
+    name = "port-weekly-gpu-node"
+    if cluster_box.get("node", name) is None:
+        cluster_box.add_node(name, gpus=1, labels={"app": "tuning-phi-3-weekly",
+                                                   "node.kubernetes.io/instance-type": "Standard_NC24ads_A100_v4"},
+                             taints=[GPU_TAINT, {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}])
+    yield name
+    cluster_box.kubectl("delete", "node", name, "--wait=false", check=False)
+
+
+def test_a_scheduled_workspace_shows_its_last_run_and_the_gates_decision(installed, tenant, operator, argo_agent,
+                                                                         weekly_node):
+    box = installed
+    name = "weekly"
+    argo_agent.script(tenant, "provision-nodes", HELD)
+    argo_agent.script(tenant, "eval-gate", Outcome(outputs={"promote": "false", "current-eval-loss": "0.4"}))
+    box.apply(workspace_file("scheduled_tuning_phi_3.yaml", tenant, name=name))
+    [cron] = wait_until(lambda: box.list("cronworkflows.argoproj.io", namespace=tenant), timeout=60,
+                        what="the CronWorkflow", detail=operator.log)
+    submitted = subprocess.run([str(box.bin / "argo"), "submit", "--from", f"cronwf/{cron['metadata']['name']}",
+                                "-n", tenant, "-o", "name"], capture_output=True, text=True, timeout=120,
+                               env={"KUBECONFIG": str(box.kubeconfig), "PATH": "/usr/bin:/bin"})
+    assert submitted.returncode == 0, submitted.stderr
+    run = submitted.stdout.strip()
+
+    def finished():
+        pipeline = (workspace(box, tenant, name).get("status") or {}).get("pipeline") or {}
+        last = pipeline.get("lastRun") or {}
+        return pipeline if last.get("name") == run and last.get("phase") in ("Succeeded", "Failed", "Error") else None
+
+    pipeline = wait_until(finished, timeout=240, what="the run's result in the status",
+                          detail=lambda: operator.log()[-3000:] + "\n".join(argo_agent.errors) + json.dumps(
+                              (box.get("workflow", run, tenant) or {}).get("status"))[:4000])
+    assert pipeline["kind"] == "CronWorkflow" and pipeline["name"] == cron["metadata"]["name"], pipeline
+    assert pipeline["lastRun"]["phase"] == "Succeeded" and pipeline["lastRun"]["promoted"] is False, pipeline
+    assert workspace(box, tenant, name)["status"]["state"] == "Succeeded"
+    box.kubectl("delete", "wks", name, "-n", tenant, "--timeout=120s", timeout=150)
+    assert box.list("cronworkflows.argoproj.io", namespace=tenant) == []
