@@ -7,17 +7,20 @@ capped, hashed, one retry policy). Its file type comes from the URL's extension,
 ``DatasetConfig.dataset_extension``, else the response's content type, else the first bytes.
 ``steps.fetch_dataset.readers`` then streams the rows in batches with the decoded bytes capped per row,
 in total and per byte of file (``--max-row-bytes``, ``--max-decoded-bytes``, ``--max-expansion``),
-so neither a large file nor a decompression bomb is ever held in memory. Batches already in the
-output layout are checked and passed on as Arrow arrays (``steps.fetch_dataset.arrow``); other rows are
-normalised one by one in Python. Rows are written the same way with two ``ParquetWriter``s, to temporary names that replace ``train.parquet``,
+so neither a large file nor a decompression bomb is ever held in memory. Each batch is checked
+and normalised with Arrow compute where its format and types allow (``messages``, ``prompt`` +
+``completion``, ``text``: ``steps.fetch_dataset.arrow``); the rows it does not settle go through
+``formats.normalise_row`` one by one, and the batch goes on as one Arrow array, in row order. The
+splits are written by ``steps.fetch_dataset.splits``: a row group per ~8 MiB to each of two
+``ParquetWriter``s on a worker thread, to temporary names that replace ``train.parquet``,
 ``eval.parquet`` and ``summary.json`` only when the whole dataset passed: a failed run leaves
 whatever was in ``--output-dir`` as it was.
 
 The format comes from each file's columns (``steps.fetch_dataset.formats``), or from Kaito's
 ``DatasetConfig`` columns when ``--config`` names a training config (``steps.fetch_dataset.kaito_dataset_config``).
-The held-out split is decided per row by a seeded hash of (file, row index), so it is stable
-across reruns and needs no second pass; if the hash happens to send no row to eval, the last
-train row is held back for it (one row of look-ahead). Rows that fit their file's format badly
+The held-out split is decided per row by a seeded hash of (file, row index) (``splits.to_eval``,
+computed a batch at a time), so it is stable across reruns and needs no second pass; if the hash
+happens to send no row to eval, the last train row is held back for it. Rows that fit their file's format badly
 are counted with their file and row index; more than ``--max-bad-fraction`` of them fails the
 step here, before any GPU node is spent on training.
 
@@ -55,7 +58,9 @@ from stepkit.common import (
     write_output,
 )
 from steps.fetch_dataset.arrow import canonical
-from steps.fetch_dataset.kaito_dataset_config import DatasetSettings, read_dataset_config
+from steps.fetch_dataset.buffers import arrow_booleans, arrow_integers
+from steps.fetch_dataset.splits import SplitWriter, temporary_path
+from steps.fetch_dataset.kaito_dataset_config import ColumnMapping, DatasetSettings, read_dataset_config
 from steps.fetch_dataset.download import Fetched, fetch, safe_name
 from steps.fetch_dataset.formats import (FORMAT_COLUMNS, FORMAT_KIND, BadRow, UnknownFormat, detect_format, estimate_tokens,
                                          normalise_row, shown_columns)
@@ -121,122 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ---------------------------------------------------------------------------------------------
-# Writing: train/eval parquet files of one schema, with one row of look-ahead for the eval split.
-
-
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-class SplitWriter:
-    """Writes to temporary names in the output dir; ``commit`` renames them into place.
-
-    Rows come one at a time as Python values (``add``) or as runs of Arrow values already in the
-    output type (``add_run``); each split keeps them in order and writes a row group per ~8 MiB.
-    """
-
-    def __init__(self, output_dir: Path, kind: str, eval_fraction: float, seed: int):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        self._pa = pa
-        message = pa.struct([("role", pa.string()), ("content", pa.string())])
-        column = "messages" if kind == "chat" else "text"
-        self.schema = pa.schema([(column, pa.list_(message) if kind == "chat" else pa.string())])
-        self.column = column
-        self.eval_fraction, self.seed = eval_fraction, seed
-        self.paths = {"train": output_dir / "train.parquet", "eval": output_dir / "eval.parquet"}
-        self.temporary = {s: _temporary(p) for s, p in self.paths.items()}
-        self._writers = {s: pq.ParquetWriter(p, self.schema) for s, p in self.temporary.items()}
-        self._chunks: dict[str, list[Any]] = {"train": [], "eval": []}  # Arrow arrays, in row order
-        self._pending: dict[str, list[Any]] = {"train": [], "eval": []}  # Python values after them
-        self._buffered_rows = {"train": 0, "eval": 0}
-        self._buffered_bytes = {"train": 0, "eval": 0}
-        self.counts = {"train": 0, "eval": 0}
-        # the latest train row (a Python value or a one-row array) and its size, written one row late
-        self._held: tuple[Any, int] | None = None
-
-    def _to_eval(self, file_index: int, row_index: int) -> bool:
-        h = hashlib.blake2b(f"{self.seed}:{file_index}:{row_index}".encode(), digest_size=8).digest()
-        return int.from_bytes(h, "big") / 2**64 < self.eval_fraction
-
-    def add(self, value: Any, size: int, file_index: int, row_index: int) -> None:
-        if self._to_eval(file_index, row_index):
-            self._append("eval", value, size)
-            return
-        if self._held is not None:
-            self._append("train", *self._held)
-        self._held = (value, size)
-
-    def add_run(self, values: Any, sizes: Any, file_index: int, first_row: int) -> None:
-        """Consecutive good rows ``first_row, first_row + 1, ...`` as an Arrow array of the output type."""
-        to_eval = [self._to_eval(file_index, first_row + i) for i in range(len(values))]
-        train = [i for i, e in enumerate(to_eval) if not e]
-        evaluation = [i for i, e in enumerate(to_eval) if e]
-        if evaluation:
-            self._append("eval", values.take(evaluation), int(sizes[evaluation].sum()))
-        if train:
-            if self._held is not None:
-                self._append("train", *self._held)
-            if len(train) > 1:
-                self._append("train", values.take(train[:-1]), int(sizes[train[:-1]].sum()))
-            self._held = (values.slice(train[-1], 1), int(sizes[train[-1]]))
-
-    def _append(self, split: str, value: Any, size: int) -> None:
-        if isinstance(value, self._pa.Array):
-            self._seal(split)
-            self._chunks[split].append(value)
-            rows = len(value)
-        else:
-            self._pending[split].append(value)
-            rows = 1
-        self._buffered_rows[split] += rows
-        self._buffered_bytes[split] += size
-        self.counts[split] += rows
-        if self._buffered_rows[split] >= BATCH_ROWS or self._buffered_bytes[split] >= BATCH_BYTES:
-            self._flush(split)
-
-    def _seal(self, split: str) -> None:
-        if self._pending[split]:
-            self._chunks[split].append(self._pa.array(self._pending[split], type=self.schema.field(0).type))
-            self._pending[split] = []
-
-    def _flush(self, split: str) -> None:
-        self._seal(split)
-        if self._chunks[split]:
-            table = self._pa.table({self.column: self._pa.concat_arrays(self._chunks[split])}, schema=self.schema)
-            self._writers[split].write_table(table)
-            self._chunks[split] = []
-            self._buffered_rows[split] = 0
-            self._buffered_bytes[split] = 0
-
-    def close(self) -> None:
-        if self._held is not None:
-            # a non-empty eval set whenever there are 2+ rows and evaluation was asked for
-            split = "eval" if self.eval_fraction > 0 and self.counts["eval"] == 0 and self.counts["train"] > 0 else "train"
-            self._append(split, *self._held)
-            self._held = None
-        for split, writer in self._writers.items():
-            self._flush(split)
-            writer.close()
-
-    def discard(self) -> None:
-        for writer in self._writers.values():
-            try:
-                writer.close()
-            except Exception:  # closing a half-written file may fail again; it is removed either way
-                pass
-        for path in self.temporary.values():
-            path.unlink(missing_ok=True)
-
-    def commit(self) -> None:
-        for split, path in self.paths.items():
-            os.replace(self.temporary[split], path)
-
-
 def write_atomically(path: Path, text: str) -> None:
-    tmp = _temporary(path)
+    tmp = temporary_path(path)
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
@@ -245,29 +136,111 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# One file's rows: normalised in batches, Arrow compute where it settles a row, Python otherwise.
 
 
-def _arrow_batch(writer: SplitWriter, fmt: str, batch, sizes, file_index: int, first_row: int, python_row) -> int:
-    """Write a batch's certainly-good rows as Arrow runs, the others through ``python_row``; the
-    good runs' token estimate."""
-    import numpy as np
+class _FileRows:
+    """Counts one file's rows, bad rows and tokens, and hands its good rows to the writer in
+    batches, in row order."""
 
-    checked = canonical(fmt, batch.column(fmt))
-    good = checked[0] if checked else np.zeros(batch.num_rows, dtype=bool)
-    tokens = 0
-    bounds = [0, *(np.flatnonzero(np.diff(good.astype(np.int8))) + 1).tolist(), batch.num_rows]
-    for start, stop in zip(bounds, bounds[1:]):
-        if start == stop:
-            continue
-        if good[start]:
-            _, values, estimates = checked
-            writer.add_run(values.slice(start, stop - start), 4 * estimates[start:stop], file_index, first_row + start)
-            tokens += int(estimates[start:stop].sum())
-            continue
-        for offset, end in byte_slices(sizes[start:stop]):
-            for i, row in enumerate(batch.slice(start + offset, end - offset).to_pylist()):
-                python_row(row, first_row + start + offset + i)
-    return tokens
+    def __init__(self, writer: SplitWriter, fmt: str, mapping: ColumnMapping | None, file_index: int, shown: str,
+                 bad_examples: list[str]) -> None:
+        self.writer, self.fmt, self.mapping, self.file_index = writer, fmt, mapping, file_index
+        self.shown, self.bad_examples = shown, bad_examples
+        self.rows = self.bad = self.tokens = 0
+
+    def python(self, row: dict[str, Any], row_index: int) -> tuple[Any, int] | None:
+        """A row through ``formats.normalise_row``: its value and token estimate, or None if bad."""
+        try:
+            if "__bad__" in row:
+                raise BadRow(row["__bad__"])
+            if self.mapping:
+                row = self.mapping.apply(row)
+            value = normalise_row(self.fmt, row)
+        except BadRow as exc:
+            self.bad += 1
+            if len(self.bad_examples) < MAX_REPORTED_BAD_ROWS:
+                self.bad_examples.append(f"{self.shown} row {row_index}: {exc}")
+            return None
+        return value, estimate_tokens(value)
+
+    def batch(self, batch, first_row: int, sizes) -> None:
+        """An Arrow batch (rows ``first_row, first_row + 1, ...``) with the decoded size of each row."""
+        import numpy as np
+        import pyarrow as pa
+
+        n = batch.num_rows
+        self.rows += n
+        columns = batch if self.mapping is None else {c: batch.column(s) for c, s in self.mapping.columns.items()}
+        checked = canonical(self.fmt, columns)
+        if checked is not None:
+            good, values, estimates = checked
+            self.tokens += int(estimates[good].sum())
+            if good.all():
+                self.writer.add(values, np.arange(first_row, first_row + n), sizes, self.file_index)
+                return
+        else:
+            good, values = np.zeros(n, dtype=bool), None
+        # The rows Arrow did not settle, through Python in slices of about BATCH_BYTES decoded bytes.
+        uncertain = np.flatnonzero(~good)
+        positions, found = [], []
+        for start, stop in byte_slices(sizes[uncertain]):
+            picked = uncertain[start:stop]
+            contiguous = int(picked[-1]) - int(picked[0]) + 1 == len(picked)
+            part = batch.slice(int(picked[0]), len(picked)) if contiguous else batch.take(arrow_integers(picked))
+            for position, row in zip(picked.tolist(), part.to_pylist()):
+                result = self.python(row, first_row + position)
+                if result is not None:
+                    positions.append(position)
+                    found.append(result[0])
+                    self.tokens += result[1]
+        parts, kept = [], []
+        if good.any():
+            kept.append(np.flatnonzero(good))
+            parts.append(values.filter(arrow_booleans(good)))
+        if found:
+            kept.append(np.array(positions, dtype=np.int64))
+            parts.append(pa.array(found, type=self.writer.type))
+        if not parts:
+            return
+        rows = np.concatenate(kept)
+        merged = pa.concat_arrays(parts) if len(parts) > 1 else parts[0]
+        if len(parts) > 1:
+            order = np.argsort(rows, kind="stable")
+            rows, merged = rows[order], merged.take(arrow_integers(order))
+        self.writer.add(merged, first_row + rows, sizes[rows], self.file_index)
+
+    def python_rows(self, rows) -> None:
+        """``(row index, dict)`` pairs of a reader that has no Arrow batches, in batches of up to
+        BATCH_ROWS rows or BATCH_BYTES of normalised text."""
+        import numpy as np
+        import pyarrow as pa
+
+        positions: list[int] = []
+        found: list[Any] = []
+        sizes: list[int] = []
+
+        def flush() -> None:
+            if found:
+                self.writer.add(pa.array(found, type=self.writer.type), np.array(positions, dtype=np.int64),
+                                np.array(sizes, dtype=np.int64), self.file_index)
+                positions.clear(), found.clear(), sizes.clear()
+
+        buffered = 0
+        for row_index, row in rows:
+            self.rows += 1
+            result = self.python(row, row_index)
+            if result is None:
+                continue
+            positions.append(row_index)
+            found.append(result[0])
+            sizes.append(4 * result[1])
+            self.tokens += result[1]
+            buffered += 4 * result[1]
+            if len(found) >= BATCH_ROWS or buffered >= BATCH_BYTES:
+                flush()
+                buffered = 0
+        flush()
 
 
 def _check(config: FetchConfig) -> None:
@@ -355,35 +328,14 @@ def _fetch_dataset(config: FetchConfig, downloads: Path) -> dict[str, Any]:
     try:
         for file_index, (item, reader, fmt, columns) in enumerate(readers):
             shown = redact_url(item.url)
-            rows = bad = 0
-
-            def python_row(row: dict[str, Any], row_index: int) -> None:
-                nonlocal bad, tokens
-                try:
-                    if "__bad__" in row:
-                        raise BadRow(row["__bad__"])
-                    if settings.mapping:
-                        row = settings.mapping.apply(row)
-                    value = normalise_row(fmt, row)
-                except BadRow as exc:
-                    bad += 1
-                    if len(bad_examples) < MAX_REPORTED_BAD_ROWS:
-                        bad_examples.append(f"{shown} row {row_index}: {exc}")
-                    return
-                estimate = estimate_tokens(value)
-                tokens += estimate
-                writer.add(value, 4 * estimate, file_index, row_index)
-
-            if reader.arrow and settings.mapping is None and fmt in ("messages", "text"):
+            counted = _FileRows(writer, fmt, settings.mapping, file_index, shown, bad_examples)
+            if reader.arrow:
                 for first_row, batch, sizes in reader.batches(columns):
-                    rows += batch.num_rows
-                    # python_row adds to tokens too: read it only after the batch is done
-                    good_tokens = _arrow_batch(writer, fmt, batch, sizes, file_index, first_row, python_row)
-                    tokens += good_tokens
+                    counted.batch(batch, first_row, sizes)
             else:
-                for row_index, row in reader.rows(columns):
-                    rows += 1
-                    python_row(row, row_index)
+                counted.python_rows(reader.rows(columns))
+            rows, bad = counted.rows, counted.bad
+            tokens += counted.tokens
             files.append({"url": shown, "sha256": f"sha256:{item.sha256}", "bytes": item.size,
                           "decoded_bytes": reader.decoded, "format": fmt, "rows": rows, "bad_rows": bad})
             total_rows += rows

@@ -43,6 +43,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from stepkit.common import StepError
+from steps.fetch_dataset.buffers import integers, offsets, valid
 from steps.fetch_dataset.download import Fetched
 from stepkit.redaction import redact_url
 
@@ -170,13 +171,24 @@ def row_sizes(array) -> Any:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     if n == 0 or pa.types.is_null(kind):
         return np.zeros(n, dtype=np.int64)
-    if (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
-            or pa.types.is_large_binary(kind) or pa.types.is_string_view(kind) or pa.types.is_binary_view(kind)):
-        return pc.binary_length(array).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        # what binary_length computes (offset differences, 0 for null), read from the offsets in place
+        return np.where(valid(array), np.diff(offsets(array)), 0)
+    if pa.types.is_string_view(kind) or pa.types.is_binary_view(kind):
+        return integers(pc.binary_length(array))
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        # per row, the sum of its children's sizes: a running total read at the row offsets (a null
+        # row counts 0, as flatten() drops its children)
+        bounds = offsets(array)
+        if (np.diff(bounds) >= 0).all():
+            start = int(bounds[0])
+            child = row_sizes(array.values.slice(start, int(bounds[-1]) - start))
+            running = np.concatenate([[0], np.cumsum(child, dtype=np.int64)])
+            return np.where(valid(array), running[bounds[1:] - start] - running[bounds[:-1] - start], 0)
     if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_map(kind) or pa.types.is_fixed_size_list(kind):
         values = array.flatten()
         child = row_sizes(values)
-        parents = pc.list_parent_indices(array).to_numpy(zero_copy_only=False)
+        parents = integers(pc.list_parent_indices(array))
         return np.bincount(parents, weights=child, minlength=n).astype(np.int64)
     if pa.types.is_struct(kind):
         total = np.zeros(n, dtype=np.int64)
@@ -185,8 +197,7 @@ def row_sizes(array) -> Any:
         return total
     if pa.types.is_dictionary(kind):
         sizes = row_sizes(array.dictionary)
-        indices = array.indices.fill_null(0).to_numpy(zero_copy_only=False)
-        return np.where(array.is_valid().to_numpy(zero_copy_only=False), sizes[indices], 0).astype(np.int64)
+        return np.where(valid(array), sizes[integers(array.indices)], 0).astype(np.int64)
     width = getattr(kind, "bit_width", 0) // 8
     if width:
         return np.full(n, width, dtype=np.int64)

@@ -338,6 +338,7 @@ def test_an_unforeseen_exception_exits_2_once_without_traceback(http_files, tmp_
         raise RuntimeError("bug near https://host/x.parquet?sig=SECRET")
 
     monkeypatch.setattr(step, "normalise_row", broken)
+    monkeypatch.setattr(step, "canonical", lambda fmt, columns: None)  # every row through normalise_row
     url = http_files.add("unforeseen.parquet", parquet_bytes(FORMAT_ROWS["prompt"]))
     out = tmp_path / "out"
     assert run_step(main, ["--url", url, "--output-dir", str(out), "--outputs", str(tmp_path / "o")]) == 2
@@ -370,7 +371,7 @@ def _messages_rows() -> list:
     ] * 40
 
 
-@pytest.mark.parametrize("fmt", ["messages", "text"])
+@pytest.mark.parametrize("fmt", ["messages", "prompt", "text"])
 def test_arrow_path_matches_the_python_path(tmp_path, monkeypatch, fmt):
     import steps.fetch_dataset as step
 
@@ -378,6 +379,10 @@ def test_arrow_path_matches_the_python_path(tmp_path, monkeypatch, fmt):
         message = pa.struct([("role", pa.string()), ("content", pa.string()), ("weight", pa.float32())])
         rows = [None if r is None else [None if x is None else {**x, "weight": 1.0} for x in r] for r in _messages_rows()]
         table = pa.table({"messages": pa.array(rows, type=pa.list_(message)), "id": pa.array(range(len(rows)))})
+    elif fmt == "prompt":
+        prompts = ["q?", " q", "", None, "\u3000", '[{"role": "user", "content": "j"}]', "{", " [x", "é", "\x1c{"] * 45
+        completions = ["a.", "", " a", None, "[]", "ok", '[{"role": "assistant", "content": "j"}]', "\xa0", "b", "c"] * 45
+        table = pa.table({"prompt": prompts, "completion": pa.array(completions, type=pa.large_string())})
     else:
         texts = ["a sentence.", "", "  \t", None, "\x1f", "é", "\u3000x", "ok"] * 60
         table = pa.table({"text": pa.array(texts, type=pa.large_string())})
@@ -386,7 +391,7 @@ def test_arrow_path_matches_the_python_path(tmp_path, monkeypatch, fmt):
 
     def fetch(out, arrow: bool):
         if not arrow:
-            monkeypatch.setattr(step, "canonical", lambda fmt, column: None)
+            monkeypatch.setattr(step, "canonical", lambda fmt, columns: None)
         summary = fetch_dataset(FetchConfig(url=[path.as_uri()], output_dir=tmp_path / out, max_bad_fraction=1.0,
                                             eval_fraction=0.3))
         monkeypatch.undo()
@@ -400,5 +405,5 @@ def test_arrow_path_matches_the_python_path(tmp_path, monkeypatch, fmt):
         assert fast_splits[split].schema == slow_splits[split].schema
         assert fast_splits[split].to_pylist() == slow_splits[split].to_pylist()
     assert 0 < fast["bad_rows"] < fast["rows"] + fast["bad_rows"]
-    certainly_good = step.canonical(fmt, table.column(fmt).combine_chunks())[0]
+    certainly_good = step.canonical(fmt, table.combine_chunks().to_batches()[0])[0]
     assert 0 < certainly_good.sum() <= fast["rows"], "the Arrow path took part"
