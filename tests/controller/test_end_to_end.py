@@ -6,6 +6,10 @@ push the adapter to a real registry, start the BentoML service, smoke-test it). 
 Argo's controller (``tests/fixtures/argo.py`` runs the manifest the operator created, with the
 local runner, and writes the Workflow's status as Argo does) — there is no Argo or kubelet on
 one machine, which is also why the operator renders for ``--target local`` here.
+
+Emulator only for now: the cluster box (tests/cluster/) runs no container (kwok makes pods Running
+and nothing more), so the steps cannot really run there; issue 16's end goal, a node agent running
+Argo's pods as local processes, is not done.
 """
 
 from __future__ import annotations

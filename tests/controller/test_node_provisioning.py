@@ -6,6 +6,11 @@ server: the operator's environment is built from the install exactly as the kube
 it (the Deployment's env, resolved from the kaiflow-azure ConfigMap in kaiflow-system, which the
 admin fills in — here with the ARM server's cluster); the workload-identity webhook's part (the
 token) is played by the ARM server's managed-identity endpoint.
+
+Kept on the emulator: the API server only hands the operator a created Workspace (the operator's
+calls are made in-process); what is tested is the ARM traffic, simulated on any API server. The
+operator's NodeClaims (Karpenter) on the real API server are in tests/cluster/ (test_install.py,
+test_deadline.py, test_controller_port.py).
 """
 
 from __future__ import annotations

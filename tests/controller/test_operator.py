@@ -4,6 +4,17 @@ Argo's part is played by ``tests/fixtures/argo.py`` (script mode: each task's st
 writes it, no training); the operator (``kaiflow controller``) runs as its own process so that
 SIGKILL is real. Kaito users' path: ``kubectl apply`` → ``kubectl get wks`` → ``kubectl wait`` →
 ``kubectl delete``.
+
+On the real API server (the cluster box, tests/cluster/), with Argo's own controller, these cases
+run too: apply/get/wait/describe and the events' order (test_operator.py), the finalizer's NodeClaim
+release (test_controller_port.py), the operator's own refusal and the CRD's rules refusing changed
+immutable fields and unknown values (test_controller_port.py, test_operator.py), a spec change's
+next generation (test_controller_port.py, test_relist.py), a failed task's condition
+(test_operator.py), SIGKILL of the acting operator (test_leader.py), the API server cut off
+(test_relist.py, which also makes the resumed watch get 410 Gone), the deletion deadline
+(test_controller_port.py), a failed run freeing its nodes (test_deadline.py) and a scheduled run's
+status (test_controller_port.py). Kept here only, each saying why in its docstring: fifty
+Workspaces at once, the opt-in annotation, crash-looping pods.
 """
 
 from __future__ import annotations
@@ -164,6 +175,9 @@ def test_api_server_away_for_10_s_then_recovers(kaito_kube, tmp_path, start_cont
 
 
 def test_fifty_workspaces_at_once(kaito_kube, start_controller):
+    """Emulator only, for time: on the box each Workspace's Workflow is scheduled and run by Argo (tens
+    of seconds of the suite's budget per ten); the real API server's figure for 500 Workspaces is
+    ``python -m bench.controller_bench --api real``, a benchmark, not a test."""
     controller = start_controller(kaito_kube)
     spec = yaml.safe_load((EXAMPLES / "kaito_workspace_phi_3.yaml").read_text())
     for i in range(50):
@@ -183,6 +197,9 @@ def test_fifty_workspaces_at_once(kaito_kube, start_controller):
 
 @pytest.mark.parametrize("opted_in", [False, True])
 def test_opt_in_annotation(kaito_kube, start_controller, opted_in):
+    """Emulator only: the filter is the operator's own (kopf's ``when=``), the API server takes no part
+    in it, and showing that nothing happens to a Workspace without the annotation is a wait on any
+    server."""
     controller = start_controller(kaito_kube, "--opt-in")
     spec = yaml.safe_load((EXAMPLES / "kaito_workspace_phi_3.yaml").read_text())
     if opted_in:
@@ -250,7 +267,10 @@ def test_scheduled_workspace_shows_last_run_and_gate(kaito_kube, kubectl, start_
 
 
 def test_crash_looping_pods_turn_inference_ready_false(kaito_kube, kubectl, start_controller):
-    """Kaito #931: Ready is not reported over crash-looping pods."""
+    """Kaito #931: Ready is not reported over crash-looping pods.
+
+    Emulator only: nothing crash-loops on the box, which has no container runtime (kwok makes pods
+    Running and nothing more); here the test writes the kubelet's CrashLoopBackOff status itself."""
     controller = start_controller(kaito_kube)
     spec = yaml.safe_load((EXAMPLES / "kaito_workspace_phi_3.yaml").read_text())
     name = spec["metadata"]["name"]
