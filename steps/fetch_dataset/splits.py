@@ -45,14 +45,13 @@ def eval_mask(seed: int, file_index: int, rows: Any, eval_fraction: float) -> An
     if not len(rows) or not eval_fraction > 0:  # a digest / 2**64 is never below 0
         return np.zeros(len(rows), dtype=bool)
     copy = hashlib.blake2b(f"{seed}:{file_index}:".encode(), digest_size=8).copy
-
-    def digest(row: int) -> bytes:
+    digests: list[bytes] = []
+    keep = digests.append
+    for row in rows.tolist():  # the loop is the cost (~0.3 µs a row): no call per row but hashlib's
         h = copy()
         h.update(b"%d" % row)
-        return h.digest()
-
-    digests = np.frombuffer(b"".join(map(digest, rows.tolist())), dtype=">u8")
-    return digests.astype(np.float64) / 2.0**64 < eval_fraction
+        keep(h.digest())
+    return np.frombuffer(b"".join(digests), dtype=">u8").astype(np.float64) / 2.0**64 < eval_fraction
 
 
 def temporary_path(path: Path) -> Path:
