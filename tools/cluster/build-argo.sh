@@ -44,7 +44,7 @@ start=$(date +%s)
 export CGO_ENABLED=0 GOFLAGS=-mod=mod
 log() { printf '[cluster-tools-argo %4ss] %s\n' "$(( $(date +%s) - start ))" "$*" >&2; }
 
-argo_version="$(sed -n 's#^require github.com/argoproj/argo-workflows/v3 \(v[^ ]*\)$#\1#p' "$module/go.mod")"
+argo_version="$(sed -n 's#^\(require \|[[:space:]]\+\)github.com/argoproj/argo-workflows/v3 \(v[^ ]*\)$#\2#p' "$module/go.mod")"
 [ -n "$argo_version" ] || { echo "$module/go.mod: no 'require github.com/argoproj/argo-workflows/v3 vX.Y.Z' line" >&2; exit 1; }
 argo_ldflags="-s -w -X github.com/argoproj/argo-workflows/v3.version=$argo_version"
 mkdir -p "$out/argo/bin"

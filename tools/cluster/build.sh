@@ -48,7 +48,10 @@ start=$(date +%s)
 export CGO_ENABLED=0 GOFLAGS=-mod=mod
 log() { printf '[cluster-tools %4ss] %s\n' "$(( $(date +%s) - start ))" "$*" >&2; }
 
-k8s_version="$(sed -n 's#^require k8s.io/kubernetes \(v[^ ]*\)$#\1#p' "$here/kubernetes/go.mod")"
+# From the go.mod's require block (`go mod tidy` writes one); an empty version would stamp binaries
+# that panic at start ("version string \"\" doesn't match expected regular expression").
+k8s_version="$(sed -n 's#^\(require \|[[:space:]]\+\)k8s.io/kubernetes \(v[^ ]*\)$#\2#p' "$here/kubernetes/go.mod")"
+[ -n "$k8s_version" ] || { echo "$here/kubernetes/go.mod: no k8s.io/kubernetes requirement" >&2; exit 1; }
 k8s_minor="$(echo "$k8s_version" | cut -d. -f2)"
 k8s_ldflags="-s -w"
 for kv in "gitVersion=$k8s_version" "gitMajor=1" "gitMinor=$k8s_minor" "gitTreeState=clean" "gitCommit=kaiflow-cluster-box"; do
@@ -72,7 +75,7 @@ if [ ! -x "$out/bin/kwok" ]; then
   (cd "$here/kwok" && go build -trimpath -ldflags "-s -w" -o "$out/bin/kwok" sigs.k8s.io/kwok/cmd/kwok)
 fi
 
-argo_version="$(sed -n 's#^require github.com/argoproj/argo-workflows/v3 \(v[^ ]*\)$#\1#p' "$here/argo/go.mod")"
+argo_version="$(sed -n 's#^\(require \|[[:space:]]\+\)github.com/argoproj/argo-workflows/v3 \(v[^ ]*\)$#\2#p' "$here/argo/go.mod")"
 argo_ldflags="-s -w -X github.com/argoproj/argo-workflows/v3.version=$argo_version"
 for name in workflow-controller; do
   [ -x "$out/bin/$name" ] && continue
