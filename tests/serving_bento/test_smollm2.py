@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import httpx
 import pytest
 
@@ -46,6 +48,7 @@ def test_adapters_per_request_on_real_text(smollm2_adapters):
     base and both adapters decoded in one batch each give exactly what they give alone."""
     import threading
 
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from serving_bento.adapters import load_separate_adapters
@@ -70,13 +73,18 @@ def test_adapters_per_request_on_real_text(smollm2_adapters):
             assert done.acquire(timeout=300)
         return [tok.decode(tokens[i], skip_special_tokens=True) for i in range(len(choices))]
 
+    # One thread: the same sums in the same order on every run, however busy the machine (this
+    # check once saw "The ocean is ..." instead of "The sea is ..." for one adapter on a loaded machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     engine.start()
     try:
         alone = {adapter: run([adapter])[0] for adapter in (None, "tone", "style")}
         together = run([None, "tone", "style"])
     finally:
         engine.stop()
-    # each adapter changes the answer, and it stays text (B ~ N(0, 0.1): "The sea is a mysterious ...")
+        torch.set_num_threads(threads)
+    # each adapter changes the answer, and it stays on topic (B ~ N(0, 0.1): "The sea is a mysterious ...")
     assert len(set(alone.values())) == 3, alone
-    assert all("sea" in text.lower() for text in alone.values()), alone
+    assert all(re.search(r"\b(sea|ocean)s?\b", text.lower()) for text in alone.values()), alone
     assert together == [alone[None], alone["tone"], alone["style"]]
