@@ -25,6 +25,9 @@ import math
 from typing import Any
 
 from api.labels import ANNOTATION_API_KEY_SECRET, ANNOTATION_OWN_NODES
+from presets import get_preset
+from presets.gpus import Sku, lookup_sku, pick_instance
+from presets.sizing import kaito_nodes_needed
 
 DEFAULT_METHOD = "lora"
 DEFAULT_COUNT = 1
@@ -58,8 +61,6 @@ def tuning_method(workspace: Any) -> str | None:
 
 
 def preset(workspace: Any) -> Any:
-    from presets import get_preset
-
     return get_preset(workspace.preset_name)
 
 
@@ -74,7 +75,6 @@ def instance_type(workspace: Any) -> str | None:
     written = workspace.resource.instance_type if workspace.resource else None
     if written:
         return written
-    from presets.gpus import pick_instance
 
     model = preset(workspace)
     if not model.sized:
@@ -85,7 +85,6 @@ def instance_type(workspace: Any) -> str | None:
 
 def node_sku(workspace: Any) -> Any:
     """The Sku the pods are sized for (see the module docstring for unknown nodes)."""
-    from presets.gpus import Sku, lookup_sku
 
     name = instance_type(workspace)
     sku = lookup_sku(name) if name else None
@@ -97,8 +96,6 @@ def node_sku(workspace: Any) -> Any:
 
 def nodes_needed(workspace: Any) -> int | None:
     """Kaito's node estimate for an inference Workspace; None when it cannot be computed here."""
-    from presets.gpus import lookup_sku
-    from presets.sizing import kaito_nodes_needed
 
     if workspace.inference is None or workspace.preset_name is None:
         return None

@@ -31,10 +31,13 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ValidationError
 
-from api.documents import Bundle
+from api.documents import COMPANION_KINDS, Bundle, DocumentError, parse_documents, read_source
 from api.image_ref import ImageRef
 from api.labels import ANNOTATION_API_KEY_SECRET, ANNOTATION_OWN_NODES, reserved_node_label
 from api.workspace_types import API_VERSIONS, KIND, Workspace
+from presets import UnknownPresetError, get_preset
+from presets.gpus import UnknownSkuError, check_fit, lookup_sku, pick_instance
+from presets.sizing import UnsizedModelError
 
 Mode = Literal["cluster", "local"] | None
 
@@ -214,8 +217,6 @@ def _deprecated(ws: Workspace) -> Iterator[FieldError]:
 
 
 def _check_preset(spec: Any, path: str, *, tuning: bool, warnings: list[FieldError]) -> Iterator[FieldError]:
-    from presets import UnknownPresetError, get_preset
-
     try:
         preset = get_preset(spec.name)
     except UnknownPresetError as exc:
@@ -253,9 +254,6 @@ def _check_selector(selector: Any, *, provisioning: bool = True) -> Iterator[Fie
 
 def _check_resource(ws: Workspace, warnings: list[FieldError]) -> Iterator[FieldError]:
     from api.defaults import uses_own_nodes
-    from presets import UnknownPresetError, get_preset
-    from presets.gpus import UnknownSkuError, check_fit, lookup_sku, pick_instance
-    from presets.sizing import UnsizedModelError
 
     resource = ws.resource
     if resource is None:
@@ -523,7 +521,6 @@ def load_bundle(source: str | Path, *, mode: Mode = None, data: bytes | None = N
     carries the warnings. ``namespace`` (``kaiflow ... -n NS``) is given to every object that names
     none; an object naming another one is refused, as ``kubectl apply -n`` refuses it.
     """
-    from api.documents import COMPANION_KINDS, DocumentError, parse_documents, read_source
 
     name = str(source)
     try:

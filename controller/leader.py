@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from stepkit import kube
@@ -175,7 +176,6 @@ class standby_health:  # noqa: N801 - a context manager, used as `with standby_h
     def __enter__(self) -> standby_health:
         if not self.port:
             return self
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         class Health(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name

@@ -9,21 +9,35 @@ The options follow kubectl's and argo's habits: ``-f/--filename`` (repeatable; f
 ``-R`` to descend, ``-`` for standard input), ``-n/--namespace``, ``-o/--output``,
 ``-p name=value`` for workflow arguments.
 
-Every subcommand imports what it needs when it runs, so `kaiflow validate` never loads torch.
+A subcommand imports the costly parts (hera, pydantic, the Kubernetes client; DEVELOPERS.md, "Imports")
+when it runs, so `kaiflow validate` never loads torch and `kaiflow --help` stays quick.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from enum import Enum
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from local_runner.local_registry import LocalRegistryError, serve
+from presets import list_presets
+from presets.gpus import pick_instance, requirement
+from presets.sizing import estimate_inference, estimate_tuning
+from serving_bento.client import ChatError
+from serving_bento.client import chat as ask
+from stepkit.common import StepError
 
 EXIT_CODES = """\b
 exit codes:
@@ -146,12 +160,8 @@ def _print_warnings(source: str, warnings: list) -> None:
 
 def _dump(data: object, fmt: str) -> None:
     if fmt == "json":
-        import json
-
         print(json.dumps(data, indent=2))
     else:
-        import yaml
-
         sys.stdout.write(yaml.safe_dump(data, sort_keys=False, width=120))
 
 
@@ -161,7 +171,6 @@ def _dump(data: object, fmt: str) -> None:
 def _workspace_summary(ws) -> dict:
     """What kaiflow will run for a valid Workspace: model, sizing, SKU, node count."""
     from api import defaults
-    from presets.gpus import requirement
 
     model = defaults.preset(ws)
     method = defaults.tuning_method(ws)
@@ -234,9 +243,6 @@ def validate(
 
 
 def _preset_row(p) -> dict:
-    from presets.gpus import pick_instance
-    from presets.sizing import estimate_inference, estimate_tuning
-
     def gib(fn) -> float | None:
         try:
             return round(fn().total_gib, 1)
@@ -265,14 +271,11 @@ def _preset_row(p) -> dict:
 def presets(output: TextOutput = typer.Option(TextOutput.text, "-o", "--output", help="text: a table; json/yaml: one "
                                               "entry per model")) -> int:
     """List model presets and Kaito's catalogue with their GPU memory needs."""
-    from presets import list_presets
 
     rows = [_preset_row(p) for p in list_presets()]
     if output is not TextOutput.text:
         _dump(rows, output.value)
         return 0
-    from rich.console import Console
-    from rich.table import Table
 
     table = Table(title="kaiflow presets and Kaito's catalogue (GPU memory estimates in GiB; see "
                   "docs/reference/gpu-sizing.md); any other HuggingFace ID 'org/name' is accepted as a generic model")
@@ -574,9 +577,6 @@ def chat(
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (reproducible)"),
 ) -> int:
     """Ask the service started by `kaiflow run`."""
-    from serving_bento.client import ChatError
-    from serving_bento.client import chat as ask
-    from stepkit.common import StepError
     from steps.deploy.local_service import resolve_url
 
     try:
@@ -613,7 +613,6 @@ def registry(
     The one way to start the registry the local examples push to; `kaiflow run` starts the same one
     itself (for the length of the run) when its Workspace pushes to 127.0.0.1:5000 and nothing answers there.
     """
-    from local_runner.local_registry import LocalRegistryError, serve
 
     password = None
     if username:
@@ -667,15 +666,12 @@ def _doctor(options: Sequence[str]) -> int:
 
 def _controller(options: Sequence[str]) -> int:
     """Replace this process with the operator (same pid, so signals reach it directly)."""
-    import os
 
     os.execv(sys.executable, [sys.executable, "-m", "controller", *options])
     return 0  # not reached
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("kaiflow")
     except PackageNotFoundError:

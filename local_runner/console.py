@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from rich.console import Console
+from rich.markup import escape
+
 from local_runner.runner import RunFailed, RunnerError, run
 from pipelines.names import OUTPUT_IMAGE, OUTPUT_SERVICE_URL, TASK_DEPLOY, TASK_PUSH_ADAPTER
 
@@ -22,13 +25,12 @@ def run_cli(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[s
     workdir in use by another run, something the DAG needs missing: ``local_runner.preflight``);
     130 interrupted (Ctrl-C or SIGTERM; the running task was ended).
     """
-    from rich.console import Console
 
+    from api import WorkspaceValidationError
     from local_runner.expressions import ExpressionError
     from local_runner.preflight import PreflightError
-    from api import WorkspaceValidationError
-    from pipelines.structure import StructureError
     from pipelines.dags import PipelineError
+    from pipelines.structure import StructureError
 
     console = console or Console(stderr=True)
     try:
@@ -42,8 +44,6 @@ def run_cli(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[s
                       f"--workdir {workdir} --resume", highlight=False)
         return 1
     except (RunnerError, PipelineError, StructureError, ExpressionError, WorkspaceValidationError, PreflightError) as exc:
-        from rich.markup import escape
-
         console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)  # fixes to copy whole
         return 2
     except KeyboardInterrupt:

@@ -41,6 +41,7 @@ from local_runner.local_registry import (
 )
 from pipelines.names import TASK_FETCH_DATASET
 from pipelines.structure import workflow_spec
+from presets import UnknownPresetError, get_preset
 
 SPARE_BYTES = 1 << 30
 # Where `kaiflow registry` keeps its storage by default; a registry started here uses the same.
@@ -163,8 +164,6 @@ def _check_dataset(url: str, result: Preflight, problems: list[str]) -> None:
 
 
 def _model_bytes(preset_names: list[str]) -> int | None:
-    from presets import UnknownPresetError, get_preset
-
     sizes = []
     for name in dict.fromkeys(preset_names):
         try:

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
 STYLE = {"Succeeded": "green", "Failed": "bold red", "Running": "cyan", "Skipped": "yellow",
          "Omitted": "dim", "Pending": "dim"}
 SYMBOL = {"Succeeded": "✔", "Failed": "✘", "Running": "▶", "Skipped": "↷", "Omitted": "·", "Pending": " "}
@@ -25,15 +29,11 @@ def _bar(progress: str, width: int = 20) -> str:
 
 class ProgressDisplay:
     def __init__(self, console: Any = None):
-        from rich.console import Console
-
         self.console = console or Console(stderr=True)
         self.live = None
         self._run = None
 
     def __enter__(self) -> ProgressDisplay:
-        from rich.live import Live
-
         self.live = Live(console=self.console, refresh_per_second=4, transient=False,
                          get_renderable=self._renderable)
         self.live.__enter__()
@@ -51,8 +51,6 @@ class ProgressDisplay:
             self.live.refresh()
 
     def _renderable(self) -> Any:
-        from rich.table import Table
-
         table = Table(title=self._run.workflow_name if self._run else "kaiflow run", title_justify="left",
                       show_edge=False)
         table.add_column("task")

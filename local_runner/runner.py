@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from local_runner.expressions import ExpressionError, evaluate_depends, evaluate_when, substitute
+from local_runner.progress import ProgressDisplay
 from local_runner.supervise import (
     WorkdirInUse,
     WorkdirLock,
@@ -59,6 +60,7 @@ from local_runner.supervise import (
     terminate_as_interrupt,
 )
 from pipelines.structure import check, task_dependencies, topological_order, workflow_spec
+from pipelines.target import TRAINING_CONFIG_KEY, Target
 
 STATE_FILE = "state.json"
 LOG_TAIL_LINES = 25
@@ -453,8 +455,6 @@ def local_manifest(workspace_path: str | os.PathLike[str], workdir: str | os.Pat
     (``kaiflow render --target local`` prints it). ``namespace``: ``-n``, for a Workspace naming none;
     ``base_dir``: where relative ``file:`` URLs and ``tuning.config`` resolve (default: the file's folder)."""
     from api.workspace_validation import load_bundle
-
-    from pipelines.target import TRAINING_CONFIG_KEY, Target
     from pipelines.dags import build
 
     bundle = load_bundle(workspace_path, mode="local", namespace=namespace)
@@ -514,7 +514,6 @@ def run(workspace_path: str | os.PathLike[str], workdir: str | os.PathLike[str],
             checked = check_needs(manifest, workdir, parameters)
         settings_path.write_text(json.dumps({"port": port, "docker_config": str(docker_config) if docker_config else None,
                                              "workspace": str(Path(workspace_path).resolve())}))
-        from local_runner.progress import ProgressDisplay
 
         with ProgressDisplay(console=console) as display:
             local = LocalRun(manifest, workdir, resume=resume, on_update=display.update, env=env,

@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import psutil
+
 LOCK_FILE = ".lock"
 PROCESSES_DIR = "processes"
 TERMINATE_GRACE_S = 5.0
@@ -122,8 +124,6 @@ class TaskProcess:
 
 
 def _start_time(pid: int) -> float | None:
-    import psutil
-
     try:
         return psutil.Process(pid).create_time()
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
@@ -166,8 +166,6 @@ def _signal_group(pgid: int, signum: int) -> None:
 
 
 def _group_members(record: TaskProcess) -> list[Any]:
-    import psutil
-
     members = []
     for process in psutil.process_iter(["pid", "create_time"]):
         try:
@@ -187,7 +185,6 @@ def end_leftovers(workdir: Path, grace_s: float = TERMINATE_GRACE_S) -> list[str
 
     Call it with the workdir lock held: then no live runner owns those tasks.
     """
-    import psutil
 
     folder = Path(workdir) / PROCESSES_DIR
     ended = []

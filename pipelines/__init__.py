@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import yaml
+
+from pipelines.dags import PipelineError, build
 from pipelines.images import Images
 from pipelines.target import Target
-from pipelines.dags import PipelineError, build
 
 
 def to_yaml(manifest: dict[str, Any]) -> str:
-    import yaml
-
     return yaml.safe_dump(manifest, sort_keys=False, default_flow_style=False, width=120)
 
 

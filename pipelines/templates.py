@@ -42,6 +42,7 @@ from api.labels import (
     WORKFLOW_SERVICE_ACCOUNT,
 )
 from pipelines import tasks
+from pipelines.images import Images
 from pipelines.target import Target
 
 DOCKER_CONFIG_DIR = "/kaiflow/docker-config"
@@ -173,7 +174,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("directory", type=Path, help="where to write the WorkflowTemplates (workflow_templates/)")
     parser.add_argument("--check", action="store_true", help="compare instead of writing; exit 1 on drift")
     args = parser.parse_args(argv)
-    from pipelines.images import Images
 
     files = render_all(Target.cluster(images=Images(), provider="aks", insecure_registries=()))
     if args.check:

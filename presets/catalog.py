@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 from typing import Any, Literal
@@ -193,8 +193,6 @@ def list_presets() -> list[Preset]:
 
 
 def _with_aliases(preset: Preset, aliases: tuple[str, ...]) -> Preset:
-    from dataclasses import replace
-
     return replace(preset, aliases=aliases) if aliases else preset
 
 

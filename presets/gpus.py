@@ -10,8 +10,7 @@ from importlib import resources
 import yaml
 
 from presets.catalog import Preset
-from presets.sizing import GIB, MemoryEstimate, estimate_inference, estimate_tuning
-
+from presets.sizing import GIB, MemoryEstimate, estimate_inference, estimate_tuning, kaito_gpus_needed
 
 METHOD_NAMES = {"lora": "LoRA", "qlora": "QLoRA"}
 
@@ -88,7 +87,6 @@ def check_fit(instance_type: str, preset: Preset, method: str | None) -> str | N
     provision; kaiflow serves on one) and kaiflow's own (presets.sizing, the stricter of the two
     for small GPUs). Tuning uses kaiflow's on one GPU.
     """
-    from presets.sizing import kaito_gpus_needed
 
     sku = get_sku(instance_type)
     if method is None:

@@ -21,6 +21,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
 from presets.catalog import Preset, get_preset
 
 CHATML_TEMPLATE = (
@@ -108,7 +110,6 @@ TINY_CORPUS = [
 
 def _build_tiny(preset: Preset, out: Path) -> None:
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]

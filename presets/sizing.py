@@ -27,11 +27,13 @@ figures Kaito publishes.
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
-from presets.catalog import Preset
+from presets.catalog import Preset, generic_preset
 
 GIB = 1024**3
 CUDA_CONTEXT = 1 * GIB
@@ -239,10 +241,6 @@ def preset_from_config(config: dict[str, Any] | str, name: str = "model") -> Pre
     Multimodal wrappers keep the language model in ``text_config``. Parameters are counted from
     the shapes (embeddings, attention, MLP or experts), not read from a model card.
     """
-    import json
-    from pathlib import Path
-
-    from presets.catalog import generic_preset
 
     if isinstance(config, str):
         config = json.loads(Path(config).read_text() if not config.lstrip().startswith("{") else config)
@@ -266,7 +264,6 @@ def preset_from_config(config: dict[str, Any] | str, name: str = "model") -> Pre
     params = layers * (attention + mlp) + embeddings
     dtype = str(merged.get("torch_dtype") or merged.get("dtype") or "bfloat16")
     base = generic_preset(name)
-    from dataclasses import replace
 
     return replace(
         base, params_b=params / 1e9, dtype=dtype,

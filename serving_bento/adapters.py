@@ -41,10 +41,13 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from presets.catalog import UnknownPresetError, get_preset
+from presets.materialize import CHATML_TEMPLATE, resolve_model
 from serving_bento.config import AdapterSpec, ConfigError, ServiceConfig
 
 log = logging.getLogger("kaiflow.serving.adapters")
@@ -68,8 +71,6 @@ class LoadedModel:
 
 def resolve_base(config: ServiceConfig) -> tuple[str, int | None, str]:
     """(what from_pretrained takes, the preset's context length or None, chat template mode)."""
-    from presets.catalog import UnknownPresetError, get_preset
-    from presets.materialize import resolve_model
 
     if Path(config.model).is_dir():
         return config.model, None, "native"
@@ -95,7 +96,6 @@ def load_model(config: ServiceConfig) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from presets.materialize import CHATML_TEMPLATE
 
     check_adapter_folders(config.adapters)
     source, preset_context, template_mode = resolve_base(config)
@@ -163,7 +163,6 @@ def quantize_int8(model: Any) -> list[str]:
     quantized, its stacked A and B stay fp32, so each adapter's delta is computed exactly. Returns
     the names of the quantized layers.
     """
-    import warnings
 
     from torch import nn
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic

@@ -190,7 +190,7 @@ async def health(request: Request) -> Response:
 
 
 def build_app() -> Starlette:
-    from serving_bento import openai_api
+    from serving_bento import openai_api  # a cycle: openai_api imports this module's helpers
 
     routes = [
         Route("/health", health, methods=["GET"]),

@@ -25,8 +25,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from serving_bento.adapters import load_model
 from serving_bento.config import ServiceConfig
-from serving_bento.engine import EngineStopped, GenerationRequest, SamplingParams
+from serving_bento.engine import EngineStopped, GenerationRequest, SamplingParams, make_engine
 from serving_bento.schemas import Message, RequestError
 
 log = logging.getLogger("kaiflow.serving")
@@ -120,9 +121,6 @@ class ChatBackend:
         threading.Thread(target=self._load, name="kaiflow-model-loader", daemon=True).start()
 
     def _load(self) -> None:
-        from serving_bento.adapters import load_model
-        from serving_bento.engine import make_engine
-
         started = time.monotonic()
         try:
             self.metrics = Metrics(self._metrics_registry, self.config.model_id())

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from presets.catalog import served_model_name
 
 QUANTIZE_MODES = ("auto", "none", "int8")
 
@@ -185,7 +186,6 @@ class ServiceConfig:
         """The base model's id: Kaito's served name, the lowercased last part of the HF ID."""
         if self.served_model_name:
             return self.served_model_name
-        from presets.catalog import served_model_name
 
         return served_model_name(self.model)
 

@@ -63,6 +63,8 @@ from stepkit.oci import (
     RegistryOptions,
     parse_image,
 )
+from steps.pull_adapters import PullConfig, pull_adapters
+from steps.tune.evaluate import evaluate_adapters
 
 log = logging.getLogger("kaiflow.steps.eval_gate")
 
@@ -172,7 +174,6 @@ def decide(config: GateConfig, options: RegistryOptions | None = None) -> GateDe
 def same_rows(config: GateConfig, candidate_info: dict[str, Any], pinned: ImageRef, annotations: dict[str, str],
               options: RegistryOptions) -> tuple[dict[str, Any] | None, str]:
     """Both adapters scored on the candidate's held-out rows, or (None, why that was not possible)."""
-    from steps.pull_adapters import PullConfig, pull_adapters
 
     mismatch = base_mismatch(candidate_info, annotations)
     if mismatch:
@@ -186,7 +187,6 @@ def same_rows(config: GateConfig, candidate_info: dict[str, Any], pinned: ImageR
         mismatch = base_mismatch(candidate_info, _pulled_metadata(serving_dir))
         if mismatch:
             return None, mismatch
-        from steps.tune.evaluate import evaluate_adapters
 
         try:
             measured = evaluate_adapters(

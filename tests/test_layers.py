@@ -172,3 +172,116 @@ def _imported_module(path: Path, line: int) -> str:
             if isinstance(node, ast.Import):
                 return next(a.name for a in node.names if a.name.split(".")[0] == "tests")
     return "tests"
+
+
+# -- imports inside functions -------------------------------------------------------------------
+
+# What a cold ``import X`` costs, measured here (polyglot kind, 2 cores, 2026-12-06, the median of
+# three ``python -c "import time; t=time.perf_counter(); import X; print(time.perf_counter()-t)"``
+# runs, in ms). Imports of these may wait until a function needs them: a CLI's ``--help``, the
+# controller and the light steps do not pay for them. DEVELOPERS.md ("Imports") has the same table.
+IMPORT_COST_MS = {
+    "torch": 1350, "peft": 4600, "bitsandbytes": 3400, "accelerate": 1260, "datasets": 610,
+    "transformers": 550, "kopf": 360, "matplotlib": 200, "kubernetes": 180, "azure": 150, "trl": 140,
+    "pyarrow": 140, "numpy": 110, "httpx": 90, "bentoml": 70, "jsonschema": 50, "urllib3": 50,
+    "typer": 35, "croniter": 29, "pydantic": 29, "hera": 25,
+}
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """Modules a file imports when it is imported (not inside functions; ``TYPE_CHECKING`` blocks left out)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: set[str] = set()
+
+    def visit(body) -> None:
+        for node in body:
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                found.update(_absolute(path, node))
+            elif isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
+                visit(node.body)
+                visit(node.orelse)
+            elif isinstance(node, ast.Try):
+                visit(node.body)
+                for handler in node.handlers:
+                    visit(handler.body)
+
+    visit(tree.body)
+    return found
+
+
+def _absolute(path: Path, node: ast.ImportFrom) -> list[str]:
+    """``from .x import y`` / ``from a.b import c`` as absolute module names (``a.b`` and ``a.b.c``)."""
+    if node.level:
+        package = list(path.relative_to(ROOT).with_suffix("").parts)[: -node.level]
+        base = ".".join(package + ([node.module] if node.module else []))
+    else:
+        base = node.module or ""
+    return [base] + [f"{base}.{a.name}" for a in node.names]
+
+
+def _module_file(name: str) -> Path | None:
+    parts = name.split(".")
+    for candidate in (ROOT.joinpath(*parts).with_suffix(".py"), ROOT.joinpath(*parts, "__init__.py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _costly(name: str, seen: dict[str, bool]) -> bool:
+    """True when importing ``name`` imports, at some depth, a package of IMPORT_COST_MS."""
+    if name in seen:
+        return seen[name]
+    seen[name] = False  # a cycle adds nothing
+    if name.split(".")[0] in IMPORT_COST_MS:
+        seen[name] = True
+        return True
+    file = _module_file(name)
+    if file is None:
+        return False
+    parents = [".".join(name.split(".")[:i]) for i in range(1, len(name.split(".")))]  # packages' __init__ run first
+    seen[name] = any(_costly(m, seen) for m in [*parents, *_top_level_imports(file)])
+    return seen[name]
+
+
+def _imports_inside_functions(path: Path):
+    source = path.read_text()
+    lines = source.splitlines()
+    for node in ast.walk(ast.parse(source, filename=str(path))):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for inner in ast.walk(node):
+            if isinstance(inner, ast.Import):
+                names = [a.name for a in inner.names]
+            elif isinstance(inner, ast.ImportFrom):
+                names = _absolute(path, inner)[:1]
+            else:
+                continue
+            said = "#" in lines[inner.lineno - 1] or lines[inner.lineno - 2].strip().startswith("#")
+            yield inner.lineno, names, said
+
+
+def test_an_import_inside_a_function_is_a_measured_cost_or_says_why():
+    """Imports go at the top of a module, unless the module is costly to import (IMPORT_COST_MS, or one
+    of ours that imports such a package when it is imported) or a comment beside it says why."""
+    seen: dict[str, bool] = {}
+    unexplained, lazy = [], 0
+    for path in _modules():
+        if path.relative_to(ROOT).parts[0] in ("tests", "bench", "examples"):
+            continue
+        for line, names, said in _imports_inside_functions(path):
+            lazy += 1
+            if not said and not any(_costly(n, seen) for n in names):
+                unexplained.append(f"{path.relative_to(ROOT)}:{line}: import {', '.join(names)} inside a function: "
+                                   "move it to the top, or say why beside it")
+    assert lazy > 50  # the walk saw them
+    assert not unexplained, "\n".join(unexplained)
+
+
+def test_the_cost_walk_follows_our_own_modules():
+    assert _costly("pipelines.dags", {})  # hera, at its top
+    assert _costly("api.labels", {})  # its package's __init__ imports pydantic
+    assert not _costly("stepkit.common", {})
+    assert not _costly("presets", {})
+    assert not _costly("json", {})

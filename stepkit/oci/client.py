@@ -10,6 +10,8 @@ import hashlib
 import json
 import logging
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,9 +135,6 @@ class HashingWriter:
     """
 
     def __init__(self, out: Any) -> None:
-        import queue
-        import threading
-
         self._out = out
         self._hasher = hashlib.sha256()
         self._chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=4)

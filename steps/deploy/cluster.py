@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from api.labels import LABEL_MANAGED_BY, LABEL_WORKSPACE, MANAGED_BY
+from presets.catalog import UnknownPresetError, get_preset
+from presets.sizing import estimate_inference
 from stepkit import kube
 from stepkit.common import RetryableError, StepError
 from steps.deploy.manifests import (
@@ -76,8 +78,6 @@ class ClusterOptions:
 def cluster_deployment(workspace_name: str, preset: str, strengths: dict[str, float],
                        options: ClusterOptions) -> ClusterDeployment:
     """The manifests' inputs from the flags; StepError naming the flag for bad ones."""
-    from presets.catalog import UnknownPresetError, get_preset
-    from presets.sizing import estimate_inference
 
     if not options.image:
         raise StepError("--image is required in cluster mode (the kaiflow serving image)")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from presets.catalog import UnknownPresetError, get_preset
 from stepkit.common import StepError
 from steps.deploy.local_service import start_local
 
@@ -48,7 +49,6 @@ def local_adapters(strengths: dict[str, float], adapters_dir: str) -> list[dict[
 def deploy_local(workspace_name: str, preset: str, strengths: dict[str, float], options: LocalOptions,
                  ready_timeout: float) -> str:
     """Start (or replace) the local service; its URL once ``/readyz`` answers."""
-    from presets.catalog import UnknownPresetError, get_preset
 
     if not Path(preset).is_dir():
         try:

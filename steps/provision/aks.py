@@ -34,6 +34,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from api.labels import ANNOTATION_OWNER, GPU_TAINT, LABEL_AKS_AGENTPOOL, LABEL_WORKSPACE, LABEL_WORKSPACE_NAMESPACE
@@ -114,8 +115,6 @@ class AKSProvider(Provider):
         if opts.arm_endpoint and not opts.arm_endpoint.startswith("https://"):
             raise StepError(f"--arm-endpoint: {opts.arm_endpoint!r} must be an https:// URL (ARM refuses tokens over http)")
         if opts.ca_bundle:
-            from pathlib import Path
-
             if not Path(opts.ca_bundle).is_file():
                 raise StepError(f"--ca-bundle: {opts.ca_bundle} is not a file")
         return pool

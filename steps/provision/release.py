@@ -10,6 +10,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+from stepkit.common import dataclass_from_args
 from stepkit.kube import retry_if_unreachable
 from steps.provision.base import ProvisionConfig
 from steps.provision.providers import provider_class, provider_options
@@ -23,10 +26,8 @@ def request(argv: list[str], *, kubeconfig: str | None = None) -> list[str]:
     names, labels, counts and options. Provider settings it lacks come from the environment
     (``$AZURE_SUBSCRIPTION_ID``... for aks), as in the step. Raises like :func:`release`.
     """
-    import dataclasses
 
     from steps.provision.__main__ import OPTIONS, build_parser  # the CLI module imports this one
-    from stepkit.common import dataclass_from_args
 
     args = build_parser().parse_args([a for a in argv if a != "--wait-only"])
     config = dataclasses.replace(dataclass_from_args(ProvisionConfig, args), wait_only=False,

@@ -18,8 +18,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from presets.catalog import UnknownPresetError, get_preset
 from stepkit.common import StepError
 from steps.tune.config import TuneConfig
+from steps.tune.model import build_trainer, load_base_model, load_split, load_tokenizer, model_source
 from steps.tune.plan import detect_device, empty_sections, make_plan
 
 log = logging.getLogger("kaiflow.steps.tune")
@@ -34,8 +36,6 @@ def evaluate_adapters(preset_name: str, method: str, dataset_dir: Path, adapters
     ``max_length`` and eval batch size are reused so the rows are packed as the tune packed them.
     ``base_model`` overrides the preset's weights, as ``ModelConfig.pretrained_model_name_or_path`` did.
     """
-    from presets.catalog import UnknownPresetError, get_preset
-    from steps.tune.model import build_trainer, load_base_model, load_split, load_tokenizer, model_source
 
     if not adapters:
         raise ValueError("no adapters to evaluate")

@@ -9,8 +9,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from presets.materialize import CHATML_TEMPLATE, resolve_model
 from stepkit.common import StepError, report_progress
+from steps.tune.chat import load_template_setting, training_template
 from steps.tune.checkpoints import COMPLETE_MARKER
+from steps.tune.parallel import Ranks, barrier
 from steps.tune.plan import Plan
 
 log = logging.getLogger("kaiflow.steps.tune")
@@ -22,7 +25,6 @@ def model_source(preset, plan: Plan) -> str:
     """Where the weights load from: the config's explicit source, else the preset's (materialised)."""
     if plan.source:
         return plan.source
-    from presets.materialize import resolve_model
 
     return resolve_model(preset)
 
@@ -41,8 +43,6 @@ def load_split(path: Path):
 def load_tokenizer(preset, plan: Plan, source: str, chat: bool):
     from transformers import AutoTokenizer
 
-    from presets.materialize import CHATML_TEMPLATE
-    from steps.tune.chat import load_template_setting, training_template
 
     kwargs = {k: v for k, v in plan.model_kwargs.items() if k in TOKENIZER_KEYS}
     try:
@@ -89,7 +89,6 @@ def progress_callback(ranks=None):
     """Progress, checkpoint markers and one log line per logged step; files from rank 0 only."""
     from transformers import TrainerCallback
 
-    from steps.tune.parallel import Ranks, barrier
 
     ranks = ranks or Ranks()
 

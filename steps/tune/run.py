@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from presets.catalog import UnknownPresetError, get_preset
+from presets.sizing import estimate_tuning
 from stepkit.common import (
     StepError,
     add_common_arguments,
@@ -40,6 +42,16 @@ from steps.tune.checkpoints import (
     tokens_at,
 )
 from steps.tune.config import TuneConfig
+from steps.tune.kaito_training_config import read_training_config
+from steps.tune.logs import quiet_libraries
+from steps.tune.model import (
+    build_trainer,
+    load_base_model,
+    load_split,
+    load_tokenizer,
+    model_source,
+    progress_callback,
+)
 from steps.tune.parallel import (
     Ranks,
     SampleCounter,
@@ -56,6 +68,7 @@ from steps.tune.parallel import (
     shutdown,
 )
 from steps.tune.plan import TENSORBOARD_DIR, detect_device, empty_sections, make_plan
+from steps.tune.report import write_reports
 
 log = logging.getLogger("kaiflow.steps.tune")
 
@@ -72,7 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_inputs(cfg: TuneConfig):
     """The preset, checked; StepError names the flag that is wrong."""
-    from presets.catalog import UnknownPresetError, get_preset
 
     try:
         preset = get_preset(cfg.preset)
@@ -90,7 +102,6 @@ def check_inputs(cfg: TuneConfig):
 def read_sections(cfg: TuneConfig) -> dict[str, dict[str, Any]]:
     if not cfg.config:
         return empty_sections()
-    from steps.tune.kaito_training_config import read_training_config
 
     return read_training_config(cfg.config)
 
@@ -131,8 +142,6 @@ def tune(cfg: TuneConfig, ranks: Ranks = Ranks()) -> dict[str, Any]:
     preset = check_inputs(cfg)
     sections = read_sections(cfg)
 
-    from steps.tune.logs import quiet_libraries
-    from steps.tune.model import build_trainer, load_base_model, load_split, load_tokenizer, model_source, progress_callback
 
     repeats = quiet_libraries()
     train_path, eval_path = cfg.dataset_dir / "train.parquet", cfg.dataset_dir / "eval.parquet"
@@ -172,7 +181,6 @@ def tune(cfg: TuneConfig, ranks: Ranks = Ranks()) -> dict[str, Any]:
         record = json.loads((cfg.checkpoint_dir / RUN_FILE).read_text())
     resume_from = checkpoints[-1] if checkpoints else None
 
-    from presets.sizing import estimate_tuning
 
     estimate = estimate_tuning(
         preset,
@@ -331,8 +339,6 @@ def trainable_checksum(model) -> str:
 
 def write_adapter_folder(output_dir: Path, model, losses: list[dict], evals: list[dict], info: dict[str, Any], *,
                          tensorboard: Path | None = None) -> None:
-    from steps.tune.report import write_reports
-
     staging = partial_dir(output_dir)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

@@ -201,7 +201,7 @@ def test_plain_text_rows_train_as_causal_lm(tmp_path):
 
 def test_adapter_folder_appears_whole_or_not_at_all(tmp_path, tiny_data, monkeypatch):
     """A tune stopped while writing its adapter leaves the previous folder (or none), never half of one."""
-    from steps.tune import main, report
+    from steps.tune import main, run
 
     argv = tune_argv(tmp_path, TINY, "lora", tiny_data, "--max-steps", "1", "--max-length", "64", "--skip-initial-eval")
     adapter = tmp_path / "adapter"
@@ -213,7 +213,7 @@ def test_adapter_folder_appears_whole_or_not_at_all(tmp_path, tiny_data, monkeyp
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as patch:
-        patch.setattr(report, "write_reports", disk_full)
+        patch.setattr(run, "write_reports", disk_full)
         with pytest.raises(OSError, match="No space left"):
             main(argv)
     assert not adapter.exists() and sorted(p.name for p in tmp_path.glob(".adapter*")) == []
@@ -224,7 +224,7 @@ def test_adapter_folder_appears_whole_or_not_at_all(tmp_path, tiny_data, monkeyp
                                                    "loss.json", "loss.png", "README.md"}
 
     with monkeypatch.context() as patch:
-        patch.setattr(report, "write_reports", disk_full)
+        patch.setattr(run, "write_reports", disk_full)
         with pytest.raises(OSError):
             main(argv)
     assert (adapter / "kaiflow.json").read_text() == first and (adapter / "adapter_model.safetensors").stat().st_size > 0
