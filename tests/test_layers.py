@@ -258,7 +258,10 @@ def _imports_inside_functions(path: Path):
                 names = _absolute(path, inner)[:1]
             else:
                 continue
-            said = "#" in lines[inner.lineno - 1] or lines[inner.lineno - 2].strip().startswith("#")
+            above = inner.lineno - 2  # the comment may head a group of imports
+            while above >= 0 and lines[above].strip().startswith(("import ", "from ")):
+                above -= 1
+            said = "#" in lines[inner.lineno - 1] or (above >= 0 and lines[above].strip().startswith("#"))
             yield inner.lineno, names, said
 
 
