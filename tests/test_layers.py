@@ -230,18 +230,26 @@ def _module_file(name: str) -> Path | None:
 
 
 def _costly(name: str, seen: dict[str, bool]) -> bool:
-    """True when importing ``name`` imports, at some depth, a package of IMPORT_COST_MS."""
-    if name in seen:
-        return seen[name]
-    seen[name] = False  # a cycle adds nothing
-    if name.split(".")[0] in IMPORT_COST_MS:
-        seen[name] = True
-        return True
-    file = _module_file(name)
-    if file is None:
-        return False
-    parents = [".".join(name.split(".")[:i]) for i in range(1, len(name.split(".")))]  # packages' __init__ run first
-    seen[name] = any(_costly(m, seen) for m in [*parents, *_top_level_imports(file)])
+    """True when importing ``name`` imports, at some depth, a package of IMPORT_COST_MS.
+
+    A walk over every module reachable through top-level imports (packages' ``__init__`` first);
+    ``seen`` keeps the answer per asked name (not per module on the way: a cycle would freeze a
+    half-computed one)."""
+    if name not in seen:
+        reached, todo = set(), [name]
+        while todo:
+            module = todo.pop()
+            if module in reached:
+                continue
+            reached.add(module)
+            if module.split(".")[0] in IMPORT_COST_MS:
+                break
+            parts = module.split(".")
+            todo += [".".join(parts[:i]) for i in range(1, len(parts))]
+            file = _module_file(module)
+            if file is not None:
+                todo += sorted(_top_level_imports(file))
+        seen[name] = any(m.split(".")[0] in IMPORT_COST_MS for m in reached)
     return seen[name]
 
 
