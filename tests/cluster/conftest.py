@@ -74,3 +74,16 @@ def tenant(installed, tmp_path) -> Iterator[str]:
     yield namespace
     installed.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
     installed.kubectl("delete", "clusterrolebinding", f"kaiflow-provisioner-{namespace}", check=False)
+
+
+def phi3_gpu_node(cluster_box, name: str) -> Iterator[str]:
+    """A GPU node for the phi-3 example's tune pod (labelSelector app=phi-3-adapter), for a module's
+    ``gpu_node`` fixture; deleted after, since other modules check where their pods land."""
+    from tests.fixtures.cluster import GPU_TAINT
+
+    if cluster_box.get("node", name) is None:
+        cluster_box.add_node(name, gpus=1, labels={"app": "phi-3-adapter", "apps": "phi-3",
+                                                   "node.kubernetes.io/instance-type": "Standard_NC6s_v3"},
+                             taints=[GPU_TAINT, {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}])
+    yield name
+    cluster_box.kubectl("delete", "node", name, "--wait=false", check=False)

@@ -22,9 +22,9 @@ import threading
 
 import pytest
 
-from tests.cluster.conftest import workspace_file
+from tests.cluster.conftest import phi3_gpu_node, workspace_file
 from tests.fixtures.argo_agent import Outcome
-from tests.fixtures.cluster import GPU_TAINT, wait_until
+from tests.fixtures.cluster import wait_until
 
 NAME = "deadline-" + "x" * 54  # 63 characters
 LABEL_WORKSPACE = "kaito.sh/workspace"
@@ -32,15 +32,7 @@ LABEL_WORKSPACE = "kaito.sh/workspace"
 
 @pytest.fixture(scope="module")
 def gpu_node(cluster_box):
-    """A node for the phi-3 example's tune pod (labelSelector app=phi-3-adapter)."""
-    name = "deadline-gpu-node"
-    if cluster_box.get("node", name) is None:
-        cluster_box.add_node(name, gpus=1, labels={"app": "phi-3-adapter", "apps": "phi-3",
-                                                   "node.kubernetes.io/instance-type": "Standard_NC6s_v3"},
-                             taints=[GPU_TAINT, {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}])
-    yield name
-    # other modules check where their pods land: leave no second node with the same labels
-    cluster_box.kubectl("delete", "node", name, "--wait=false", check=False)
+    yield from phi3_gpu_node(cluster_box, "deadline-gpu-node")
 
 
 def conditions(box, namespace: str) -> dict[str, dict]:

@@ -11,20 +11,15 @@ real controller (issue 17, items 2, 8 and 9).
 
 from __future__ import annotations
 
-import http.client
-import http.server
 import json
-import socketserver
-import ssl
-import threading
 import time
 import urllib.parse
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.cluster.conftest import workspace_file
+from tests.cluster.conftest import phi3_gpu_node, workspace_file
+from tests.fixtures.api_proxy import ApiProxy
 from tests.fixtures.argo_agent import Outcome
 from tests.fixtures.cluster import wait_until
 
@@ -48,16 +43,7 @@ def conditions(box, namespace, name):
 
 @pytest.fixture(scope="module")
 def gpu_node(cluster_box):
-    from tests.fixtures.cluster import GPU_TAINT
-
-    name = "ownership-gpu-node"
-    if cluster_box.get("node", name) is None:
-        cluster_box.add_node(name, gpus=1, labels={"app": "phi-3-adapter", "apps": "phi-3",
-                                                   "node.kubernetes.io/instance-type": "Standard_NC6s_v3"},
-                             taints=[GPU_TAINT, {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}])
-    yield name
-    # other modules check where their pods land: leave no second node with the same labels
-    cluster_box.kubectl("delete", "node", name, "--wait=false", check=False)
+    yield from phi3_gpu_node(cluster_box, "ownership-gpu-node")
 
 
 def start_operator(installed, start_controller, *args, kubeconfig=None):
@@ -184,71 +170,6 @@ def test_same_named_workflow_and_cron_workflow_of_someone_else_are_left_alone(
 # ------------------------------------------------------------------------------- item 8
 
 
-class RecordingProxy:
-    """Plain HTTP on 127.0.0.1 in front of the box's TLS API server; records every request line and
-    every answer's bytes (watches streamed chunk by chunk)."""
-
-    def __init__(self, upstream: str, ca: str) -> None:
-        parsed = urllib.parse.urlsplit(upstream)
-        self.host, self.port = parsed.hostname, parsed.port
-        self.context = ssl.create_default_context(cafile=ca)
-        self.requests: list[str] = []
-        self.answers = bytearray()
-        self.lock = threading.Lock()
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _forward(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
-                with proxy.lock:
-                    proxy.requests.append(f"{self.command} {self.path}")
-                upstream = http.client.HTTPSConnection(proxy.host, proxy.port, context=proxy.context, timeout=120)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-                upstream.request(self.command, self.path, body=body, headers=headers)
-                answer = upstream.getresponse()
-                self.send_response(answer.status)
-                for key, value in answer.getheaders():
-                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(key, value)
-                self.send_header("Transfer-Encoding", "chunked")
-                self.end_headers()
-                try:
-                    while True:
-                        chunk = answer.read1(65536)
-                        if not chunk:
-                            break
-                        with proxy.lock:
-                            proxy.answers += chunk
-                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                        self.wfile.flush()
-                    self.wfile.write(b"0\r\n\r\n")
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-                finally:
-                    upstream.close()
-
-            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _forward
-
-        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-            daemon_threads = True
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-
-
 def test_the_operator_never_receives_unrelated_pods_deployments_or_workflows(
         installed, tenant, start_controller, tmp_path):
     box = installed
@@ -266,29 +187,26 @@ def test_the_operator_never_receives_unrelated_pods_deployments_or_workflows(
     box.apply(*unrelated)
 
     token = box.token("kaiflow-controller", "kaiflow-system")
-    proxy = RecordingProxy(box.server, str(box.pki.ca))
-    kubeconfig = tmp_path / "proxied.kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "p",
-        "clusters": [{"name": "p", "cluster": {"server": proxy.url}}],
-        "users": [{"name": "u", "user": {"token": token}}],
-        "contexts": [{"name": "p", "context": {"cluster": "p", "user": "u"}}]}))
+    proxy = ApiProxy(box.server, str(box.pki.ca))
+    kubeconfig = proxy.kubeconfig(tmp_path / "proxied.kubeconfig", token)
     try:
         operator = start_operator(installed, start_controller, kubeconfig=kubeconfig)
 
+        def requests():
+            return [f"{e.method} {e.path}" for e in proxy.record()]
+
         def watching():
-            with proxy.lock:
-                return [r for r in proxy.requests if "watch=" in r and ("/pods?" in r or "/deployments?" in r
-                                                                          or "/workflows?" in r)]
+            return [r for r in requests() if "watch=" in r and ("/pods?" in r or "/deployments?" in r
+                                                                 or "/workflows?" in r)]
 
         wait_until(lambda: len({r.split("?")[0] for r in watching()}) >= 3, timeout=60,
-                   what="the operator's watches", detail=lambda: "\n".join(proxy.requests) + operator.log())
+                   what="the operator's watches", detail=lambda: "\n".join(requests()) + operator.log())
         # A new unrelated pod while it watches.
         box.apply({**unrelated[0], "metadata": {**unrelated[0]["metadata"], "name": "unrelated-pod-late"}})
         time.sleep(3)
-        with proxy.lock:
-            requests, answers = list(proxy.requests), bytes(proxy.answers)
-        for request in requests:
+        record = proxy.record()
+        answers = b"".join(bytes(e.answer) for e in record)
+        for request in (f"{e.method} {e.path}" for e in record):
             if any(f"/{kind}?" in request or request.endswith(f"/{kind}") for kind in ("pods", "deployments", "workflows")):
                 query = urllib.parse.parse_qs(urllib.parse.urlsplit(request.split(" ", 1)[1]).query)
                 assert "app.kubernetes.io/managed-by=kaiflow" in (query.get("labelSelector") or [""])[0], request

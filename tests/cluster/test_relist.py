@@ -19,21 +19,15 @@ HTTP gateway and then watching from an older resourceVersion still streamed the 
 
 from __future__ import annotations
 
-import http.client
-import http.server
 import json
-import socket
-import socketserver
-import ssl
 import threading
-import urllib.parse
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from api.labels import KAIFLOW_PREFIX, LABEL_GENERATION, LABEL_WORKSPACE
 from tests.cluster.conftest import workspace_file
+from tests.fixtures.api_proxy import ApiProxy
 from tests.fixtures.argo_agent import Outcome
 from tests.fixtures.cluster import wait_until
 
@@ -41,128 +35,6 @@ ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "controller" / "manifests" / "kaito.sh_workspaces.yaml"
 EXAMPLE = "kaito_workspace_tuning_phi_3.yaml"
 LAST_HANDLED = f"{KAIFLOW_PREFIX}/last-handled-configuration"  # kopf's record of what it handled
-
-
-@dataclass
-class Exchange:
-    number: int
-    method: str
-    path: str
-    status: int = 0
-    answer: bytearray = field(default_factory=bytearray)
-
-    @property
-    def query(self) -> dict[str, list[str]]:
-        return urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-
-    def on(self, plural: str) -> bool:
-        return urllib.parse.urlsplit(self.path).path.endswith(f"/{plural}")
-
-    @property
-    def watch(self) -> bool:
-        return self.query.get("watch") == ["true"]
-
-
-class CuttingProxy:
-    """Plain HTTP on 127.0.0.1 in front of the box's TLS API server. Records every exchange (watches
-    chunk by chunk); ``cut()`` closes every open connection and refuses new ones until ``mend()``."""
-
-    def __init__(self, upstream: str, ca: str) -> None:
-        parsed = urllib.parse.urlsplit(upstream)
-        self.host, self.port = parsed.hostname, parsed.port
-        self.context = ssl.create_default_context(cafile=ca)
-        self.exchanges: list[Exchange] = []
-        self.lock = threading.Lock()
-        self.broken = threading.Event()
-        self.live: set[socket.socket] = set()
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _forward(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
-                if proxy.broken.is_set():
-                    self.close_connection = True
-                    return
-                with proxy.lock:
-                    exchange = Exchange(len(proxy.exchanges), self.command, self.path)
-                    proxy.exchanges.append(exchange)
-                upstream = http.client.HTTPSConnection(proxy.host, proxy.port, context=proxy.context, timeout=120)
-                try:
-                    headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-                    upstream.request(self.command, self.path, body=body, headers=headers)
-                    with proxy.lock:
-                        proxy.live.add(upstream.sock)
-                    answer = upstream.getresponse()
-                    exchange.status = answer.status
-                    self.send_response(answer.status)
-                    for key, value in answer.getheaders():
-                        if key.lower() not in ("transfer-encoding", "connection", "content-length"):
-                            self.send_header(key, value)
-                    self.send_header("Transfer-Encoding", "chunked")
-                    self.end_headers()
-                    while chunk := answer.read1(65536):
-                        with proxy.lock:
-                            exchange.answer += chunk
-                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                        self.wfile.flush()
-                    self.wfile.write(b"0\r\n\r\n")
-                except (OSError, http.client.HTTPException, ValueError):
-                    self.close_connection = True  # cut: the operator sees its connection drop
-                finally:
-                    with proxy.lock:
-                        proxy.live.discard(upstream.sock)
-                    upstream.close()
-
-            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _forward
-
-        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-            daemon_threads = True
-
-            def verify_request(self, request, client_address):
-                return not proxy.broken.is_set()  # refused: the socket is closed at once
-
-            def process_request_thread(self, request, client_address):
-                with proxy.lock:
-                    proxy.live.add(request)
-                try:
-                    super().process_request_thread(request, client_address)
-                finally:
-                    with proxy.lock:
-                        proxy.live.discard(request)
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True, name="cutting-proxy").start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def cut(self) -> None:
-        self.broken.set()
-        with self.lock:
-            sockets = list(self.live)
-        for sock in sockets:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except (OSError, AttributeError):
-                pass
-
-    def mend(self) -> None:
-        self.broken.clear()
-
-    def stop(self) -> None:
-        self.cut()
-        self.server.shutdown()
-
-    def record(self) -> list[Exchange]:
-        with self.lock:
-            return list(self.exchanges)
 
 
 def workflows(box, namespace: str, workspace: str, generation: int | None = None) -> list[dict]:
@@ -192,13 +64,8 @@ def test_a_watch_answered_410_gone_relists_and_loses_no_workspace(installed, ten
     hold = threading.Event()
     argo_agent.script(tenant, "provision-nodes", Outcome(outputs={"nodes": '["n"]', "provider": "karpenter"}),
                       hold=hold)
-    proxy = CuttingProxy(box.server, str(box.pki.ca))
-    kubeconfig = tmp_path / "proxied.kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "p",
-        "clusters": [{"name": "p", "cluster": {"server": proxy.url}}],
-        "users": [{"name": "u", "user": {"token": box.token("kaiflow-controller", "kaiflow-system")}}],
-        "contexts": [{"name": "p", "context": {"cluster": "p", "user": "u"}}]}))
+    proxy = ApiProxy(box.server, str(box.pki.ca))
+    kubeconfig = proxy.kubeconfig(tmp_path / "proxied.kubeconfig", box.token("kaiflow-controller", "kaiflow-system"))
     operator = start_controller(None, "--resync-s", "3600", "--provider", "karpenter", "--namespace", tenant,
                                 kubeconfig=kubeconfig)
     crd_changed = False
