@@ -165,6 +165,7 @@ def target(options: ControllerOptions, namespace: str, name: str, preset: str | 
                           insecure_registries=tuple(options.insecure_registry) or None,
                           allow_http_datasets=options.allow_http_datasets,
                           dataset_block_cidrs=tuple(options.dataset_block_cidr),
+                          dataset_allow_cidrs=tuple(options.dataset_allow_cidr),
                           allow_remote_code=remote_code_allowed(options, namespace, preset),
                           dataset_urls_secret=dataset_urls_secret)
 

@@ -7,6 +7,7 @@ Deployment in ``controller/manifests/`` sets them.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
@@ -58,6 +59,10 @@ class ControllerOptions:
     dataset_block_cidr: tuple[str, ...] = field(default=(), metadata={
         "help": "an address range dataset downloads may never reach, besides the non-public ones: the cluster's "
                 "service or pod CIDR if it is made of public addresses (repeatable)", "metavar": "CIDR"})
+    dataset_allow_cidr: tuple[str, ...] = field(default=(), metadata={
+        "help": "an address range dataset downloads may reach although it is not public, e.g. an in-house mirror "
+                "(repeatable; the URL must name it by a DNS name: Workspace validation refuses private literal "
+                "addresses)", "metavar": "CIDR"})
     allow_remote_code: tuple[str, ...] = field(default=(), metadata={
         "help": "allow ModelConfig.trust_remote_code in tuning ConfigMaps for NAMESPACE, NAMESPACE/PRESET or */PRESET "
                 "(repeatable; default: refused everywhere)", "metavar": "NS[/PRESET]"})
@@ -88,9 +93,16 @@ def parse(argv: Sequence[str] | None = None) -> ControllerOptions:
     # Switches and repeatable options come from the command line only (an env "false" is truthy).
     env = {f.name: ENV_PREFIX + f.name.upper() for f in fields(ControllerOptions)
            if f.name not in ("namespace", "insecure_registry", "opt_in", "release_after_failure", "verbose", "leader_elect",
-                             "allow_http_datasets", "dataset_block_cidr", "allow_remote_code")}
+                             "allow_http_datasets", "dataset_block_cidr", "dataset_allow_cidr", "allow_remote_code")}
     add_dataclass_arguments(parser, ControllerOptions, env=env)
     options = dataclass_from_args(ControllerOptions, parser.parse_args(argv))
     if options.target == "local" and not options.local_root:
         parser.error("--local-root is required with --target local")
+    for flag, ranges in (("--dataset-block-cidr", options.dataset_block_cidr),
+                         ("--dataset-allow-cidr", options.dataset_allow_cidr)):
+        for cidr in ranges:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                parser.error(f"{flag}: {cidr!r} is not an address range (e.g. 10.20.0.0/16)")
     return options

@@ -363,7 +363,7 @@ def _tuning(workspace: Workspace, target: Target) -> Workflow | CronWorkflow:
             adapter_images=[f"{name}={tasks.input_ref('adapter-image')}"], inputs=["adapter-image"],
             gpus=scheduling.gpus, node_labels=_node_labels(workspace), docker_config_secret=push_secret,
             workspace_uid=workspace.metadata.uid, model_access_secret=model_secret,
-            api_key_secret=api_key_secret(workspace),
+            api_key_secret=api_key_secret(workspace), registry_image=repository,
         )
         smoke_t = tasks.smoke_test(target, api_key_secret=api_key_secret(workspace),
                                    model=served_model_name(preset.name))

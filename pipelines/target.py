@@ -63,7 +63,8 @@ class Target(ABC):
     @staticmethod
     def cluster(images: Images | None = None, provider: str | None = None,
                 insecure_registries: tuple[str, ...] | None = None, allow_http_datasets: bool = False,
-                dataset_block_cidrs: tuple[str, ...] = (), allow_remote_code: bool = False,
+                dataset_block_cidrs: tuple[str, ...] = (), dataset_allow_cidrs: tuple[str, ...] = (),
+                allow_remote_code: bool = False,
                 dataset_urls_secret: str | None = None) -> ClusterTarget:
         env_insecure = tuple(h for h in os.environ.get("KAIFLOW_INSECURE_REGISTRIES", "").split(",") if h)
         return ClusterTarget(
@@ -74,6 +75,7 @@ class Target(ABC):
             insecure_registries=insecure_registries if insecure_registries is not None else env_insecure,
             allow_http_datasets=allow_http_datasets,
             dataset_block_cidrs=tuple(dataset_block_cidrs),
+            dataset_allow_cidrs=tuple(dataset_allow_cidrs),
             allow_remote_code=allow_remote_code,
             dataset_urls_secret=dataset_urls_secret,
         )
@@ -136,6 +138,9 @@ class ClusterTarget(Target):
     dataset_block_cidrs: tuple[str, ...] = field(default=(), metadata={
         "help": "address ranges dataset downloads may never reach besides the non-public ones "
                 "(the cluster's service and pod CIDRs when they are public addresses)"})
+    dataset_allow_cidrs: tuple[str, ...] = field(default=(), metadata={
+        "help": "address ranges dataset downloads may reach although not public (an in-house mirror the admin "
+                "names; fetch_dataset --allow-cidr)"})
     training_config_text: str | None = field(default=None, metadata={
         "help": "the training_config.yaml of tuning.config's ConfigMap, carried inside the Workflow (a raw input "
                 "artifact at the path the ConfigMap volume would have used) instead of mounting the ConfigMap: "

@@ -402,7 +402,8 @@ def fetch_dataset(target: Target, *, urls: Sequence[str], max_bytes: str | None 
         # addresses only, checked at every connection (steps/fetch_dataset/egress.py), and the
         # install's NetworkPolicy (kaiflow-dataset-egress) selects the pod by this label.
         args += ["--public-only", *(["--allow-http"] if target.allow_http_datasets else []),
-                 *_flag("--block-cidr", list(target.dataset_block_cidrs))]
+                 *_flag("--block-cidr", list(target.dataset_block_cidrs)),
+                 *_flag("--allow-cidr", list(target.dataset_allow_cidrs))]
         labels = {LABEL_EGRESS: EGRESS_PUBLIC}
     return _step(
         target, name=name, module="fetch_dataset", args=args, outputs=[OUTPUT_DATASET_DIGEST, "summary"], retry=True,
@@ -534,8 +535,10 @@ def deploy(target: Target, *, workspace_name: str, namespace: str, preset: str,
            node_labels: Sequence[str] = (), docker_config_secret: str | None = None,
            workspace_uid: str | None = None, inputs: Iterable[str] = (), name: str = TASK_DEPLOY,
            service_env: dict[str, str] | None = None, model_access_secret: str | None = None,
-           api_key_secret: str | None = None) -> Container:
-    """``adapters`` are (NAME, STRENGTH); ``adapter_images`` NAME=IMAGE for the cluster's init container.
+           api_key_secret: str | None = None, registry_image: str | None = None) -> Container:
+    """``adapters`` are (NAME, STRENGTH); ``adapter_images`` NAME=IMAGE for the cluster's init container;
+    ``registry_image``: the literal reference whose registry decides ``--insecure`` when the images
+    are placeholders (the tuning DAG's adapter is only known once push-adapter has run).
 
     Locally the service reads the adapters the earlier tasks left under the data folder; in a
     cluster the serving pods cannot see the workflow's volume (it is gone when the workflow ends),
@@ -558,7 +561,8 @@ def deploy(target: Target, *, workspace_name: str, namespace: str, preset: str,
         if api_key_secret:
             args += ["--api-key-secret", api_key_secret]
         args += _flag("--service-env", [f"{k}={v}" for k, v in sorted((service_env or {}).items())])
-        if any(target.is_insecure(spec.split("=", 1)[-1]) for spec in adapter_images):
+        literal = [registry_image] if registry_image else [spec.split("=", 1)[-1] for spec in adapter_images]
+        if any(target.is_insecure(image) for image in literal):
             args.append("--insecure")
     else:
         assert isinstance(target, LocalTarget)

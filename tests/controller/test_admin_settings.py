@@ -54,6 +54,34 @@ def test_the_fetch_step_in_a_cluster_reaches_public_addresses_only():
     assert fetch["metadata"]["labels"][LABEL_EGRESS] == EGRESS_PUBLIC
 
 
+def test_an_admin_may_let_dataset_downloads_reach_a_named_private_range():
+    """An in-house mirror on a private address: the admin's --dataset-allow-cidr reaches the step
+    (--allow-cidr); nothing is allowed by default."""
+    args = template(decide(body(), parse(["--dataset-allow-cidr", "10.20.0.0/16"])), "fetch-dataset")["container"]["args"]
+    assert args[args.index("--allow-cidr") + 1] == "10.20.0.0/16"
+    assert "--allow-cidr" not in template(decide(body(), parse([])), "fetch-dataset")["container"]["args"]
+
+
+def test_an_adapter_tuned_into_an_insecure_registry_is_pulled_from_it_over_plain_http_too():
+    """Found by the box's end-to-end run (tests/cluster/test_end_to_end.py): the deploy task only
+    knows its adapter as a placeholder (push-adapter's output), so the Workspace's output registry
+    decides --insecure for the chat pod's pull, as it does for the push."""
+    obj = body()
+    host = obj["tuning"]["output"]["image"].split("/", 1)[0]
+    verdict = decide(obj, parse(["--insecure-registry", host]))
+    assert "--insecure" in template(verdict, "push-adapter")["container"]["args"]
+    assert "--insecure" in template(verdict, "deploy-inference")["container"]["args"]
+    assert "--insecure" not in template(decide(body(), parse([])), "deploy-inference")["container"]["args"]
+
+
+@pytest.mark.parametrize("flag", ["--dataset-allow-cidr", "--dataset-block-cidr"])
+def test_an_address_range_that_is_not_one_is_refused_at_start_naming_the_option(flag, capsys):
+    with pytest.raises(SystemExit) as exited:
+        parse([flag, "10.20.0.0/33"])
+    assert exited.value.code == 2
+    assert f"{flag}: '10.20.0.0/33' is not an address range" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("allow", "namespace", "refused"), [
     ((), "team-a", True),
     (("team-b",), "team-a", True),
