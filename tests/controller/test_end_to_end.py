@@ -7,9 +7,8 @@ Argo's controller (``tests/fixtures/argo.py`` runs the manifest the operator cre
 local runner, and writes the Workflow's status as Argo does) — there is no Argo or kubelet on
 one machine, which is also why the operator renders for ``--target local`` here.
 
-Emulator only for now: the cluster box (tests/cluster/) runs no container (kwok makes pods Running
-and nothing more), so the steps cannot really run there; issue 16's end goal, a node agent running
-Argo's pods as local processes, is not done.
+The same run on the real API server and Argo's controller, with the pods' commands run by the box's
+node agent, is tests/cluster/test_end_to_end.py; this copy is the local target's quick check.
 """
 
 from __future__ import annotations
