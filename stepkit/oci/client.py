@@ -43,6 +43,9 @@ log = logging.getLogger("kaiflow.stepkit.oci")
 # error) has a reason to be larger, so a registry sending more is refused rather than buffered.
 MAX_BODY_BYTES = 4 << 20
 ERROR_BODY_BYTES = 64 << 10
+# Blobs up to this size are hashed in the receiving thread: starting the writer thread costs more
+# than the overlap saves (an adapter's config and metadata files are a few KiB).
+THREADED_HASH_BYTES = 4 * CHUNK_BYTES
 
 T = TypeVar("T")
 
@@ -132,17 +135,20 @@ class HashingWriter:
 
     Hashing 50 MiB costs about as much as receiving it on loopback; hashlib and file writes release
     the GIL, so the two overlap instead of adding up (bench/oci_bench.py). At most four chunks wait.
+    With ``threaded=False`` (small blobs: a thread start costs more than it could overlap) the
+    chunks are hashed and written in the caller's thread.
     """
 
-    def __init__(self, out: Any) -> None:
+    def __init__(self, out: Any, threaded: bool = True) -> None:
         self._out = out
         self._hasher = hashlib.sha256()
         self._chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=4)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._drain, name="blob-writer", daemon=True)
+        self._thread = threading.Thread(target=self._drain, name="blob-writer", daemon=True) if threaded else None
 
     def __enter__(self) -> HashingWriter:
-        self._thread.start()
+        if self._thread is not None:
+            self._thread.start()
         return self
 
     def _drain(self) -> None:
@@ -157,9 +163,15 @@ class HashingWriter:
     def put(self, chunk: bytes) -> None:
         if self._error is not None:
             raise self._error
+        if self._thread is None:
+            self._hasher.update(chunk)
+            self._out.write(chunk)
+            return
         self._chunks.put(chunk)
 
     def __exit__(self, *exc: object) -> None:
+        if self._thread is None:
+            return
         self._chunks.put(None)
         self._thread.join()
         if self._error is not None and exc[0] is None:
@@ -182,8 +194,11 @@ class RegistryClient(oras.provider.Registry):
             if self.credentials is None:
                 log.warning("--docker-config %s has no entry for %s: trying anonymously",
                             self.options.docker_config, image.registry)
-        scheme_backend = self._probe_auth_scheme()
-        super().__init__(hostname=image.api_host, insecure=self.options.insecure, auth_backend=scheme_backend)
+        super().__init__(hostname=image.api_host, insecure=self.options.insecure, auth_backend="token")
+        # The probe goes through the session, so its connection is the one the next request reuses.
+        if self._probe_auth_scheme() == "basic":
+            self.auth = oras.auth.get_auth_backend("basic", self.session, self.options.insecure,
+                                                   tls_verify=self._tls_verify)
         self._bearer: str | None = None
         if self.credentials and self.credentials.basic:
             self.auth.set_basic_auth(self.credentials.username, self.credentials.password)
@@ -212,12 +227,20 @@ class RegistryClient(oras.provider.Registry):
 
         def probe() -> requests.Response:
             try:
-                response = requests.get(url, timeout=self.options.timeout_s, stream=True)
+                response = self.session.get(url, timeout=self.options.timeout_s, stream=True, verify=self._tls_verify)
             except requests.exceptions.SSLError as exc:
                 raise RegistryError(f"TLS error talking to registry {self.image.registry}: {exc.__class__.__name__}"
                                     " (use --insecure only for a plain-http registry)") from None
             except requests.RequestException as exc:
                 raise TransientError(f"{exc.__class__.__name__} connecting to {url}") from None
+            # A short body read to its end puts the connection back in the pool (the next request
+            # reuses it); any other is dropped unread.
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) <= ERROR_BODY_BYTES:
+                try:
+                    response.content  # noqa: B018 - reads the declared bytes, then releases the connection
+                except requests.RequestException:
+                    pass
             response.close()
             if response.status_code >= 500 or response.status_code == 429:
                 raise TransientError(f"HTTP {response.status_code} from {url}")
@@ -438,7 +461,7 @@ class RegistryClient(oras.provider.Registry):
             response = self.check(self.do_request(f"{self.base_url}/blobs/{digest}", "GET", stream=True),
                                   f"downloading blob {digest[:19]}", ok=(200,))
             try:
-                with response, open(partial, "wb") as out, HashingWriter(out) as sink:
+                with response, open(partial, "wb") as out, HashingWriter(out, threaded=size > THREADED_HASH_BYTES) as sink:
                     for chunk in response.iter_content(chunk_size=CHUNK_BYTES):
                         received += len(chunk)
                         if received > size:
