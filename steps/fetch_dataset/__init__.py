@@ -58,7 +58,7 @@ from stepkit.common import (
     write_output,
 )
 from steps.fetch_dataset.arrow import canonical
-from steps.fetch_dataset.buffers import arrow_booleans, arrow_integers
+from steps.fetch_dataset.buffers import arrow_integers
 from steps.fetch_dataset.splits import SplitWriter, temporary_path
 from steps.fetch_dataset.kaito_dataset_config import ColumnMapping, DatasetSettings, read_dataset_config
 from steps.fetch_dataset.download import Fetched, fetch, safe_name
@@ -194,10 +194,14 @@ class _FileRows:
                     positions.append(position)
                     found.append(result[0])
                     self.tokens += result[1]
+        if not found:  # the usual case: bad rows dropped by the same take that splits the batch
+            picked = np.flatnonzero(good)
+            self.writer.add(values, first_row + picked, sizes[picked], self.file_index, index=picked)
+            return
         parts, kept = [], []
         if good.any():
             kept.append(np.flatnonzero(good))
-            parts.append(values.filter(arrow_booleans(good)))
+            parts.append(values.take(arrow_integers(kept[-1])))
         if found:
             kept.append(np.array(positions, dtype=np.int64))
             parts.append(pa.array(found, type=self.writer.type))

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from steps.fetch_dataset.buffers import arrow_booleans
+from steps.fetch_dataset.buffers import arrow_integers
 
 ROW_GROUP_BYTES = 8 << 20
 ROW_GROUP_ROWS = 64 * 1024
@@ -120,18 +120,25 @@ class SplitWriter:
         self.counts = {"train": 0, "eval": 0}
         self._worker = _Worker()
 
-    def add(self, values: Any, rows: Any, sizes: Any, file_index: int) -> None:
-        """``values[i]`` is row ``rows[i]`` of file ``file_index``, ``sizes[i]`` its decoded bytes."""
-        if not len(values):
+    def add(self, values: Any, rows: Any, sizes: Any, file_index: int, index: Any = None) -> None:
+        """``values[i]`` is row ``rows[i]`` of file ``file_index``, ``sizes[i]`` its decoded bytes; with
+        ``index`` (numpy integers, ascending), ``values[index[i]]`` is: the rows are picked from
+        ``values`` by the same ``take`` that splits them, so they are copied once."""
+        import numpy as np
+
+        if not len(rows):
             return
         evaluation = eval_mask(self.seed, file_index, rows, self.eval_fraction)
-        if not evaluation.any():
-            self._append("train", values, int(sizes.sum()))
-            return
-        self._append("eval", values.filter(arrow_booleans(evaluation)), int(sizes[evaluation].sum()))
+        if index is None:
+            if not evaluation.any():
+                self._append("train", values, int(sizes.sum()))
+                return
+            index = np.arange(len(rows))
+        if evaluation.any():
+            self._append("eval", values.take(arrow_integers(index[evaluation])), int(sizes[evaluation].sum()))
         train = ~evaluation
         if train.any():
-            self._append("train", values.filter(arrow_booleans(train)), int(sizes[train].sum()))
+            self._append("train", values.take(arrow_integers(index[train])), int(sizes[train].sum()))
 
     def _append(self, split: str, values: Any, size: int) -> None:
         self._chunks[split].append(values)
