@@ -91,9 +91,11 @@ def test_blobs_larger_than_the_answer_cap_round_trip(oci_registry, tmp_path):
     assert_same_files(tmp_path / "d" / "l", adapter)
 
 
-def test_corrupt_blob_in_registry_storage_is_refused(registry_factory, tmp_path):
+# 64 KiB is hashed in the receiving thread, 6 MiB on the writer thread (stepkit.oci.client.THREADED_HASH_BYTES)
+@pytest.mark.parametrize("weights_bytes", [64 * 1024, 6 << 20])
+def test_corrupt_blob_in_registry_storage_is_refused(registry_factory, tmp_path, weights_bytes):
     registry = registry_factory()
-    adapter = make_adapter_dir(tmp_path / "adapter", seed=7)
+    adapter = make_adapter_dir(tmp_path / "adapter", seed=7, weights_bytes=weights_bytes)
     push_dir(registry, adapter, "adapters/tampered")
     digest = file_descriptor(adapter / "adapter_model.safetensors", "x")["digest"].removeprefix("sha256:")
     stored = registry.storage / "docker/registry/v2/blobs/sha256" / digest[:2] / digest / "data"
