@@ -97,17 +97,23 @@ def test_per_request_adapters_keep_fp32_deltas_around_an_int8_base(tiny_model_pa
     quantize_int8(model)
     layer = model.model.layers[0].self_attn.q_proj
     assert isinstance(layer.base, torch.ao.nn.quantized.dynamic.Linear)
-    assert layer.a.dtype == layer.b.dtype == torch.float32 and layer.a[1].abs().sum() > 0
-    x = torch.randn(3, 1, layer.a.shape[1], generator=torch.Generator().manual_seed(0))
-    router.select([None, None, None])
-    base_out = layer(x)
-    router.select([None, "alpha", "beta"])
-    with torch.inference_mode():
-        delta = layer(x) - base_out
-    for row, index in enumerate((0, 1, 2)):
-        expected = x[row] @ layer.a[index] @ layer.b[index]
-        torch.testing.assert_close(delta[row], expected, rtol=1e-5, atol=1e-5)
-    assert delta[0].abs().max() == 0
+    assert layer.a.dtype == layer.b.dtype == torch.float32 and layer.adapter_weights(1)[0].abs().sum() > 0
+    # a decode step (one token per row), a prefill (several) and rows without a batch dimension;
+    # batches with both adapters, with one of them, with base-model rows in between
+    for shape in ((3, 1, layer.a.shape[0]), (3, 4, layer.a.shape[0]), (3, layer.a.shape[0])):
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+        router.select([None, None, None])
+        base_out = layer(x)
+        for adapters in ([None, "alpha", "beta"], [None, "beta", "beta"], ["alpha", None, "alpha"]):
+            router.select(adapters)
+            with torch.inference_mode():
+                delta = layer(x) - base_out
+            for row, name in enumerate(adapters):
+                if name is None:
+                    assert delta[row].abs().max() == 0
+                    continue
+                a, b = layer.adapter_weights(1 + ("alpha", "beta").index(name))
+                torch.testing.assert_close(delta[row], x[row] @ a @ b, rtol=1e-5, atol=1e-5)
 
 
 def test_merged_adapters_are_merged_first_then_quantized(tiny_model_path, tiny_adapters):
