@@ -234,9 +234,11 @@ class RegistryClient(oras.provider.Registry):
             except requests.RequestException as exc:
                 raise TransientError(f"{exc.__class__.__name__} connecting to {url}") from None
             # A short body read to its end puts the connection back in the pool (the next request
-            # reuses it); any other is dropped unread.
+            # reuses it); any other is dropped unread. Only an unencoded one: a compressed body could
+            # expand far past its Content-Length.
             declared = response.headers.get("Content-Length", "")
-            if declared.isdigit() and int(declared) <= ERROR_BODY_BYTES:
+            encoding = response.headers.get("Content-Encoding", "").strip().lower()
+            if declared.isdigit() and int(declared) <= ERROR_BODY_BYTES and encoding in ("", "identity"):
                 try:
                     response.content  # noqa: B018 - reads the declared bytes, then releases the connection
                 except requests.RequestException:
