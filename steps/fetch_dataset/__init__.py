@@ -7,7 +7,8 @@ capped, hashed, one retry policy). Its file type comes from the URL's extension,
 ``DatasetConfig.dataset_extension``, else the response's content type, else the first bytes.
 ``steps.fetch_dataset.readers`` then streams the rows in batches with the decoded bytes capped per row,
 in total and per byte of file (``--max-row-bytes``, ``--max-decoded-bytes``, ``--max-expansion``),
-so neither a large file nor a decompression bomb is ever held in memory. Each batch is checked
+so neither a large file nor a decompression bomb is ever held in memory; Arrow batches are decoded
+up to two ahead on a reader thread (``readers.read_ahead``). Each batch is checked
 and normalised with Arrow compute where its format and types allow (``messages``, ``prompt`` +
 ``completion``, ``text``: ``steps.fetch_dataset.arrow``); the rows it does not settle go through
 ``formats.normalise_row`` one by one, and the batch goes on as one Arrow array, in row order. The
@@ -65,7 +66,8 @@ from steps.fetch_dataset.download import Fetched, fetch, safe_name
 from steps.fetch_dataset.formats import (FORMAT_COLUMNS, FORMAT_KIND, BadRow, UnknownFormat, detect_format, estimate_tokens,
                                          normalise_row, shown_columns)
 from steps.fetch_dataset.egress import EgressPolicy, Resolver, system_resolver
-from steps.fetch_dataset.readers import BATCH_BYTES, BATCH_ROWS, DecodedBudget, Limits, Reader, byte_slices, file_type
+from steps.fetch_dataset.readers import (BATCH_BYTES, BATCH_ROWS, DecodedBudget, Limits, Reader, byte_slices, file_type,
+                                         read_ahead)
 from stepkit.redaction import install_log_redaction, redact_text, redact_url
 
 log = logging.getLogger("kaiflow.steps.fetch_dataset")
@@ -334,8 +336,12 @@ def _fetch_dataset(config: FetchConfig, downloads: Path) -> dict[str, Any]:
             shown = redact_url(item.url)
             counted = _FileRows(writer, fmt, settings.mapping, file_index, shown, bad_examples)
             if reader.arrow:
-                for first_row, batch, sizes in reader.batches(columns):
-                    counted.batch(batch, first_row, sizes)
+                batches = read_ahead(reader.batches(columns))
+                try:
+                    for first_row, batch, sizes in batches:
+                        counted.batch(batch, first_row, sizes)
+                finally:
+                    batches.close()
             else:
                 counted.python_rows(reader.rows(columns))
             rows, bad = counted.rows, counted.bad
