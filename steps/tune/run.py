@@ -189,9 +189,13 @@ def tune(cfg: TuneConfig, ranks: Ranks = Ranks()) -> dict[str, Any]:
         seq_len=int(plan.training.max_length),
         lora_r=int(plan.lora.r),
         gradient_checkpointing=bool(plan.training.gradient_checkpointing),
+        device=device,
+        lora_dropout=float(plan.lora.lora_dropout or 0.0),
     )
     if ranks.is_writer:
-        log.info("memory estimate per process (GPU sizing, presets.sizing): %s", estimate.describe())
+        log.info("plan: %s", describe_step(plan))
+        log.info("memory estimate per process (presets.sizing, %s): %s",
+                 "peak RSS of this CPU process" if device == "cpu" else "one GPU", estimate.describe())
         parallel = plan.record["parallel"]
         log.info("batch: %d packed sequences per optimizer step = %d processes × %d per process × %d accumulation",
                  parallel["global_batch"], parallel["processes"], parallel["per_process_batch"],
@@ -275,7 +279,7 @@ def tune(cfg: TuneConfig, ranks: Ranks = Ranks()) -> dict[str, Any]:
                             "parts": estimate.parts, "settings": estimate.settings, "per": "process"},
     }
     log.info(
-        "peak memory measured: %.2f GiB (%s); estimate for a GPU: %.2f GiB",
+        "peak memory measured: %.2f GiB (%s); estimated: %.2f GiB",
         metrics["peak_memory_bytes"] / 1024**3, metrics["peak_memory_kind"], estimate.total_gib,
     )
     info = {
@@ -296,6 +300,23 @@ def tune(cfg: TuneConfig, ranks: Ranks = Ranks()) -> dict[str, Any]:
     if repeats.repeats:
         log.info("library warnings: %d repeats of %d distinct ones not shown again", repeats.repeats, len(repeats.seen))
     return info
+
+
+def describe_step(plan) -> str:
+    """One line: what a training step carries and keeps (the inputs of the memory estimate)."""
+    args = plan.training
+    rows = int(args.per_device_train_batch_size)
+    # trl flattens bfd-packed batches into one padding-free row (SFTTrainer.padding_free)
+    padding_free = args.padding_free or (args.packing and args.packing_strategy in ("bfd", "bfd_split"))
+    if args.packing:
+        shape = (f"{rows} packed row{'s' if rows > 1 else ''} × {args.max_length} tokens "
+                 f"({args.packing_strategy}{', padding-free' if padding_free else ''})")
+    else:
+        shape = f"{rows} row{'s' if rows > 1 else ''} of up to {args.max_length} tokens, padded, no packing"
+    return (f"batch {shape} per step × {args.gradient_accumulation_steps} accumulation; "
+            f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; "
+            f"attention {plan.model_kwargs.get('attn_implementation')}; LoRA r={plan.lora.r} "
+            f"dropout {plan.lora.lora_dropout}; {plan.dtype} compute on {plan.device}")
 
 
 def last_eval(history: list[dict]) -> dict | None:
