@@ -1,4 +1,4 @@
-"""GPU memory estimates, computed from a preset's architecture rather than guessed.
+"""Memory estimates (a GPU's, or a CPU tune's RSS), computed from a preset's architecture rather than guessed.
 
 Inference (one replica, weights in the preset's dtype)::
 
@@ -7,18 +7,28 @@ Inference (one replica, weights in the preset's dtype)::
     logits   = B × V × 4                                     (last position, fp32)
     total    = (weights + kv_cache + logits) × 1.10 + 1 GiB  (allocator slack, CUDA context)
 
-Tuning (one GPU; the base is frozen, only LoRA matrices train)::
+Tuning (one process: one GPU, or the CPU host; the base is frozen, only LoRA matrices train)::
 
-    base      = P_lin × 4.127/8 + P_emb × 2   (qlora: NF4 + double-quant scales; embeddings/lm_head bf16)
-              = P × 2                         (lora: bf16 base)
+    base      = P_lin × 4.127/8 + P_emb × b   (qlora: NF4 + double-quant scales; embeddings/lm_head in b)
+              = P × b                         (lora)
     lora      = Σ_layers Σ_targets r × (d_in + d_out)
     trainable = lora × (4 + 4 + 8)            (fp32 weights, grads, AdamW m and v)
-    acts      = L × B × S × h × 2 + 34 × B × S × h         (gradient checkpointing: one input per
+    acts      = (L × B × S × h × 2 + 34 × B × S × h) × b/2 (gradient checkpointing: one input per
                                                           layer, one layer recomputed at a time)
-              = L × 34 × B × S × h                        (no checkpointing; Korthikanti et al.
+              = L × 34 × B × S × h × b/2                  (no checkpointing; Korthikanti et al.
                                                           2022, with fused/SDPA attention)
+              + L' × B × S × Σ_targets d_in × (b + 1)      (LoRA dropout > 0: each adapted layer's
+                                                          input copied and its mask kept; L' = L,
+                                                          1 with checkpointing)
     logits    = B × S × V × 4 × 2             (fp32 logits and their gradient)
-    total     = (base + trainable + acts + logits) × 1.10 + 1 GiB
+    total     = (base + trainable + acts + logits) × 1.10 + 1 GiB                 (GPU)
+              = (base + trainable) × 1.10 + (acts + logits) × 1.7 + 0.85 GiB   (CPU)
+
+b = 2 on a GPU (bf16/fp16), 4 on a CPU (fp32). B × S are the tokens of one step: with packing every
+row holds S tokens, so B × S is what a step really carries. 1 GiB is the CUDA context; on a CPU
+0.85 GiB is the Python process with torch, transformers, trl and peft loaded, and ×1.7 the freed
+temporaries of the forward that the C allocator keeps (both measured). On a CPU the estimate is of
+the process's peak RSS (``bench/tune_bench.py`` prints it beside the measured one).
 
 P: parameters, L: layers, h: hidden size, V: vocabulary, B: batch, S: sequence length, T: context
 tokens held in the KV cache, b: bytes per element. docs/reference/gpu-sizing.md compares these with the
@@ -37,6 +47,15 @@ from presets.catalog import Preset, generic_preset
 
 GIB = 1024**3
 CUDA_CONTEXT = 1 * GIB
+# A CPU tune's process before any weights: Python, torch, transformers, trl, peft, bitsandbytes
+# (RSS 0.83 GiB measured with torch 2.13, transformers 5.25, trl 1.16).
+CPU_RUNTIME = int(0.85 * GIB)
+# On a CPU the RSS also holds the forward's freed temporaries, which glibc keeps for reuse rather
+# than returning (RSS grew ~1.8 bytes per byte saved for the backward): ×1.7 on the per-step parts,
+# fitted to the 2.40 GiB peak RSS steps.tune measured for SmolLM2-135M QLoRA, one packed row of 512.
+CPU_ACTIVATION_SLACK = 1.7
+PER_STEP_PARTS = ("activations", "logits")
+DEVICES = ("cuda", "cpu")
 SLACK = 1.10
 NF4_BITS_PER_PARAM = 4.127  # 4-bit codes + 8-bit absmax per 64 + fp32 scale per 256 (double quant)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -52,12 +71,21 @@ ASSUMED_VOCAB = 262_144
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    parts: dict[str, int] = field(metadata={"help": "bytes per component, before slack and CUDA context"})
+    parts: dict[str, int] = field(metadata={"help": "bytes per component, before slack and runtime"})
     settings: dict[str, object] = field(default_factory=dict, metadata={"help": "the inputs the estimate assumed"})
 
     @property
+    def runtime_bytes(self) -> int:
+        """What the process holds before any model: the CUDA context, or on a CPU the loaded libraries."""
+        return CPU_RUNTIME if self.settings.get("device") == "cpu" else CUDA_CONTEXT
+
+    @property
     def total_bytes(self) -> int:
-        return int(sum(self.parts.values()) * SLACK + CUDA_CONTEXT)
+        if self.settings.get("device") != "cpu":
+            return int(sum(self.parts.values()) * SLACK + self.runtime_bytes)
+        per_step = sum(v for k, v in self.parts.items() if k in PER_STEP_PARTS)
+        rest = sum(v for k, v in self.parts.items() if k not in PER_STEP_PARTS)
+        return int(rest * SLACK + per_step * CPU_ACTIVATION_SLACK + self.runtime_bytes)
 
     @property
     def total_gib(self) -> float:
@@ -65,6 +93,9 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.parts.items())
+        if self.settings.get("device") == "cpu":
+            return (f"≈{self.total_gib:.1f} GiB of RSS ({parts} GiB; ×{CPU_ACTIVATION_SLACK} on activations and logits, "
+                    f"×{SLACK} on the rest, + {CPU_RUNTIME / GIB:.2f} GiB of loaded libraries)")
         return f"≈{self.total_gib:.1f} GiB ({parts} GiB; ×{SLACK} slack + 1 GiB CUDA context)"
 
 
@@ -170,21 +201,37 @@ def estimate_tuning(
     seq_len: int = DEFAULT_TUNING_SEQ,
     lora_r: int = DEFAULT_LORA_R,
     gradient_checkpointing: bool = True,
+    *,
+    device: str = "cuda",
+    lora_dropout: float = 0.0,
 ) -> MemoryEstimate:
+    """One tuning process's peak memory: a GPU's (``device="cuda"``, 16-bit) or a CPU host's RSS (fp32).
+
+    ``batch_size × seq_len`` are the tokens of one step (packed rows are full); the activations
+    are those kept for the backward, with or without ``gradient_checkpointing``.
+    """
     if method not in ("lora", "qlora"):
         raise ValueError(f"method must be lora or qlora (got {method!r})")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)} (got {device!r})")
     _require_sized(preset)
+    b = 4 if device == "cpu" else 2  # bytes per weight / activation element: fp32 on a CPU, bf16/fp16 on a GPU
     emb = embedding_parameters(preset)
     if method == "qlora":
-        base = int(max(preset.params - emb, 0) * NF4_BITS_PER_PARAM / 8 + emb * 2)
+        base = int(max(preset.params - emb, 0) * NF4_BITS_PER_PARAM / 8 + emb * b)
     else:
-        base = preset.params * 2
+        base = preset.params * b
     tokens = batch_size * seq_len
     h = preset.hidden_size
     if gradient_checkpointing:
-        activations = preset.layers * tokens * h * 2 + 34 * tokens * h
+        activations = (preset.layers * tokens * h * 2 + 34 * tokens * h) * b // 2
     else:
-        activations = preset.layers * 34 * tokens * h
+        activations = preset.layers * 34 * tokens * h * b // 2
+    if lora_dropout > 0:
+        shapes = _module_shapes(preset)
+        inputs = sum(shapes[t][0] for t in _target_names(preset.lora_target_modules, shapes))
+        layers_kept = 1 if gradient_checkpointing else preset.layers
+        activations += layers_kept * tokens * inputs * (b + 1)
     parts = {
         "base_weights": base,
         "lora_trainable": lora_parameters(preset, lora_r) * 16,
@@ -197,6 +244,8 @@ def estimate_tuning(
         "seq_len": seq_len,
         "lora_r": lora_r,
         "gradient_checkpointing": gradient_checkpointing,
+        "device": device,
+        "lora_dropout": lora_dropout,
     }
     return MemoryEstimate(parts, settings)
 

@@ -110,3 +110,29 @@ def test_every_automatic_tuning_pick_is_one_gpu():
                 assert pick_instance(p, method).gpus == 1, (p.name, method)
             except ValueError:
                 pass
+
+
+def test_tuning_estimate_counts_what_the_batch_packing_and_checkpointing_keep():
+    p = get_preset("smollm2-135m-instruct")
+
+    def est(**kw):
+        return estimate_tuning(p, "qlora", **{"batch_size": 1, "seq_len": 512, "gradient_checkpointing": False,
+                                              "device": "cpu", **kw})
+
+    one = est()
+    # no checkpointing: every layer's activations for the step's B × S tokens, fp32 on a CPU
+    assert one.parts["activations"] == 30 * 34 * 512 * 576 * 4 // 2
+    assert one.parts["logits"] == 512 * 49152 * 4 * 2
+    two = est(batch_size=2)  # a second packed row doubles what a step keeps, not the weights
+    assert two.parts["activations"] == 2 * one.parts["activations"] and two.parts["base_weights"] == one.parts["base_weights"]
+    assert est(gradient_checkpointing=True).parts["activations"] < one.parts["activations"] / 10
+    # LoRA dropout keeps a copy of every adapted layer's input (6 × h + intermediate) and its mask
+    assert est(lora_dropout=0.05).parts["activations"] - one.parts["activations"] == 30 * 512 * (6 * 576 + 1536) * 5
+    # a CPU estimate is of the process's RSS: fp32 elements, the libraries instead of a CUDA context
+    gpu = estimate_tuning(p, "qlora", 1, 512, gradient_checkpointing=False)
+    assert gpu.parts["activations"] * 2 == one.parts["activations"] and one.total_bytes > gpu.total_bytes - GIB
+    assert "RSS" in one.describe() and "CUDA" in gpu.describe()
+    # measured on this CPU: 2.40 GiB peak RSS for this plan (docs/reference/gpu-sizing.md)
+    assert 2.2 * GIB < one.total_bytes < 2.7 * GIB
+    with pytest.raises(ValueError):
+        estimate_tuning(p, "qlora", device="tpu")
