@@ -8,8 +8,7 @@ local runner, and writes the Workflow's status as Argo does) — there is no Arg
 one machine, which is also why the operator renders for ``--target local`` here.
 
 The same run on the real API server and Argo's controller, with the pods' commands run by the box's
-pod runtime (tests/fixtures/pod_runtime.py), is tests/cluster/test_end_to_end.py of commit ba4ff1c,
-taken out until it passes from a checkout under /tmp too (docs/testing.md).
+pod runtime (tests/fixtures/pod_runtime.py), is tests/cluster/test_end_to_end.py (docs/testing.md).
 """
 
 from __future__ import annotations
