@@ -6,6 +6,7 @@ scored with exactly the tokenisation, template, packing and precision it was tra
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 
@@ -88,8 +89,6 @@ def release_weights_file(model) -> None:
     mapping; that alone keeps every page of the fp32 file that quantising read resident in this
     process (SmolLM2-135M: 420 MiB of a 540 MiB file, for 130 MiB of tensors).
     """
-    import gc
-
     import torch
 
     with torch.no_grad():
