@@ -38,7 +38,7 @@ def test_two_replicas_one_active_handover_within_30s_and_no_workflow_twice(insta
     box = installed
     kubeconfig = box.service_account_kubeconfig("kaiflow-controller", "kaiflow-system")
     lease = f"kaiflow-controller-{tenant}"
-    args = ("--resync-s", "5", "--provider", "karpenter", "--namespace", tenant,
+    args = ("--resync-s", "2", "--provider", "karpenter", "--namespace", tenant, "--verbose",
             "--leader-elect", "--lease-namespace", "kaiflow-system", "--lease-name", lease)
     first = start_controller(None, *args, kubeconfig=kubeconfig, name="replica-a")
     second = start_controller(None, *args, kubeconfig=kubeconfig, name="replica-b")
@@ -64,7 +64,7 @@ def test_two_replicas_one_active_handover_within_30s_and_no_workflow_twice(insta
                    detail=standby.log)
         handover = time.monotonic() - killed
         assert handover <= HANDOVER_S + 5, handover  # Lease taken (<= 30 s, waited above) and the operator working
-        time.sleep(12)  # two resyncs of the new leader over both Workspaces
+        standby.wait_resyncs(tenant, "leader-a", "leader-b")  # the new leader looked at both again
         assert len(_workflows(box, tenant, "leader-a")) == 1  # adopted, not made again
         assert len(_workflows(box, tenant, "leader-b")) == 1
 

@@ -48,7 +48,8 @@ def gpu_node(cluster_box):
 
 def start_operator(installed, start_controller, *args, kubeconfig=None):
     kubeconfig = kubeconfig or installed.service_account_kubeconfig("kaiflow-controller", "kaiflow-system")
-    return start_controller(None, "--resync-s", "2", "--provider", "karpenter", *args, kubeconfig=kubeconfig)
+    return start_controller(None, "--resync-s", "2", "--provider", "karpenter", "--verbose", *args,
+                            kubeconfig=kubeconfig)
 
 
 # ------------------------------------------------------------------------------- item 2
@@ -69,7 +70,7 @@ def test_a_generation_runs_once_after_argos_ttl_deletes_its_workflow_and_reruns_
                timeout=240, what="the run to succeed", detail=operator.log)
     wait_until(lambda: not workflows(box, tenant), timeout=120, what="Argo's TTL to delete the Workflow",
                detail=operator.log)
-    time.sleep(12)  # six resyncs of the operator
+    operator.wait_resyncs(tenant, name)  # the operator looked at the Workspace again (the passes counted)
     assert workflows(box, tenant) == [], "the operator made the generation's Workflow again"
     record = status(box, tenant, name)["pipeline"]
     assert (record["name"], record["generation"], record["run"]) == (first_name, 1, 1), record
@@ -83,7 +84,7 @@ def test_a_generation_runs_once_after_argos_ttl_deletes_its_workflow_and_reruns_
     assert status(box, tenant, name)["pipeline"]["rerunToken"] == "again-1"
     wait_until(lambda: not workflows(box, tenant), timeout=240, what="the re-run to finish and be deleted",
                detail=operator.log)
-    time.sleep(8)
+    operator.wait_resyncs(tenant, name)
     assert workflows(box, tenant) == []
 
 
@@ -114,7 +115,7 @@ def test_a_failed_run_is_retried_after_the_back_off_the_status_shows_up_to_the_c
 
     record = wait_until(exhausted, timeout=240, what="the cap reached", detail=operator.log)
     assert "nextRetryAt" not in record and "2 of 2 attempts" in record["retry"], record
-    time.sleep(8)
+    operator.wait_resyncs(tenant, name)
     assert len(workflows(box, tenant)) == 2, [w["metadata"]["name"] for w in workflows(box, tenant)]
 
 
@@ -155,7 +156,7 @@ def test_same_named_workflow_and_cron_workflow_of_someone_else_are_left_alone(
                            == "PipelineNameTaken" or None, timeout=60, what=f"{ws} refused", detail=operator.log)
         assert found
     assert "not made by kaiflow" in conditions(box, tenant, "once")["WorkspaceSucceeded"]["message"]
-    time.sleep(5)
+    operator.wait_resyncs(tenant, "nightly", "once")
     cron = box.get("cronworkflow", "nightly-tuning", tenant)
     assert cron["spec"]["schedule"] == "0 0 1 1 *" and "app.kubernetes.io/managed-by" not in cron["metadata"]["labels"]
     assert box.get("workflow", "once-tuning-1", tenant)["metadata"]["uid"] == before

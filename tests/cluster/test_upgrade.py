@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import yaml
@@ -47,7 +46,7 @@ def test_an_upgrade_keeps_every_workspace_and_its_running_workflow(installed, te
                                                                    tmp_path):
     box = installed
     kubeconfig = box.service_account_kubeconfig("kaiflow-controller", "kaiflow-system")
-    args = ("--resync-s", "5", "--provider", "karpenter", "--namespace", tenant)
+    args = ("--resync-s", "2", "--provider", "karpenter", "--namespace", tenant, "--verbose")
     old = start_controller(None, *args, kubeconfig=kubeconfig, name="before-upgrade")
     hold = threading.Event()
     argo_agent.script(tenant, "provision-nodes", Outcome(outputs={"nodes": '["n"]', "provider": "karpenter"}), hold=hold)
@@ -69,7 +68,7 @@ def test_an_upgrade_keeps_every_workspace_and_its_running_workflow(installed, te
             "registry.example/kaiflow/kaiflow-controller:0.2.0"
         old.stop()
         new = start_controller(None, *args, kubeconfig=kubeconfig, name="after-upgrade")
-        time.sleep(15)  # the new operator starts and resyncs (every 5 s) the Workspace at least twice
+        new.wait_resyncs(tenant, "upgrade-a")  # the new operator started and looked at the Workspace again
         assert new.process.poll() is None, new.log()
 
         assert box.get("workspace.kaito.sh", "upgrade-a", tenant) is not None
