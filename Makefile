@@ -12,6 +12,10 @@ export TRANSFORMERS_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := True
 export TOKENIZERS_PARALLELISM := false
 PYTEST_ARGS ?=
+# `make test` runs pytest in this many worker processes (pytest-xdist): the cluster box's tests
+# (tests/cluster/, one box) in one worker, every other test file whole in either (docs/testing.md).
+# PYTEST_WORKERS=0 runs the suite in one process.
+PYTEST_WORKERS ?= 2
 # Where pip takes torch==2.13.0 from. Empty (the default): PyPI, whose build is the multi-GB CUDA one
 # (it runs on the CPU; its wheels are kept in WHEELHOUSE, so only the first install per machine
 # downloads them). For the CPU one: make demo TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -53,7 +57,7 @@ cluster-tools:
 	bash tools/cluster/build.sh
 
 test: install system-deps cluster-tools
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # The cluster box's tests (tests/cluster/) with Argo Workflows v3.6.18 instead of v3.7.9: its
 # workflow-controller, argo CLI and CRDs, built once per machine by tools/cluster/build-argo.sh
