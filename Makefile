@@ -62,7 +62,7 @@ cluster-tools:
 	bash tools/cluster/build.sh
 
 test: install system-deps cluster-tools
-	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The cluster box's tests (tests/cluster/) with Argo Workflows v3.6.18 instead of v3.7.9: its
 # workflow-controller, argo CLI and CRDs, built once per machine by tools/cluster/build-argo.sh
