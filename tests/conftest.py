@@ -11,6 +11,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# In a worker of `pytest -n 2` (make test) the other worker keeps the second core busy: torch (and
+# the tune/serve processes a test starts, which inherit this) take one thread each, as on a shared
+# node; with two OpenMP threads per process on two shared cores, each waits on a descheduled sibling
+# (docs/reference/benchmarks.md, "torch threads").
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # Every module in tests/fixtures/ is a pytest plugin: a fixture that starts a real service
 # (registry, Kubernetes API emulator, ARM endpoint, Bento server) lives in one place there. The
 # plain helpers the plugins import (no fixtures) are not: a plugin importing one before pytest
