@@ -51,14 +51,19 @@ def test_argo_fails_a_run_past_its_deadline_and_the_condition_names_it(installed
     kubeconfig = box.service_account_kubeconfig("kaiflow-controller", "kaiflow-system")
     operator = start_controller(None, "--resync-s", "5", "--provider", "karpenter", "--namespace", tenant,
                                 "--max-attempts", "1", kubeconfig=kubeconfig)
-    hold = threading.Event()
-    argo_agent.script(tenant, "provision-nodes", Outcome(outputs={"nodes": '["n"]', "provider": "karpenter"}))
+    hold, provisioned = threading.Event(), threading.Event()
+    # provision-nodes ends once the operator's NodeClaims exist, as the real task (--wait-only) does:
+    # the operator requests them at each refresh while the task waits, and no more once it is done.
+    argo_agent.script(tenant, "provision-nodes", Outcome(outputs={"nodes": '["n"]', "provider": "karpenter"}),
+                      hold=provisioned)
     argo_agent.script(tenant, "tune", Outcome(), hold=hold)
     box.apply(workspace_file("kaito_workspace_tuning_phi_3.yaml", tenant, name=NAME))
     try:
         [run] = wait_until(lambda: box.list("workflows.argoproj.io", namespace=tenant), timeout=60,
                            what="the operator's Workflow", detail=operator.log)
         workflow = run["metadata"]["name"]
+        claims = wait_until(lambda: node_claims(box), timeout=60, what="the operator's NodeClaims", detail=operator.log)
+        provisioned.set()
 
         def tune_running():
             return [p for p in box.list("pods", namespace=tenant, selector=f"workflows.argoproj.io/workflow={workflow}")
@@ -74,8 +79,8 @@ def test_argo_fails_a_run_past_its_deadline_and_the_condition_names_it(installed
         assert tasks >= {"provision-nodes", "fetch-dataset", "tune"}, tasks
         # (pod names may be 253 characters; the label Argo puts the Workflow's name in may not exceed 63)
         assert all(p["metadata"]["labels"]["workflows.argoproj.io/workflow"] == workflow for p in pods)
-        claims = node_claims(box)
-        assert claims and all(c["metadata"]["labels"][LABEL_WORKSPACE] == NAME for c in claims)
+        assert all(c["metadata"]["labels"][LABEL_WORKSPACE] == NAME for c in claims)
+        assert node_claims(box)  # still there while the run goes on
 
         # Test-only: the run's deadline cut to 1 s after it started (no Workspace field sets it).
         box.kubectl("patch", "workflow", workflow, "-n", tenant, "--type=merge",
@@ -106,6 +111,7 @@ def test_argo_fails_a_run_past_its_deadline_and_the_condition_names_it(installed
         reasons = {e["reason"] for e in box.list("events", namespace=tenant) if e["involvedObject"]["name"] == NAME}
         assert {"NodesReleased", "workspaceFailed"} <= reasons, reasons
     finally:
+        provisioned.set()
         hold.set()
     # The 63-character Workspace goes; its finalizer deletes its Workflow.
     box.kubectl("delete", "wks", NAME, "-n", tenant, "--timeout=120s", timeout=150)
