@@ -11,9 +11,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# In a worker of `pytest -n 2` (make test) the other worker keeps the second core busy: torch (and
-# the tune/serve processes a test starts, which inherit this) take one thread each, as on a shared
-# node; with two OpenMP threads per process on two shared cores, each waits on a descheduled sibling
+# In a worker of `pytest -n 3` (make test) the other workers keep the cores busy: torch (and the
+# tune/serve processes a test starts, which inherit this) take one thread each, as on a shared node;
+# with two OpenMP threads per process on two shared cores, each waits on a descheduled sibling
 # (docs/reference/benchmarks.md, "torch threads").
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -28,8 +28,8 @@ pytest_plugins = sorted(
 )
 
 
-# How `make test` (`pytest -n 2 --dist loadscope --no-loadscope-reorder`) shares the tests out
-# between its two workers: every test of tests/cluster/ in one worker (one cluster box per run: it
+# How `make test` (`pytest -n 3 --dist loadscope --no-loadscope-reorder`) shares the tests out
+# between its workers: every test of tests/cluster/ in one worker (one cluster box per run: it
 # takes 15-25 s to start and holds ~2 GB), every other test file whole in one worker (its module and
 # session fixtures, a Bento server or a trained adapter, made once). xdist's own `loadgroup` would
 # do it with marks, but with pytest 9.2 it no longer can (xdist 3.8 renames `item._nodeid`, which
