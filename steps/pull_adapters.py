@@ -45,6 +45,7 @@ pipeline retries the step); bad input, 4xx, rejected credentials and corrupt blo
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import ctypes
 import errno
 import gzip
@@ -106,6 +107,7 @@ DEFAULT_MAX_BYTES = 4 << 30
 # tarfile keeps every member header in memory (~1 KB each); an adapter has a handful of files, a
 # distroless base layer a few thousand entries.
 MAX_LAYER_ENTRIES = 20_000
+PARALLEL_BLOBS = 4  # small blobs fetched beside the largest one
 WHITEOUT = ".wh."
 OPAQUE_WHITEOUT = ".wh..wh..opq"
 GZIP_MAGIC = b"\x1f\x8b"
@@ -459,6 +461,38 @@ def _replace_dir(staging: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _download_all(client: RegistryClient, layers: list[dict], cache: BlobCache, max_bytes: int) -> dict[str, Path]:
+    """Fetch the distinct blobs ``layers`` name into the cache, concurrently; digest -> path.
+
+    The largest is streamed in this thread, the small ones (config, adapter_config.json, ...) at
+    the same time on other connections: each costs a registry round trip, not bandwidth, so
+    fetched one after another they add their latencies to the pull (bench/oci_bench.py). Every
+    blob is checked as before (size cut-off, sha256); the first error is raised once all have
+    stopped, so no download outlives the pull.
+    """
+    ordered = sorted(layers, key=lambda layer: layer["size"], reverse=True)
+
+    def fetch(layer: dict) -> Path:
+        return client.download_blob_verified(layer, cache.blob_path(layer["digest"]), max_bytes=max_bytes)
+
+    if len(ordered) == 1:
+        return {ordered[0]["digest"]: fetch(ordered[0])}
+    results: dict[str, Path] = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(PARALLEL_BLOBS, len(ordered) - 1),
+                                               thread_name_prefix="blob") as pool:
+        others = {pool.submit(fetch, layer): layer["digest"] for layer in ordered[1:]}
+        try:
+            results[ordered[0]["digest"]] = fetch(ordered[0])
+        except BaseException:
+            for future in others:
+                future.cancel()
+            concurrent.futures.wait(others)
+            raise
+        for future in concurrent.futures.as_completed(others):
+            results[others[future]] = future.result()
+    return results
+
+
 def pull_adapter(name: str, image: ImageRef, dest: Path, cache: BlobCache, options: RegistryOptions,
                  max_bytes: int = DEFAULT_MAX_BYTES) -> PulledAdapter:
     manifest, digest, client = resolve_manifest(image, cache, options, None)
@@ -467,17 +501,22 @@ def pull_adapter(name: str, image: ImageRef, dest: Path, cache: BlobCache, optio
     if declared > max_bytes:
         raise RegistryError(f"{image}: its layers declare {declared} bytes, more than --max-bytes {max_bytes}")
     downloaded = cached = 0
-    blobs: list[tuple[dict, Path]] = []
+    found: dict[str, Path] = {}
+    missing: dict[str, dict] = {}  # digest -> descriptor: a blob two layers share is fetched once
     for layer in layers:
+        if layer["digest"] in found or layer["digest"] in missing:
+            continue
         blob = cache.verified_blob(layer)
         if blob is None:
-            client = client or RegistryClient(image, options)
-            blob = client.download_blob_verified(layer, cache.blob_path(layer["digest"]),
-                                                 max_bytes=max_bytes - downloaded - cached)
+            missing[layer["digest"]] = layer
             downloaded += layer["size"]
         else:
+            found[layer["digest"]] = blob
             cached += layer["size"]
-        blobs.append((layer, blob))
+    if missing:
+        client = client or RegistryClient(image, options)
+        found.update(_download_all(client, list(missing.values()), cache, max_bytes))
+    blobs = [(layer, found[layer["digest"]]) for layer in layers]
 
     budget = ByteBudget(max_bytes, image)  # bytes image layers expand to (artifact files are their downloads)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=dest))

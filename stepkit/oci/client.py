@@ -195,10 +195,9 @@ class RegistryClient(oras.provider.Registry):
                 log.warning("--docker-config %s has no entry for %s: trying anonymously",
                             self.options.docker_config, image.registry)
         super().__init__(hostname=image.api_host, insecure=self.options.insecure, auth_backend="token")
-        # The probe goes through the session, so its connection is the one the next request reuses.
-        if self._probe_auth_scheme() == "basic":
-            self.auth = oras.auth.get_auth_backend("basic", self.session, self.options.insecure,
-                                                   tls_verify=self._tls_verify)
+        # How the registry wants to be asked is learnt from the first 401 it answers (as oras-go and
+        # containerd do), not from a GET /v2/ beforehand: an anonymous pull saves that round trip.
+        self._challenge_scheme: str | None = None
         self._bearer: str | None = None
         if self.credentials and self.credentials.basic:
             self.auth.set_basic_auth(self.credentials.username, self.credentials.password)
@@ -221,43 +220,15 @@ class RegistryClient(oras.provider.Registry):
     def _retrying(self, what: str, operation: Callable[[], T]) -> T:
         return registry_retries(what, operation, self.options, self.image.registry)
 
-    def _probe_auth_scheme(self) -> str:
-        """GET /v2/ once (with retries): its WWW-Authenticate says Basic or Bearer."""
-        url = f"{self._scheme}://{self.image.api_host}/v2/"
-
-        def probe() -> requests.Response:
-            try:
-                response = self.session.get(url, timeout=self.options.timeout_s, stream=True, verify=self._tls_verify)
-            except requests.exceptions.SSLError as exc:
-                raise RegistryError(f"TLS error talking to registry {self.image.registry}: {exc.__class__.__name__}"
-                                    " (use --insecure only for a plain-http registry)") from None
-            except requests.RequestException as exc:
-                raise TransientError(f"{exc.__class__.__name__} connecting to {url}") from None
-            # A short body read to its end puts the connection back in the pool (the next request
-            # reuses it); any other is dropped unread. Only an unencoded one: a compressed body could
-            # expand far past its Content-Length.
-            declared = response.headers.get("Content-Length", "")
-            encoding = response.headers.get("Content-Encoding", "").strip().lower()
-            if declared.isdigit() and int(declared) <= ERROR_BODY_BYTES and encoding in ("", "identity"):
-                try:
-                    response.content  # noqa: B018 - reads the declared bytes, then releases the connection
-                except requests.RequestException:
-                    pass
-            response.close()
-            if response.status_code >= 500 or response.status_code == 429:
-                raise TransientError(f"HTTP {response.status_code} from {url}")
-            return response
-
-        response = self._retrying("contacting the registry", probe)
-        challenge = response.headers.get("WWW-Authenticate", "")
-        self._challenge_scheme = challenge.split(" ", 1)[0].lower() if response.status_code == 401 else ""
-        if self._challenge_scheme == "basic":
-            if not (self.credentials and self.credentials.basic):
-                where = f"--docker-config {self.options.docker_config}" if self.options.docker_config else "no --docker-config given"
-                raise RegistryAuthError(f"{self._where()} requires a username and password (HTTP Basic) and there are "
-                                        f"none for {self.image.registry} ({where})")
-            return "basic"
-        return "token"
+    def _use_basic(self) -> None:
+        """The registry answered a ``Basic`` challenge: send the docker config's pair from now on."""
+        if not (self.credentials and self.credentials.basic):
+            where = f"--docker-config {self.options.docker_config}" if self.options.docker_config else "no --docker-config given"
+            raise RegistryAuthError(f"{self._where()} requires a username and password (HTTP Basic) and there are "
+                                    f"none for {self.image.registry} ({where})")
+        self.auth = oras.auth.get_auth_backend("basic", self.session, self.options.insecure, tls_verify=self._tls_verify)
+        self.auth.set_basic_auth(self.credentials.username, self.credentials.password)
+        self._challenge_scheme = "basic"
 
     # -- requests -----------------------------------------------------------------------------
     def _auth_header(self) -> dict[str, str]:
@@ -277,7 +248,8 @@ class RegistryClient(oras.provider.Registry):
                                             timeout=self.options.timeout_s, verify=self._tls_verify,
                                             allow_redirects=True)
         except requests.exceptions.SSLError as exc:
-            raise RegistryError(f"TLS error talking to {self._where()}: {exc.__class__.__name__}") from None
+            raise RegistryError(f"TLS error talking to {self._where()}: {exc.__class__.__name__}"
+                                " (use --insecure only for a plain-http registry)") from None
         except requests.RequestException as exc:
             raise TransientError(f"{exc.__class__.__name__} during {method} {url.split('?')[0]}") from None
         if response.status_code >= 500 or response.status_code == 429:
@@ -297,8 +269,14 @@ class RegistryClient(oras.provider.Registry):
         headers.update(self._auth_header())
         response = self._send(method, url, headers, data, json)
         if response.status_code == 401 and self._challenge_scheme != "basic":
-            challenge = oras.auth.utils.parse_auth_header(response.headers.get("WWW-Authenticate", ""))
-            if challenge.realm and (self.credentials is None or not self.credentials.registry_token):
+            header = response.headers.get("WWW-Authenticate", "")
+            challenge = oras.auth.utils.parse_auth_header(header)
+            if header.split(" ", 1)[0].lower() == "basic":
+                response.close()
+                self._use_basic()
+                headers.update(self._auth_header())
+                response = self._send(method, url, headers, data, json)
+            elif challenge.realm and (self.credentials is None or not self.credentials.registry_token):
                 # Always ask again: the challenge names the scope this request needs (pull vs push).
                 token = self.request_token(challenge)
                 self._bearer = token

@@ -454,3 +454,36 @@ def test_repull_replaces_an_adapter_in_place(hostile, tmp_path):
     assert (world.dest / "x" / "adapter_config.json").read_bytes() == second
     assert sorted(p.name for p in world.dest.iterdir()) == [".oci-cache", "earlier", "notes.txt", "x"]
 
+
+
+def test_an_anonymous_pull_asks_for_the_manifest_and_each_blob_once(hostile, tmp_path):
+    """No GET /v2/ first (the scheme is learnt from a 401, when there is one); two layers with the
+    same bytes are fetched once; the large blob and the small ones arrive on their own connections."""
+    world = World(tmp_path)
+    config, weights = b'{"r": 4}', os.urandom(3 << 20)
+    hostile.blob(sha256(config), config)
+    hostile.blob(sha256(weights), weights)
+    hostile.manifest("v1", artifact([titled(sha256(config), len(config)),
+                                     titled(sha256(weights), len(weights), "adapter_model.safetensors"),
+                                     titled(sha256(config), len(config), "copy_of_config.json")]))
+    options = pull.RegistryOptions(insecure=True, attempts=1)
+    pull.pull_adapters(pull.PullConfig([f"x={hostile.host}/{REPO}:v1"], str(world.dest)), options)
+    adapter = world.dest / "x"
+    assert (adapter / "adapter_config.json").read_bytes() == config == (adapter / "copy_of_config.json").read_bytes()
+    assert (adapter / "adapter_model.safetensors").read_bytes() == weights
+    paths = sorted(path for _, path, _ in hostile.requests)
+    assert paths == sorted([f"/v2/{REPO}/manifests/v1", f"/v2/{REPO}/blobs/{sha256(config)}",
+                            f"/v2/{REPO}/blobs/{sha256(weights)}"])
+
+
+def test_a_corrupt_small_blob_beside_a_large_one_stops_the_pull(hostile, tmp_path):
+    """The small blobs download while the large one streams; one that fails its digest fails the
+    pull once every download has stopped, and DEST is left as it was."""
+    world = World(tmp_path)
+    config, weights = b'{"r": 4}', os.urandom(3 << 20)
+    hostile.blob(sha256(config), b'{"r": 5}')  # the right size, the wrong bytes
+    hostile.blob(sha256(weights), weights)
+    hostile.manifest("v1", artifact([titled(sha256(config), len(config)),
+                                     titled(sha256(weights), len(weights), "adapter_model.safetensors")]))
+    assert_refused(world, f"{hostile.host}/{REPO}:v1", f"blob {sha256(config)[:19]} arrived with sha256")
+    assert [path for _, path, _ in hostile.requests].count(f"/v2/{REPO}/blobs/{sha256(weights)}") >= 1
