@@ -4,8 +4,9 @@ For each ``--adapter NAME=IMAGE`` (``inference.adapters[]``), by tag or by diges
 
 1. Resolve the manifest (an image index is resolved to its first linux manifest; attestation
    entries are skipped). Its digest is ``sha256`` of the bytes received; a pinned digest must match.
-2. Fetch each layer into a content-addressed cache, ``<cache>/blobs/sha256/<hex>``, verifying
-   size and sha256 while streaming (a blob appears under its name only once verified). A cached
+2. Fetch each layer into a content-addressed cache, ``<cache>/blobs/sha256/<hex>`` (the small
+   ones at the same time as the largest, each distinct digest once), verifying size and sha256
+   while streaming (a blob appears under its name only once verified). A cached
    blob is re-hashed before use, so a corrupted cache is re-downloaded rather than served.
    Manifests are cached by digest too: pulling by digest after a restart needs no network at
    all; pulling by tag costs one manifest GET and no blob downloads.

@@ -17,15 +17,16 @@ with these things changed because they do not hold up in a pipeline step:
   repository. Errors never contain credentials. Exit codes: failures that outlast the retries
   (``RegistryUnavailableError``) are a ``RetryableError``, exit 1, so the pipeline tries the step
   again later; 4xx, auth, TLS and corrupt blobs (a digest that is wrong on every attempt) stay exit 2.
-* **Auth.** The registry's own ``/v2/`` challenge picks the scheme: ``Basic`` (htpasswd
-  registries; oras-py's "basic" backend, which crashes without credentials, so that case becomes a
+* **Auth.** The registry's own challenge (the first 401's ``WWW-Authenticate``; no ``GET /v2/``
+  probe) picks the scheme: ``Basic`` (htpasswd registries; oras-py's "basic" backend, which crashes without credentials, so that case becomes a
   clear error first) or ``Bearer`` (ACR, GHCR, distribution token auth). Tokens are requested by
   ``RegistryClient.request_token``: with the request timeout (oras-py sets none), 5xx/timeouts as
   ``TransientError`` like every other request, 401/403 as ``RegistryAuthError``, and a new token
   whenever a 401 names a scope the current token lacks (oras-py would resend the stale pull-only
   token to a push endpoint). Credentials come only from the docker config file given (the mounted
   ``imagePushSecret``), never from ``~/.docker/config.json``, and never go to a plain-http token
-  realm of an https registry. Basic credentials are sent up front so a 50 MiB PUT is not sent twice.
+  realm of an https registry. Basic credentials are sent with every request once the challenge is
+  known (a push starts with a bodiless ``POST``), so a 50 MiB PUT is not sent twice.
 * **Manifests.** oras-py's ``push()`` cannot set OCI 1.1 ``artifactType`` and serialises the
   manifest itself, so the digest is unknown until the registry answers. ``put_manifest`` uploads
   bytes we serialised, so the digest is ``sha256(bytes)`` before the PUT and is checked against
