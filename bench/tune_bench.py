@@ -36,6 +36,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -115,8 +116,11 @@ def worker(kind: str, preset_name: str, method: str, data_dir: Path, max_length:
     else:
         raise SystemExit(f"unknown worker {kind}")
     started = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - started
+    try:
+        trainer.train()
+        seconds = time.perf_counter() - started
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # save_strategy "no": trl only made the folder
     tokens = int(trainer.state.num_input_tokens_seen)
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "peak_rss_bytes": peak_rss(),
             "steps": trainer.state.global_step}
