@@ -131,7 +131,8 @@ def load_model(config: ServiceConfig) -> LoadedModel:
         model = apply_adapters(model, config.adapters, config.adapter_combination, merge=config.merge_adapters)
     model.eval()
     if quantize == "int8":  # after merging (the merged deltas are quantized with the base), or around the
-        quantize_int8(model)  # per-request stacks (their A and B stay fp32: every adapter's delta exact)
+        # per-request stacks (their A and B stay fp32: every adapter's delta exact)
+        quantize_int8(model, tokenizer(CALIBRATION_TEXT, return_tensors="pt").input_ids)
     if template_mode == "chatml" or (template_mode == "native" and not tokenizer.chat_template):
         tokenizer.chat_template = CHATML_TEMPLATE
         template_mode = "chatml"
@@ -162,36 +163,86 @@ def _int8_kernels_available() -> bool:
     return any(engine in torch.backends.quantized.supported_engines for engine in ("fbgemm", "x86", "onednn", "qnnpack"))
 
 
-# Linear layers kept in fp32 under int8: the MLP's down projection. Its input (SwiGLU's output) has
-# outliers that a per-batch activation scale flattens: on SmolLM2, quantizing down_proj alone
-# raised held-out loss from 3.84 to 4.62; every other projection together to 4.08 (docs/user-guide/serving.md).
+# Linear layers kept in fp32 under int8 when nothing is known about the model's activations: the
+# MLP's down projection. Its input (SwiGLU's output) has outliers that a per-batch activation scale
+# flattens: on SmolLM2, quantizing down_proj alone raised held-out loss from 3.84 to 4.62; every other
+# projection together to 4.08 (docs/user-guide/serving.md).
 KEEP_FP32 = frozenset({"down_proj"})
+# With a calibration pass, only the down projections whose input has such outliers stay fp32: a
+# feature more than OUTLIER_RATIO times the layer's median feature magnitude. On SmolLM2-135M that is
+# 9 of 30 layers (features up to 2,800x the median in layer 11); the other 21 run in int8.
+OUTLIER_RATIO = 20.0
+CALIBRATION_TEXT = (
+    "The committee met on Tuesday to discuss the budget for next year. Several members argued that the "
+    "library needed new computers, while others wanted to repair the roof of the sports hall first. After a "
+    "long debate they agreed to split the money between the two.\nQuestion: Write a short poem about the sea."
+    "\nAnswer: The waves roll in, the gulls cry out, the tide comes round again.\nQuestion: Explain how "
+    "photosynthesis works in two sentences.\nAnswer: Plants capture light with chlorophyll and use its energy "
+    "to turn water and carbon dioxide into sugar and oxygen."
+)
 
 
-def quantize_int8(model: Any) -> list[str]:
-    """Swap the model's float ``nn.Linear`` layers (except :data:`KEEP_FP32`) for torch's dynamic int8 Linear.
+def _role(name: str) -> str:
+    """``q_proj``, ``down_proj``, ``lm_head``...: a Linear's role, also as a MultiLoraLinear's ``base``."""
+    parts = name.split(".")
+    return parts[-2] if parts[-1] == "base" and len(parts) > 1 else parts[-1]
+
+
+def outlier_layers(model: Any, calibration_ids: Any, ratio: float = OUTLIER_RATIO) -> set[str]:
+    """The ``down_proj`` Linear layers whose input, over ``calibration_ids``, has a feature whose
+    largest magnitude is more than ``ratio`` times the median feature's (one forward pass)."""
+    import torch
+    from torch import nn
+
+    peaks: dict[str, Any] = {}
+
+    def watch(name: str):
+        def hook(_module: Any, inputs: tuple) -> None:
+            x = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).amax(0)
+            peaks[name] = torch.maximum(peaks[name], x) if name in peaks else x
+        return hook
+
+    handles = [module.register_forward_pre_hook(watch(name)) for name, module in model.named_modules()
+               if type(module) is nn.Linear and _role(name) == "down_proj"]
+    try:
+        with torch.inference_mode():
+            model(calibration_ids.to(next(model.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name for name, peak in peaks.items() if float(peak.max()) > ratio * max(float(peak.median()), 1e-6)}
+
+
+def quantize_int8(model: Any, calibration_ids: Any = None) -> list[str]:
+    """Swap the model's float ``nn.Linear`` layers for torch's dynamic int8 Linear, but for those that stay fp32.
 
     Weights become int8 with one scale per output channel (a quarter of the bytes to read per
-    token); activations are quantized per call. A :class:`MultiLoraLinear`'s base layer is
-    quantized, its stacked A and B stay fp32, so each adapter's delta is computed exactly. Returns
-    the names of the quantized layers.
+    token); activations are quantized per call. Stay fp32: with ``calibration_ids`` (token ids of
+    a calibration text, run through the model once), the down projections of
+    :func:`outlier_layers`; without, every :data:`KEEP_FP32` layer. A :class:`MultiLoraLinear`'s
+    base layer is quantized, its stacked A and B stay fp32, so each adapter's delta is computed
+    exactly. Returns the names of the quantized layers.
     """
 
     from torch import nn
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
+    kept = outlier_layers(model, calibration_ids) if calibration_ids is not None else None
     spec = {}
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear:  # subclasses (LoRA's own layers) are not ours to swap
+        if type(module) is not nn.Linear or "lora_" in name:  # subclasses (LoRA's own layers) are not ours to swap
             continue
-        parts = name.split(".")
-        role = parts[-2] if parts[-1] == "base" and len(parts) > 1 else parts[-1]
-        if role not in KEEP_FP32 and "lora_" not in name:
-            spec[name] = per_channel_dynamic_qconfig
+        if (name in kept) if kept is not None else (_role(name) in KEEP_FP32):
+            continue
+        spec[name] = per_channel_dynamic_qconfig
     with warnings.catch_warnings():  # torch's "migrate to torchao" notice, printed on every call
         warnings.simplefilter("ignore")
         quantize_dynamic(model, spec, inplace=True)
-    log.info("int8 weights for %d Linear layers (kept fp32: %s)", len(spec), ", ".join(sorted(KEEP_FP32)))
+    if kept is None:
+        log.info("int8 weights for %d Linear layers (kept fp32: %s)", len(spec), ", ".join(sorted(KEEP_FP32)))
+    else:
+        log.info("int8 weights for %d Linear layers; kept fp32 for outliers in their input: %s", len(spec),
+                 ", ".join(sorted(kept)) or "none")
     return sorted(spec)
 
 

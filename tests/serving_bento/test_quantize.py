@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from serving_bento.adapters import KEEP_FP32, load_separate_adapters, quantize_int8, resolve_quantize
+from serving_bento.adapters import (KEEP_FP32, OUTLIER_RATIO, load_separate_adapters, outlier_layers, quantize_int8,
+                                    resolve_quantize)
 from serving_bento.config import AdapterSpec, ConfigError, ServiceConfig
 
 # Quality bound for int8 (docs/user-guide/serving.md, "Quantized base weights"): SmolLM2's loss on HELD_OUT
@@ -85,6 +86,29 @@ def test_int8_swaps_every_linear_but_the_down_projection(tiny_model_path):
         role = name.rsplit(".", 1)[-1]
         if role.endswith("_proj") or role == "lm_head":
             assert isinstance(module, torch.nn.Linear if role in KEEP_FP32 else dynamic), name
+
+
+def test_with_a_calibration_pass_only_down_projections_with_outlier_inputs_stay_fp32(tiny_model_path):
+    """One feature of layer 1's MLP made 10,000x larger (its gate and up rows scaled): that layer's
+    down_proj input has an outlier far past OUTLIER_RATIO x its median, so it alone stays fp32."""
+    import torch
+
+    model = _tiny(tiny_model_path)
+    mlp = model.model.layers[1].mlp
+    with torch.no_grad():
+        mlp.up_proj.weight[3].mul_(1e4)
+    ids = torch.tensor([list(range(5, 40))])
+    kept = outlier_layers(model, ids)
+    assert kept == {"model.layers.1.mlp.down_proj"}
+    names = quantize_int8(model, ids)
+    dynamic = torch.ao.nn.quantized.dynamic.Linear
+    assert isinstance(model.model.layers[1].mlp.down_proj, torch.nn.Linear)
+    assert not isinstance(model.model.layers[1].mlp.down_proj, dynamic)
+    for index, layer in enumerate(model.model.layers):
+        if index != 1:
+            assert isinstance(layer.mlp.down_proj, dynamic), index
+    assert "model.layers.0.mlp.down_proj" in names and "model.layers.1.mlp.down_proj" not in names
+    assert OUTLIER_RATIO > 1
 
 
 def test_per_request_adapters_keep_fp32_deltas_around_an_int8_base(tiny_model_path, tiny_adapters):
