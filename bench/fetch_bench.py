@@ -8,6 +8,10 @@ Generates a parquet of chat rows (``messages``: a user and an assistant turn of 
 * fetch step: ``steps.fetch_dataset.fetch_dataset`` (download with sha256, decoded-size caps,
   normalisation, train/eval parquet written); its download phase is timed on its own too.
 
+With ``--files N`` the same rows are served as N parquet files (whole row groups each), the plain
+download fetches them one after another and the step gets N URLs: the step decodes each file while
+the next one downloads, so the whole step can take less than its download phase plus decoding.
+
 Prints sizes, then the median of ``--rounds`` (default 3) of: seconds, MB/s of the file's bytes,
 the ratio fetch/plain for the download phase and for the whole step, and each child's peak RSS
 (``VmHWM``). Aims: peak RSS < 300 MB, download throughput >= 0.8x plain, whole step >= 0.5x plain
@@ -18,7 +22,7 @@ lines): the JSON-array reader is linear, so its seconds per MiB stay close to th
 reader's. The old reader copied its 1 MiB buffer per element: 0.3 s/MiB against 0.02 on short
 rows, 0.060 s/MiB on this bench's 1.2 KB rows (the new one: 0.012).
 
-    python bench/fetch_bench.py [--size-mb 1024] [--rounds 3] [--json-mb 64] [--keep DIR]
+    python bench/fetch_bench.py [--size-mb 1024] [--rounds 3] [--files 1] [--json-mb 64] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -43,13 +47,15 @@ PLAIN = """
 import json, re, sys, time
 from pathlib import Path
 import httpx
-url, target = sys.argv[1], sys.argv[2]
+target, urls = sys.argv[1], sys.argv[2:]
 start = time.perf_counter()
-with httpx.Client(timeout=60) as client, client.stream("GET", url, headers={"Accept-Encoding": "identity"}) as r:
-    r.raise_for_status()
-    with open(target, "wb") as out:
-        for chunk in r.iter_raw():  # as received, like the step (re-chunking to 1 MiB costs copies)
-            out.write(chunk)
+with httpx.Client(timeout=60) as client:
+    for i, url in enumerate(urls):  # one after another, as the step downloads them
+        with client.stream("GET", url, headers={"Accept-Encoding": "identity"}) as r:
+            r.raise_for_status()
+            with open(f"{target}.{i}", "wb") as out:
+                for chunk in r.iter_raw():  # as received, like the step (re-chunking to 1 MiB costs copies)
+                    out.write(chunk)
 seconds = time.perf_counter() - start
 peak = int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
 print(json.dumps({"seconds": seconds, "download_seconds": seconds, "peak_kb": peak}))
@@ -59,19 +65,21 @@ STEP = """
 import json, logging, re, sys, time
 from pathlib import Path
 import steps.fetch_dataset as fd
-url, out = sys.argv[1], sys.argv[2]
+out, urls = sys.argv[1], sys.argv[2:]
 timings = {}
+spans = []
 download = fd.fetch
 def timed_fetch(*args, **kwargs):
-    start = time.perf_counter()
+    began = time.perf_counter()
     try:
         return download(*args, **kwargs)
     finally:
-        timings["download_seconds"] = time.perf_counter() - start
+        spans.append((began, time.perf_counter()))
 fd.fetch = timed_fetch
 logging.basicConfig(level=logging.WARNING)
 start = time.perf_counter()
-summary = fd.fetch_dataset(fd.FetchConfig(url=[url], output_dir=Path(out)))
+summary = fd.fetch_dataset(fd.FetchConfig(url=urls, output_dir=Path(out)))
+timings["download_seconds"] = max(end for _, end in spans) - min(began for began, _ in spans)
 timings["seconds"] = time.perf_counter() - start
 timings["peak_kb"] = int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
 timings["rows"] = summary["rows"]
@@ -104,6 +112,27 @@ def make_parquet(path: Path, size_mb: float, seed: int = 0) -> int:
             writer.write_table(pa.table({"messages": pa.array(column, type=schema.field(0).type)}, schema=schema))
             rows += ROW_GROUP
     return rows
+
+
+def shards(data: Path, files: int) -> list[str]:
+    """``data`` itself for one file, else ``files`` parquet files beside it holding its row groups in order."""
+    import pyarrow.parquet as pq
+
+    if files <= 1:
+        return [data.name]
+    source = pq.ParquetFile(data)
+    groups = source.metadata.num_row_groups
+    if files > groups:
+        raise SystemExit(f"--files {files}: the parquet has only {groups} row groups")
+    names = [f"part-{i:02d}-of-{files:02d}.parquet" for i in range(files)]
+    if all((data.parent / name).exists() and (data.parent / name).stat().st_mtime >= data.stat().st_mtime
+           for name in names):
+        return names
+    for i, name in enumerate(names):
+        with pq.ParquetWriter(data.parent / name, source.schema_arrow, compression="snappy") as writer:
+            for group in range(i * groups // files, (i + 1) * groups // files):
+                writer.write_table(source.read_row_group(group))
+    return names
 
 
 def free_port() -> int:
@@ -157,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=float, default=1024, help="parquet size in MB (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; medians are printed (default %(default)s)")
+    parser.add_argument("--files", type=int, default=1, help="serve the rows as this many parquet files (default %(default)s)")
     parser.add_argument("--json-mb", type=float, default=64, help="size of the JSON reader comparison in MB (0: skip)")
     parser.add_argument("--keep", type=Path, help="work directory to keep (default: a temporary one)")
     args = parser.parse_args(argv)
@@ -170,12 +200,13 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         rows = make_parquet(data, args.size_mb)
         print(f"generated {data.stat().st_size / 1e6:.1f} MB parquet, {rows} rows, in {time.perf_counter() - start:.1f} s")
-    size = data.stat().st_size
+    names = shards(data, args.files)
+    size = sum((serve / name).stat().st_size for name in names)
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(serve)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/train.parquet"
+    urls = [f"http://127.0.0.1:{port}/{name}" for name in names]
     try:
         for _ in range(50):
             try:
@@ -185,9 +216,10 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.1)
         plain, step = [], []
         for round_ in range(args.rounds):
-            plain.append(child(PLAIN, url, str(work / "plain.parquet")))
-            (work / "plain.parquet").unlink()
-            step.append(child(STEP, url, str(work / "out")))
+            plain.append(child(PLAIN, str(work / "plain.parquet"), *urls))
+            for i in range(len(urls)):
+                (work / f"plain.parquet.{i}").unlink()
+            step.append(child(STEP, str(work / "out"), *urls))
             print(f"round {round_ + 1}: plain {plain[-1]['seconds']:.2f} s, step download {step[-1]['download_seconds']:.2f} s, "
                   f"step total {step[-1]['seconds']:.2f} s (whole step / plain "
                   f"{plain[-1]['seconds'] / step[-1]['seconds']:.2f}x), step peak RSS {step[-1]['peak_kb'] / 1024:.0f} MiB")
@@ -201,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     mb = size / 1e6
     plain_s, download_s, total_s = median(plain, "seconds"), median(step, "download_seconds"), median(step, "seconds")
     rss = median(step, "peak_kb") / 1024
-    print(f"\nfile: {mb:.1f} MB parquet, {step[0]['rows']} rows, {step[0]['decoded_bytes'] / 1e6:.1f} MB decoded; "
+    print(f"\nfile: {mb:.1f} MB parquet in {len(names)} file(s), {step[0]['rows']} rows, "
+          f"{step[0]['decoded_bytes'] / 1e6:.1f} MB decoded; "
           f"median of {args.rounds}")
     print(f"  plain download     {plain_s:7.2f} s  {mb / plain_s:8.1f} MB/s  peak RSS {median(plain, 'peak_kb') / 1024:5.0f} MiB")
     print(f"  step download      {download_s:7.2f} s  {mb / download_s:8.1f} MB/s  ratio {plain_s / download_s:.2f}x plain "

@@ -45,7 +45,9 @@ import json
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -282,6 +284,57 @@ def _open(item: Fetched, settings: DatasetSettings, budget: DecodedBudget) -> tu
     return reader, fmt, [c for c in FORMAT_COLUMNS[fmt] if c in reader.columns]
 
 
+class _Progress:
+    """``done/total`` for Argo, counted from the download thread and the main thread alike."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done = total, 0
+        self._lock = threading.Lock()
+
+    def add(self) -> None:
+        with self._lock:
+            self.done += 1
+            report_progress(self.done, self.total)
+
+
+class _Downloads:
+    """The step's URLs downloaded in order on one background thread, so that each file is decoded
+    while the next one downloads. ``result(i)`` waits for file ``i`` (raising its download's error);
+    a failed download stops the ones after it; ``close`` stops the one in flight at its next chunk
+    (or its read timeout, when the server sends nothing) and waits for the thread."""
+
+    def __init__(self, config: FetchConfig, downloads: Path, policy: EgressPolicy | None, progress: _Progress) -> None:
+        self._stop = threading.Event()
+        self._futures: list[Future[Fetched]] = [Future() for _ in config.url]
+        self._thread = threading.Thread(target=self._run, args=(config, downloads, policy, progress),
+                                        name="fetch-downloads", daemon=True)
+        self._thread.start()
+
+    def _run(self, config: FetchConfig, downloads: Path, policy: EgressPolicy | None, progress: _Progress) -> None:
+        for i, url in enumerate(config.url):
+            future = self._futures[i]
+            if self._stop.is_set() or not future.set_running_or_notify_cancel():
+                break
+            try:
+                item = fetch(url, downloads / safe_name(url, i), max_bytes=config.max_bytes, timeout_s=config.timeout,
+                             retries=config.retries, policy=policy, stop=self._stop)
+            except BaseException as exc:  # handed to the main thread, which raises it when it gets there
+                future.set_exception(exc)
+                break
+            log.info("fetched %s: %d bytes in %d attempt(s)", redact_url(url), item.size, item.attempts)
+            future.set_result(item)
+            progress.add()
+        for future in self._futures:
+            future.cancel()  # those never started (no-op for the others)
+
+    def result(self, index: int) -> Fetched:
+        return self._futures[index].result()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def fetch_dataset(config: FetchConfig) -> dict[str, Any]:
     if config.url_file is not None:
         try:
@@ -312,27 +365,26 @@ def _fetch_dataset(config: FetchConfig, downloads: Path) -> dict[str, Any]:
         policy = EgressPolicy(allow_http=config.allow_http, allow_cidr=tuple(config.allow_cidr),
                               block_cidr=tuple(config.block_cidr), cluster_domain=config.cluster_domain,
                               resolver=RESOLVER or system_resolver)
-    fetched: list[Fetched] = []
-    for i, url in enumerate(config.url):
-        item = fetch(url, downloads / safe_name(url, i), max_bytes=config.max_bytes, timeout_s=config.timeout,
-                     retries=config.retries, policy=policy)
-        log.info("fetched %s: %d bytes in %d attempt(s)", redact_url(url), item.size, item.attempts)
-        fetched.append(item)
-        report_progress(i + 1, 2 * len(config.url))
-
     budget = DecodedBudget(Limits(config.max_row_bytes, config.max_decoded_bytes, config.max_expansion))
-    readers = [(item, *_open(item, settings, budget)) for item in fetched]
-    kinds = {FORMAT_KIND[fmt] for _, _, fmt, _ in readers}
-    if len(kinds) > 1:
-        listing = ", ".join(f"{redact_url(item.url)} ({fmt})" for item, _, fmt, _ in readers)
-        raise StepError(f"--url: files mix chat and plain-text formats, which cannot train together: {listing}")
-    kind = kinds.pop()
-
-    writer = SplitWriter(out, kind, eval_fraction, seed)
+    progress = _Progress(2 * len(config.url))
+    downloads_ahead = _Downloads(config, downloads, policy, progress)
+    fetched: list[Fetched] = []
+    opened: list[tuple[Fetched, str]] = []
+    writer: SplitWriter | None = None
     files, bad_examples = [], []
     total_rows = total_bad = tokens = 0
     try:
-        for file_index, (item, reader, fmt, columns) in enumerate(readers):
+        for file_index in range(len(config.url)):
+            item = downloads_ahead.result(file_index)  # the next file downloads while this one is decoded
+            fetched.append(item)
+            reader, fmt, columns = _open(item, settings, budget)
+            opened.append((item, fmt))
+            if writer is None:
+                kind = FORMAT_KIND[fmt]
+                writer = SplitWriter(out, kind, eval_fraction, seed)
+            elif FORMAT_KIND[fmt] != kind:
+                listing = ", ".join(f"{redact_url(done.url)} ({done_fmt})" for done, done_fmt in opened)
+                raise StepError(f"--url: files mix chat and plain-text formats, which cannot train together: {listing}")
             shown = redact_url(item.url)
             counted = _FileRows(writer, fmt, settings.mapping, file_index, shown, bad_examples)
             if reader.arrow:
@@ -350,11 +402,15 @@ def _fetch_dataset(config: FetchConfig, downloads: Path) -> dict[str, Any]:
                           "decoded_bytes": reader.decoded, "format": fmt, "rows": rows, "bad_rows": bad})
             total_rows += rows
             total_bad += bad
-            report_progress(len(config.url) + file_index + 1, 2 * len(config.url))
+            progress.add()
+        assert writer is not None  # at least one URL (_check)
         writer.close()
     except BaseException:
-        writer.discard()  # never leave a half dataset; what the output dir held stays as it was
+        if writer is not None:
+            writer.discard()  # never leave a half dataset; what the output dir held stays as it was
         raise
+    finally:
+        downloads_ahead.close()  # after a failure: the file still downloading stops at its next chunk
 
     good = total_rows - total_bad
     for example in bad_examples:
@@ -378,7 +434,7 @@ def _fetch_dataset(config: FetchConfig, downloads: Path) -> dict[str, Any]:
     summary = {
         "digest": digest,
         "kind": kind,
-        "format": readers[0][2] if len({fmt for _, _, fmt, _ in readers}) == 1 else "mixed",
+        "format": opened[0][1] if len({fmt for _, fmt in opened}) == 1 else "mixed",
         "rows": good,
         "train_rows": writer.counts["train"],
         "eval_rows": writer.counts["eval"],

@@ -35,6 +35,7 @@ import http
 import hashlib
 import logging
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 import urllib.parse
 import urllib.request
@@ -85,6 +86,10 @@ def hash_in_background(path: Path) -> Future[str]:
         return sha.hexdigest()
 
     return _hasher.submit(digest)
+
+
+class Stopped(StepError):
+    """The download was asked to stop (``fetch(stop=...)``); not an error of the URL."""
 
 
 class _Transient(TransientError):
@@ -141,10 +146,13 @@ def fetch(
     backoff_s: float = 0.5,
     transport=None,
     policy: EgressPolicy | None = None,
+    stop: threading.Event | None = None,
 ) -> Fetched:
     """Download ``url`` (or locate a ``file:`` URL); ``transport`` is an httpx transport for tests.
 
     ``policy`` (in a cluster): public addresses only, checked at every connection (``egress``).
+    ``stop``: once set, the download gives up (:class:`Stopped`) at its next chunk or attempt, e.g.
+    when the step failed on an earlier file while this one was still downloading.
     """
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     try:
@@ -153,7 +161,7 @@ def fetch(
         if scheme == "file":
             return _local(url, max_bytes)
         if scheme in ("http", "https"):
-            return _Download(url, dest, max_bytes, timeout_s, transport, policy).run(retries, backoff_s)
+            return _Download(url, dest, max_bytes, timeout_s, transport, policy, stop).run(retries, backoff_s)
     except Exception as exc:
         raise classify(exc, url) from None
     raise StepError(f"url {redact_url(url)!r}: unsupported scheme {scheme or '(none)'!r} (use http, https or file)")
@@ -173,9 +181,9 @@ class _Download:
     """One HTTP download; ``attempt`` is called once per try and resumes what earlier tries got."""
 
     def __init__(self, url: str, dest: Path, max_bytes: int, timeout_s: float, transport,
-                 policy: EgressPolicy | None = None) -> None:
+                 policy: EgressPolicy | None = None, stop: threading.Event | None = None) -> None:
         self.url, self.shown, self.dest, self.max_bytes = url, redact_url(url), dest, max_bytes
-        self.timeout_s, self.transport, self.policy = timeout_s, transport, policy
+        self.timeout_s, self.transport, self.policy, self.stop = timeout_s, transport, policy, stop
         self.part = dest.with_name(dest.name + ".part")
         self.have = 0
         self.validator: str | None = None
@@ -200,7 +208,12 @@ class _Download:
             finally:
                 self.part.unlink(missing_ok=True)
 
+    def _check_stop(self) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise Stopped(f"url {self.shown!r}: download stopped after {self.have} bytes")
+
     def attempt(self, client) -> Fetched:
+        self._check_stop()
         self.attempts += 1
         try:
             return self._get(client)
@@ -238,6 +251,7 @@ class _Download:
                 )
             with self.part.open("ab") as out:
                 for chunk in response.iter_raw():  # as received: a drop keeps what came
+                    self._check_stop()
                     self.have += len(chunk)
                     if self.have > self.max_bytes:
                         raise StepError(

@@ -97,6 +97,33 @@ def test_transient_failure_then_success_counts_the_attempts(tmp_path):
     assert (tmp_path / "d.parquet").read_bytes() == body
 
 
+def test_stop_ends_a_download_at_its_next_chunk_and_keeps_nothing(tmp_path):
+    import threading
+
+    from steps.fetch_dataset.download import Stopped
+
+    stop = threading.Event()
+    sent = []
+
+    def chunks():
+        for i in range(100):
+            if i == 3:
+                stop.set()  # as the step does when an earlier file failed meanwhile
+            sent.append(i)
+            yield b"x" * 1000
+
+    def handler(request):
+        return httpx.Response(200, content=chunks())
+
+    with pytest.raises(Stopped, match=r"download stopped after 3000 bytes"):
+        fetch(URL, tmp_path / "d.parquet", max_bytes=1 << 20, retries=2, backoff_s=0.01,
+              transport=httpx.MockTransport(handler), stop=stop)
+    assert len(sent) == 4 and list(tmp_path.iterdir()) == []
+    with pytest.raises(Stopped):  # set before the first attempt: no request at all
+        fetch(URL, tmp_path / "e.parquet", max_bytes=1 << 20, transport=httpx.MockTransport(
+            lambda request: pytest.fail("requested after stop")), stop=stop)
+
+
 @pytest.mark.parametrize(("url", "shown"), [
     ("https://a.blob.core.windows.net/c/t.parquet?sv=2025-01-01&se=2030&sp=r&sig=abc%2Bdef%3D",
      "https://a.blob.core.windows.net/c/t.parquet?sv=***&se=***&sp=***&sig=***"),

@@ -195,6 +195,84 @@ def test_mixed_chat_and_text_files(http_files, tmp_path):
         run(tmp_path, a, b)
 
 
+def test_mixed_formats_error_names_each_file_read_so_far(http_files, tmp_path):
+    a = http_files.add("mix2-a.parquet", parquet_bytes(FORMAT_ROWS["messages"]))
+    b = http_files.add("mix2-b.parquet", parquet_bytes(FORMAT_ROWS["prompt"]))
+    c = http_files.add("mix2-c.parquet", parquet_bytes(FORMAT_ROWS["text"]))
+    with pytest.raises(StepError) as err:
+        run(tmp_path, a, b, c)
+    assert str(err.value).endswith(f"{a} (messages), {b} (prompt), {c} (text)")
+    assert not (tmp_path / "out" / "train.parquet").exists()
+
+
+def _wait_for(condition, what: str, bound_s: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + bound_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {bound_s} s: {what}")
+        time.sleep(0.02)
+
+
+def test_a_file_is_decoded_while_the_next_one_downloads(http_files, tmp_path, monkeypatch):
+    """The second file's server holds back half its body until the first file is through the step:
+    the Argo progress (downloads + files decoded, of 2 per URL) reaches 2/4 meanwhile."""
+    import threading
+
+    progress = tmp_path / "progress"
+    monkeypatch.setenv("ARGO_PROGRESS_FILE", str(progress))
+    first = http_files.add("ahead-1.parquet", parquet_bytes(FORMAT_ROWS["messages"]))
+    http_files.add("ahead-2.parquet", parquet_bytes(FORMAT_ROWS["sharegpt"]))
+    second = http_files.url("ahead-2.parquet", mode="held")
+    outcome: dict = {}
+
+    def step() -> None:
+        try:
+            outcome["summary"] = run(tmp_path, first, second)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=step)
+    worker.start()
+    try:
+        # held until released below: seen together only if the first is decoded during the second's download
+        _wait_for(lambda: http_files.holding("ahead-2.parquet") and progress.exists()
+                  and progress.read_text() == "2/4\n", "the first file decoded while the second is held")
+        assert worker.is_alive()
+    finally:
+        http_files.release("ahead-2.parquet")
+        worker.join(120)
+    assert "error" not in outcome, outcome
+    summary = outcome["summary"]
+    assert [f["format"] for f in summary["files"]] == ["messages", "sharegpt"]
+    assert summary["rows"] == 2 * len(QA) and progress.read_text() == "4/4\n"
+
+
+def test_a_file_that_fails_stops_the_downloads_after_it(http_files, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "train.parquet").write_bytes(b"the previous dataset")
+    bad = http_files.add("stops-1.parquet", parquet_bytes([{"foo": 1}, {"foo": 2}]))
+    http_files.add("stops-2.parquet", parquet_bytes(FORMAT_ROWS["messages"]))
+    later = http_files.add("stops-3.parquet", parquet_bytes(FORMAT_ROWS["messages"]))
+    with pytest.raises(StepError, match="stops-1.parquet"):
+        run(tmp_path, bad, http_files.url("stops-2.parquet", mode="stall"), later, timeout=2, retries=3)
+    # the stalled download (if it had started) was not retried, and the file after it never asked for
+    assert len(http_files.requests_for("stops-2.parquet")) <= 1
+    assert http_files.requests_for("stops-3.parquet") == []
+    assert (tmp_path / "out" / "train.parquet").read_bytes() == b"the previous dataset"
+
+
+def test_a_later_download_that_fails_fails_the_step_and_keeps_the_output(http_files, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "train.parquet").write_bytes(b"the previous dataset")
+    good = http_files.add("later-1.parquet", parquet_bytes(FORMAT_ROWS["messages"]))
+    with pytest.raises(StepError, match="later-2.parquet.*HTTP 404"):
+        run(tmp_path, good, http_files.url("later-2.parquet"))
+    assert (tmp_path / "out" / "train.parquet").read_bytes() == b"the previous dataset"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train.parquet"]
+
+
 def test_bad_scheme_and_cli_exit_code(tmp_path, capsys):
     assert run_step(main, ["--url", "ftp://example.invalid/x.parquet", "--output-dir", str(tmp_path)]) == 2
     assert "unsupported scheme 'ftp'" in capsys.readouterr().err
