@@ -2,7 +2,7 @@
 
 Generates a parquet of chat rows (``messages``: a user and an assistant turn of random words, about
 1 KiB a row, row groups of 64 Ki rows) of about ``--size-mb`` MB, serves it from a separate
-``python -m http.server`` process on 127.0.0.1, and per round runs, each in a fresh child process:
+``http.server`` process on 127.0.0.1, and per round runs, each in a fresh child process:
 
 * plain download: httpx streaming GET into a file, chunks as received, nothing else (the ceiling);
 * fetch step: ``steps.fetch_dataset.fetch_dataset`` (download with sha256, decoded-size caps,
@@ -11,6 +11,8 @@ Generates a parquet of chat rows (``messages``: a user and an assistant turn of 
 With ``--files N`` the same rows are served as N parquet files (whole row groups each), the plain
 download fetches them one after another and the step gets N URLs: the step decodes each file while
 the next one downloads, so the whole step can take less than its download phase plus decoding.
+With ``--rate-mb-s R`` the server sends at most R MB/s per connection (a network-bound download,
+as from a remote store, rather than loopback's CPU-bound one).
 
 Prints sizes, then the median of ``--rounds`` (default 3) of: seconds, MB/s of the file's bytes,
 the ratio fetch/plain for the download phase and for the whole step, and each child's peak RSS
@@ -22,7 +24,7 @@ lines): the JSON-array reader is linear, so its seconds per MiB stay close to th
 reader's. The old reader copied its 1 MiB buffer per element: 0.3 s/MiB against 0.02 on short
 rows, 0.060 s/MiB on this bench's 1.2 KB rows (the new one: 0.012).
 
-    python bench/fetch_bench.py [--size-mb 1024] [--rounds 3] [--files 1] [--json-mb 64] [--keep DIR]
+    python bench/fetch_bench.py [--size-mb 1024] [--rounds 3] [--files 1] [--rate-mb-s R] [--json-mb 64] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -59,6 +61,27 @@ with httpx.Client(timeout=60) as client:
 seconds = time.perf_counter() - start
 peak = int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
 print(json.dumps({"seconds": seconds, "download_seconds": seconds, "peak_kb": peak}))
+"""
+
+# http.server's file handler, sending at most RATE MB/s per connection (0: as fast as it can).
+SERVER = """
+import functools, sys, time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+port, directory, rate = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]) * 1e6
+class Handler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+    def copyfile(self, source, outputfile):
+        if not rate:
+            return super().copyfile(source, outputfile)
+        start, sent = time.perf_counter(), 0
+        while chunk := source.read(1 << 20):
+            outputfile.write(chunk)
+            sent += len(chunk)
+            ahead = sent / rate - (time.perf_counter() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+ThreadingHTTPServer(("127.0.0.1", port), functools.partial(Handler, directory=directory)).serve_forever()
 """
 
 STEP = """
@@ -187,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mb", type=float, default=1024, help="parquet size in MB (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; medians are printed (default %(default)s)")
     parser.add_argument("--files", type=int, default=1, help="serve the rows as this many parquet files (default %(default)s)")
+    parser.add_argument("--rate-mb-s", type=float, default=0,
+                        help="the server's send rate per connection in MB/s (default: unlimited)")
     parser.add_argument("--json-mb", type=float, default=64, help="size of the JSON reader comparison in MB (0: skip)")
     parser.add_argument("--keep", type=Path, help="work directory to keep (default: a temporary one)")
     args = parser.parse_args(argv)
@@ -204,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     size = sum((serve / name).stat().st_size for name in names)
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(serve)],
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(port), str(serve), str(args.rate_mb_s)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     urls = [f"http://127.0.0.1:{port}/{name}" for name in names]
     try:
@@ -233,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     mb = size / 1e6
     plain_s, download_s, total_s = median(plain, "seconds"), median(step, "download_seconds"), median(step, "seconds")
     rss = median(step, "peak_kb") / 1024
-    print(f"\nfile: {mb:.1f} MB parquet in {len(names)} file(s), {step[0]['rows']} rows, "
+    rate = f", served at {args.rate_mb_s:g} MB/s" if args.rate_mb_s else ""
+    print(f"\nfile: {mb:.1f} MB parquet in {len(names)} file(s){rate}, {step[0]['rows']} rows, "
           f"{step[0]['decoded_bytes'] / 1e6:.1f} MB decoded; "
           f"median of {args.rounds}")
     print(f"  plain download     {plain_s:7.2f} s  {mb / plain_s:8.1f} MB/s  peak RSS {median(plain, 'peak_kb') / 1024:5.0f} MiB")

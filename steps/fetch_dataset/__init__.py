@@ -3,7 +3,9 @@
 ``python -m steps.fetch_dataset --url URL [--url URL ...] --output-dir DIR [--config FILE]``
 
 Each URL (http, https, file) is downloaded by ``steps.fetch_dataset.download`` (streamed, resumed,
-capped, hashed, one retry policy). Its file type comes from the URL's extension, else Kaito's
+capped, hashed, one retry policy), one after another in URL order on a background thread
+(``_Downloads``), while the main thread decodes each file as soon as it is complete: with several
+URLs a file is decoded while the next one downloads, and a failure stops the downloads after it. Its file type comes from the URL's extension, else Kaito's
 ``DatasetConfig.dataset_extension``, else the response's content type, else the first bytes.
 ``steps.fetch_dataset.readers`` then streams the rows in batches with the decoded bytes capped per row,
 in total and per byte of file (``--max-row-bytes``, ``--max-decoded-bytes``, ``--max-expansion``),
