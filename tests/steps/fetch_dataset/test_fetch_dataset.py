@@ -249,16 +249,45 @@ def test_a_file_is_decoded_while_the_next_one_downloads(http_files, tmp_path, mo
     assert summary["rows"] == 2 * len(QA) and progress.read_text() == "4/4\n"
 
 
-def test_a_file_that_fails_stops_the_downloads_after_it(http_files, tmp_path):
+def test_a_file_that_fails_stops_the_downloads_after_it(http_files, tmp_path, monkeypatch):
+    """The second file is held mid-body until the step, failing on the first, has asked the
+    downloads to stop; released then, its download gives up at its next chunk and the third
+    file is never asked for."""
+    import threading
+
+    import steps.fetch_dataset as fd
+
+    stopping = threading.Event()
+    close = fd._Downloads.close
+
+    def close_and_tell(self) -> None:
+        self._stop.set()
+        stopping.set()
+        close(self)
+
+    monkeypatch.setattr(fd._Downloads, "close", close_and_tell)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "train.parquet").write_bytes(b"the previous dataset")
     bad = http_files.add("stops-1.parquet", parquet_bytes([{"foo": 1}, {"foo": 2}]))
     http_files.add("stops-2.parquet", parquet_bytes(FORMAT_ROWS["messages"]))
     later = http_files.add("stops-3.parquet", parquet_bytes(FORMAT_ROWS["messages"]))
-    with pytest.raises(StepError, match="stops-1.parquet"):
-        run(tmp_path, bad, http_files.url("stops-2.parquet", mode="stall"), later, timeout=2, retries=3)
-    # the stalled download (if it had started) was not retried, and the file after it never asked for
-    assert len(http_files.requests_for("stops-2.parquet")) <= 1
+    outcome: dict = {}
+
+    def step() -> None:
+        try:
+            run(tmp_path, bad, http_files.url("stops-2.parquet", mode="held"), later, retries=3)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=step)
+    worker.start()
+    try:
+        assert stopping.wait(60), "the step did not stop its downloads after the first file failed"
+    finally:
+        http_files.release("stops-2.parquet")
+        worker.join(120)
+    assert isinstance(outcome.get("error"), StepError) and "stops-1.parquet" in str(outcome["error"]), outcome
+    assert len(http_files.requests_for("stops-2.parquet")) <= 1  # not retried after the stop
     assert http_files.requests_for("stops-3.parquet") == []
     assert (tmp_path / "out" / "train.parquet").read_bytes() == b"the previous dataset"
 
