@@ -5,19 +5,19 @@
 Each URL (http, https, file) is downloaded by ``steps.fetch_dataset.download`` (streamed, resumed,
 capped, hashed, one retry policy), one after another in URL order on a background thread
 (``_Downloads``), while the main thread decodes each file as soon as it is complete: with several
-URLs a file is decoded while the next one downloads, and a failure stops the downloads after it. Its file type comes from the URL's extension, else Kaito's
-``DatasetConfig.dataset_extension``, else the response's content type, else the first bytes.
-``steps.fetch_dataset.readers`` then streams the rows in batches with the decoded bytes capped per row,
-in total and per byte of file (``--max-row-bytes``, ``--max-decoded-bytes``, ``--max-expansion``),
-so neither a large file nor a decompression bomb is ever held in memory; Arrow batches are decoded
-up to two ahead on a reader thread (``readers.read_ahead``). Each batch is checked
-and normalised with Arrow compute where its format and types allow (``messages``, ``prompt`` +
-``completion``, ``text``: ``steps.fetch_dataset.arrow``); the rows it does not settle go through
-``formats.normalise_row`` one by one, and the batch goes on as one Arrow array, in row order. The
-splits are written by ``steps.fetch_dataset.splits``: a row group per ~8 MiB to each of two
-``ParquetWriter``s on a worker thread, to temporary names that replace ``train.parquet``,
-``eval.parquet`` and ``summary.json`` only when the whole dataset passed: a failed run leaves
-whatever was in ``--output-dir`` as it was.
+URLs a file is decoded while the next one downloads, and a failure stops the downloads after it. Its
+file type comes from the URL's extension, else Kaito's ``DatasetConfig.dataset_extension``, else the
+response's content type, else the first bytes. ``steps.fetch_dataset.readers`` then streams the rows
+in batches with the decoded bytes capped per row, in total and per byte of file
+(``--max-row-bytes``, ``--max-decoded-bytes``, ``--max-expansion``), so neither a large file nor a
+decompression bomb is ever held in memory; Arrow batches are decoded up to two ahead on a reader
+thread (``readers.read_ahead``). Each batch is checked and normalised with Arrow compute where its
+format and types allow (``messages``, ``prompt`` + ``completion``, ``text``:
+``steps.fetch_dataset.arrow``); the rows it does not settle go through ``formats.normalise_row`` one
+by one, and the batch goes on as one Arrow array, in row order. The splits are written by
+``steps.fetch_dataset.splits``: a row group per ~8 MiB to each of two ``ParquetWriter``s on a worker
+thread, to temporary names that replace ``train.parquet``, ``eval.parquet`` and ``summary.json``
+only when the whole dataset passed: a failed run leaves whatever was in ``--output-dir`` as it was.
 
 The format comes from each file's columns (``steps.fetch_dataset.formats``), or from Kaito's
 ``DatasetConfig`` columns when ``--config`` names a training config (``steps.fetch_dataset.kaito_dataset_config``).
