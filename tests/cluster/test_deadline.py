@@ -108,8 +108,11 @@ def test_argo_fails_a_run_past_its_deadline_and_the_condition_names_it(installed
                             .get("lastRun") or {}).get("nodesReleased"), timeout=60,
                    what="lastRun.nodesReleased", detail=operator.log)
         assert node_claims(box) == []
-        reasons = {e["reason"] for e in box.list("events", namespace=tenant) if e["involvedObject"]["name"] == NAME}
-        assert {"NodesReleased", "workspaceFailed"} <= reasons, reasons
+        def told():  # the operator posts each Event just after the status patch it reports
+            reasons = {e["reason"] for e in box.list("events", namespace=tenant) if e["involvedObject"]["name"] == NAME}
+            return {"NodesReleased", "workspaceFailed"} <= reasons
+
+        wait_until(told, timeout=60, what="the NodesReleased and workspaceFailed Events", detail=operator.log)
     finally:
         provisioned.set()
         hold.set()

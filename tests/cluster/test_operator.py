@@ -72,8 +72,12 @@ def test_tuning_workspace_runs_on_argo_and_its_status_follows(installed, tenant,
     assert table[0].split()[:3] == ["NAME", "INSTANCE", "RESOURCEREADY"]
     assert table[1].split()[0] == name and "Succeeded" in table[1]
     # The conditions' story, in the API server's own order (Events by resourceVersion).
-    events = [e for e in box.list("events", namespace=tenant) if e["involvedObject"]["name"] == name]
-    reasons = [e["reason"] for e in sorted(events, key=lambda e: int(e["metadata"]["resourceVersion"]))]
+    def story():  # the operator posts each Event just after the status patch it reports
+        events = [e for e in box.list("events", namespace=tenant) if e["involvedObject"]["name"] == name]
+        told = [e["reason"] for e in sorted(events, key=lambda e: int(e["metadata"]["resourceVersion"]))]
+        return told if "workspaceSucceeded" in told else None
+
+    reasons = wait_until(story, timeout=60, what="the workspaceSucceeded Event", detail=operator.log)
     assert reasons.index("Provisioning") < reasons.index("Provisioned") < reasons.index("Started") \
         < reasons.index("workspaceSucceeded"), reasons
     assert "Events:" in box.kubectl("describe", "wks", name, "-n", tenant).stdout
