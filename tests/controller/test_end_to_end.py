@@ -62,9 +62,14 @@ def test_tiny_tuning_from_kubectl_apply_to_adapter_and_back(kaito_kube, kubectl,
     conditions = {c["type"]: c for c in status["conditions"]}
     assert {t: conditions[t]["status"] for t in ("ResourceReady", "JobStarted", "InferenceReady", "WorkspaceSucceeded")} \
         == dict.fromkeys(("ResourceReady", "JobStarted", "InferenceReady", "WorkspaceSucceeded"), "True")
-    # True in the order the DAG reaches them (Events are numbered by the API server).
-    events = sorted((e for e in kaito_kube.list("/api/v1/namespaces/default/events")
-                     if e["involvedObject"]["name"] == name and "=True" in e["message"]),
+    # True in the order the DAG reaches them (Events are numbered by the API server; the operator
+    # posts each just after the status patch it reports, so the last may follow the condition).
+    def true_events():
+        found = [e for e in kaito_kube.list("/api/v1/namespaces/default/events")
+                 if e["involvedObject"]["name"] == name and "=True" in e["message"]]
+        return found if any(e["message"].startswith("WorkspaceSucceeded=") for e in found) else None
+
+    events = sorted(wait_for(true_events, what="the WorkspaceSucceeded=True Event"),
                     key=lambda e: int(e["metadata"]["resourceVersion"]))
     order = [e["message"].split("=")[0] for e in events]
     assert [t for t in order if t in ("ResourceReady", "JobStarted", "InferenceReady", "WorkspaceSucceeded")] == \

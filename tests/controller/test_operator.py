@@ -65,7 +65,10 @@ def test_apply_get_wait_delete(kaito_kube, kubectl, start_controller):
     ws = kaito_kube.get(f"{WS}/{TUNING}")
     assert workflow["metadata"]["ownerReferences"][0]["uid"] == ws["metadata"]["uid"]
     assert ws["status"]["observedGeneration"] == 1 and ws["status"]["workerNodes"] == ["aks-ws-node-0"]
-    # kubectl describe tells the story, in order.
+    # kubectl describe tells the story, in order (the operator posts each Event just after the status
+    # patch it reports: the last one can come after `kubectl wait` saw the condition).
+    wait_for(lambda: "workspaceSucceeded" in {e["reason"] for e in _events(kaito_kube, TUNING)},
+             what="the workspaceSucceeded Event", on_fail=controller.log)
     story = kubectl("describe", "wks", TUNING).stdout.split("\nEvents:")[1]
     for reason in ("Provisioning", "Provisioned", "Started", "SmokeTestPassed", "workspaceSucceeded"):
         assert reason in story, story
@@ -99,9 +102,8 @@ def test_invalid_workspace_gets_a_condition_naming_the_field_and_no_workflow(kai
     assert kaito_kube.get(f"{WS}/bad-method")["status"]["state"] == "Failed"
     time.sleep(1)
     assert workflows(kaito_kube, "bad-method") == []
-    events = kaito_kube.list("/api/v1/namespaces/default/events")
-    assert any(e["reason"] == "InvalidWorkspace" and e["type"] == "Warning"
-               and e["involvedObject"]["name"] == "bad-method" for e in events)
+    wait_for(lambda: any(e["reason"] == "InvalidWorkspace" and e["type"] == "Warning" for e in _events(kaito_kube, "bad-method")),
+             what="the InvalidWorkspace Warning Event", on_fail=controller.log)
 
 
 def test_spec_change_makes_the_next_generation_and_immutable_fields_are_refused(kaito_kube, kubectl, start_controller):
