@@ -6,7 +6,11 @@ Generates a parquet of chat rows (``messages``: a user and an assistant turn of 
 
 * plain download: httpx streaming GET into a file, chunks as received, nothing else (the ceiling);
 * fetch step: ``steps.fetch_dataset.fetch_dataset`` (download with sha256, decoded-size caps,
-  normalisation, train/eval parquet written); its download phase is timed on its own too.
+  normalisation, train/eval parquet written); its download phase is timed on its own too. The
+  server honours ``Range`` (and sends an ETag), so the step decodes each file's row groups while
+  the rest of it downloads (``steps.fetch_dataset.streaming``);
+* the same step against the same server under ``/no-range/``, which ignores ``Range`` as
+  ``http.server`` does: each file is decoded once complete (the two variants alternate in order).
 
 With ``--files N`` the same rows are served as N parquet files (whole row groups each), the plain
 download fetches them one after another and the step gets N URLs: the step decodes each file while
@@ -63,17 +67,48 @@ peak = int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text
 print(json.dumps({"seconds": seconds, "download_seconds": seconds, "peak_kb": peak}))
 """
 
-# http.server's file handler, sending at most RATE MB/s per connection (0: as fast as it can).
+# http.server's file handler, sending at most RATE MB/s per connection (0: as fast as it can), with
+# Range requests (``bytes=N-`` and the suffix ``bytes=-N``, ``If-Range``), an ETag and
+# Accept-Ranges; under /no-range/ the same files without them (http.server's own behaviour).
 SERVER = """
-import functools, sys, time
+import functools, os, shutil, sys, time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 port, directory, rate = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]) * 1e6
 class Handler(SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass
+    def do_GET(self):
+        ranges = not self.path.startswith("/no-range/")
+        name = self.path.removeprefix("/no-range/").lstrip("/")
+        try:
+            f = open(os.path.join(directory, name), "rb")
+        except OSError:
+            return self.send_error(404)
+        with f:
+            stat = os.fstat(f.fileno())
+            size, etag = stat.st_size, f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'
+            start, code = 0, 200
+            spec = self.headers.get("Range", "")
+            if ranges and spec.startswith("bytes=") and self.headers.get("If-Range", etag) == etag:
+                first, _, last = spec[len("bytes="):].partition("-")
+                if not first and last.isdigit():
+                    start, code = max(size - int(last), 0), 206
+                elif first.isdigit() and not last and int(first) < size:
+                    start, code = int(first), 206
+            self.send_response(code)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(size - start))
+            if ranges:
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("ETag", etag)
+            if code == 206:
+                self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+            self.end_headers()
+            f.seek(start)
+            self.copyfile(f, self.wfile)
     def copyfile(self, source, outputfile):
         if not rate:
-            return super().copyfile(source, outputfile)
+            return shutil.copyfileobj(source, outputfile)
         start, sent = time.perf_counter(), 0
         while chunk := source.read(1 << 20):
             outputfile.write(chunk)
@@ -239,15 +274,20 @@ def main(argv: list[str] | None = None) -> int:
                 break
             except OSError:
                 time.sleep(0.1)
-        plain, step = [], []
+        plain, step, whole = [], [], []
         for round_ in range(args.rounds):
             plain.append(child(PLAIN, str(work / "plain.parquet"), *urls))
             for i in range(len(urls)):
                 (work / f"plain.parquet.{i}").unlink()
-            step.append(child(STEP, str(work / "out"), *urls))
+            # the order of the two step variants alternates by round
+            variants = [("streamed", urls), ("whole", [u.replace(f":{port}/", f":{port}/no-range/") for u in urls])]
+            for variant, variant_urls in variants if round_ % 2 == 0 else variants[::-1]:
+                (step if variant == "streamed" else whole).append(child(STEP, str(work / "out"), *variant_urls))
             print(f"round {round_ + 1}: plain {plain[-1]['seconds']:.2f} s, step download {step[-1]['download_seconds']:.2f} s, "
                   f"step total {step[-1]['seconds']:.2f} s (whole step / plain "
-                  f"{plain[-1]['seconds'] / step[-1]['seconds']:.2f}x), step peak RSS {step[-1]['peak_kb'] / 1024:.0f} MiB")
+                  f"{plain[-1]['seconds'] / step[-1]['seconds']:.2f}x), step peak RSS {step[-1]['peak_kb'] / 1024:.0f} MiB; "
+                  f"without Range: step total {whole[-1]['seconds']:.2f} s "
+                  f"({plain[-1]['seconds'] / whole[-1]['seconds']:.2f}x), peak RSS {whole[-1]['peak_kb'] / 1024:.0f} MiB")
     finally:
         server.terminate()
         server.wait()
@@ -268,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  step end to end    {total_s:7.2f} s  {mb / total_s:8.1f} MB/s  ratio {plain_s / total_s:.2f}x plain "
           f"(aim >= 0.5: {'met' if plain_s / total_s >= 0.5 else 'NOT met'})")
     print(f"  step peak RSS      {rss:7.0f} MiB (aim < 300 MB: {'met' if rss * 2**20 < 300e6 else 'NOT met'})")
+    whole_s = median(whole, "seconds")
+    print(f"  without Range      {whole_s:7.2f} s  {mb / whole_s:8.1f} MB/s  ratio {plain_s / whole_s:.2f}x plain "
+          f"(the server ignores Range: each file decoded once complete), peak RSS {median(whole, 'peak_kb') / 1024:.0f} MiB")
+    runs = ", ".join(f"{w['seconds'] / t['seconds']:.2f}" for w, t in zip(whole, step))
+    print(f"  streamed / without Range: {whole_s / total_s:.2f}x faster (runs {runs})")
     if args.json_mb > 0:
         print(f"\nJSON readers on the same rows (~{args.json_mb:g} MB each):")
         array_s, lines_s = json_readers(work, data, args.json_mb)

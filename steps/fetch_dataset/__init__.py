@@ -5,7 +5,10 @@
 Each URL (http, https, file) is downloaded by ``steps.fetch_dataset.download`` (streamed, resumed,
 capped, hashed, one retry policy), one after another in URL order on a background thread
 (``_Downloads``), while the main thread decodes each file as soon as it is complete: with several
-URLs a file is decoded while the next one downloads, and a failure stops the downloads after it. Its
+URLs a file is decoded while the next one downloads, and a failure stops the downloads after it. A
+URL declared parquet (by its extension or Kaito's ``dataset_extension``) is decoded row group by
+row group while it downloads, when its server allows Range requests
+(``steps.fetch_dataset.streaming``). Its
 file type comes from the URL's extension, else Kaito's ``DatasetConfig.dataset_extension``, else the
 response's content type, else the first bytes. ``steps.fetch_dataset.readers`` then streams the rows
 in batches with the decoded bytes capped per row, in total and per byte of file
@@ -48,6 +51,7 @@ import logging
 import os
 import shutil
 import threading
+import urllib.parse
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -70,8 +74,9 @@ from steps.fetch_dataset.download import Fetched, fetch, safe_name
 from steps.fetch_dataset.formats import (FORMAT_COLUMNS, FORMAT_KIND, BadRow, UnknownFormat, detect_format, estimate_tokens,
                                          normalise_row, shown_columns)
 from steps.fetch_dataset.egress import EgressPolicy, Resolver, system_resolver
-from steps.fetch_dataset.readers import (BATCH_BYTES, BATCH_ROWS, DecodedBudget, Limits, Reader, byte_slices, file_type,
-                                         read_ahead)
+from steps.fetch_dataset.readers import (BATCH_BYTES, BATCH_ROWS, DecodedBudget, Limits, Reader, byte_slices,
+                                         declared_type, file_type, read_ahead)
+from steps.fetch_dataset.streaming import ParquetStream, StreamBroken
 from stepkit.redaction import install_log_redaction, redact_text, redact_url
 
 log = logging.getLogger("kaiflow.steps.fetch_dataset")
@@ -266,10 +271,11 @@ def _check(config: FetchConfig) -> None:
             raise StepError(f"{flag} must be positive, got {value}")
 
 
-def _open(item: Fetched, settings: DatasetSettings, budget: DecodedBudget) -> tuple[Reader, str, list[str]]:
+def _open(item: Fetched, settings: DatasetSettings, budget: DecodedBudget,
+          stream: ParquetStream | None = None) -> tuple[Reader, str, list[str]]:
     """The file's reader, its format and the columns to read."""
     where = f"url {redact_url(item.url)!r}"
-    reader = Reader(item, file_type(item, settings.extension), budget)
+    reader = Reader(item, file_type(item, settings.extension), budget, stream)
     if not reader.columns:
         raise StepError(f"{where}: the file holds no rows")
     mapping = settings.mapping
@@ -284,6 +290,24 @@ def _open(item: Fetched, settings: DatasetSettings, budget: DecodedBudget) -> tu
     except UnknownFormat as exc:
         raise StepError(f"{where}: {exc}") from None
     return reader, fmt, [c for c in FORMAT_COLUMNS[fmt] if c in reader.columns]
+
+
+def _read_rows(reader: Reader, columns: list[str], counted: _FileRows, stream: ParquetStream | None) -> None:
+    """Every row of the file into ``counted``; Arrow batches decoded ahead on the reader thread,
+    which stops waiting for a streamed file's bytes if this fails."""
+    if not reader.arrow:
+        counted.python_rows(reader.rows(columns))
+        return
+    batches = read_ahead(reader.batches(columns))
+    try:
+        for first_row, batch, sizes in batches:
+            counted.batch(batch, first_row, sizes)
+    except BaseException as exc:
+        if stream is not None and not isinstance(exc, StreamBroken):
+            stream.cancel()
+        raise
+    finally:
+        batches.close()
 
 
 class _Progress:
@@ -303,31 +327,53 @@ class _Downloads:
     """The step's URLs downloaded in order on one background thread, so that each file is decoded
     while the next one downloads. ``result(i)`` waits for file ``i`` (raising its download's error);
     a failed download stops the ones after it; ``close`` stops the one in flight at its next chunk
-    (or its read timeout, when the server sends nothing) and waits for the thread."""
+    (or its read timeout, when the server sends nothing) and waits for the thread.
 
-    def __init__(self, config: FetchConfig, downloads: Path, policy: EgressPolicy | None, progress: _Progress) -> None:
+    A URL declared parquet (``streamed``) gets a :class:`ParquetStream`: ``stream(i)`` waits until
+    file ``i``'s footer is known (its row groups can then be read as they arrive) or its download
+    ended without that (None: read the complete file from ``result(i)``)."""
+
+    def __init__(self, config: FetchConfig, downloads: Path, policy: EgressPolicy | None, progress: _Progress,
+                 streamed: Sequence[bool] = ()) -> None:
         self._stop = threading.Event()
         self._futures: list[Future[Fetched]] = [Future() for _ in config.url]
+        self._streams = [ParquetStream() if i < len(streamed) and streamed[i] else None for i in range(len(config.url))]
+        self._started: list[Future[ParquetStream | None]] = [Future() for _ in config.url]
         self._thread = threading.Thread(target=self._run, args=(config, downloads, policy, progress),
                                         name="fetch-downloads", daemon=True)
         self._thread.start()
 
     def _run(self, config: FetchConfig, downloads: Path, policy: EgressPolicy | None, progress: _Progress) -> None:
-        for i, url in enumerate(config.url):
-            future = self._futures[i]
-            if self._stop.is_set() or not future.set_running_or_notify_cancel():
-                break
-            try:
-                item = fetch(url, downloads / safe_name(url, i), max_bytes=config.max_bytes, timeout_s=config.timeout,
-                             retries=config.retries, policy=policy, stop=self._stop)
-            except BaseException as exc:  # handed to the main thread, which raises it when it gets there
-                future.set_exception(exc)
-                break
-            log.info("fetched %s: %d bytes in %d attempt(s)", redact_url(url), item.size, item.attempts)
-            future.set_result(item)
-            progress.add()
-        for future in self._futures:
-            future.cancel()  # those never started (no-op for the others)
+        try:
+            for i, url in enumerate(config.url):
+                future, stream = self._futures[i], self._streams[i]
+                if self._stop.is_set() or not future.set_running_or_notify_cancel():
+                    break
+                started = self._started[i]
+                if stream is not None:
+                    stream.on_start = lambda started=started, stream=stream: started.set_result(stream)
+                try:
+                    item = fetch(url, downloads / safe_name(url, i), max_bytes=config.max_bytes,
+                                 timeout_s=config.timeout, retries=config.retries, policy=policy, stop=self._stop,
+                                 stream=stream)
+                except BaseException as exc:  # handed to the main thread, which raises it when it gets there
+                    future.set_exception(exc)  # (the stream, if any, is failed: its reader waits for this)
+                    break
+                finally:
+                    if not started.done():  # the file was not streamed: the reader waits for result(i)
+                        started.set_result(None)
+                log.info("fetched %s: %d bytes in %d attempt(s)", redact_url(url), item.size, item.attempts)
+                future.set_result(item)
+                progress.add()
+        finally:
+            for future in self._futures:
+                future.cancel()  # those never started (no-op for the others)
+            for started in self._started:
+                if not started.done():
+                    started.set_result(None)
+
+    def stream(self, index: int) -> ParquetStream | None:
+        return self._started[index].result()
 
     def result(self, index: int) -> Fetched:
         return self._futures[index].result()
@@ -369,7 +415,9 @@ def _fetch_dataset(config: FetchConfig, downloads: Path) -> dict[str, Any]:
                               resolver=RESOLVER or system_resolver)
     budget = DecodedBudget(Limits(config.max_row_bytes, config.max_decoded_bytes, config.max_expansion))
     progress = _Progress(2 * len(config.url))
-    downloads_ahead = _Downloads(config, downloads, policy, progress)
+    streamed = [urllib.parse.urlsplit(url).scheme.lower() in ("http", "https")
+                and declared_type(url, settings.extension) == "parquet" for url in config.url]
+    downloads_ahead = _Downloads(config, downloads, policy, progress, streamed)
     fetched: list[Fetched] = []
     opened: list[tuple[Fetched, str]] = []
     writer: SplitWriter | None = None
@@ -377,27 +425,34 @@ def _fetch_dataset(config: FetchConfig, downloads: Path) -> dict[str, Any]:
     total_rows = total_bad = tokens = 0
     try:
         for file_index in range(len(config.url)):
-            item = downloads_ahead.result(file_index)  # the next file downloads while this one is decoded
-            fetched.append(item)
-            reader, fmt, columns = _open(item, settings, budget)
-            opened.append((item, fmt))
-            if writer is None:
-                kind = FORMAT_KIND[fmt]
-                writer = SplitWriter(out, kind, eval_fraction, seed)
-            elif FORMAT_KIND[fmt] != kind:
-                listing = ", ".join(f"{redact_url(done.url)} ({done_fmt})" for done, done_fmt in opened)
-                raise StepError(f"--url: files mix chat and plain-text formats, which cannot train together: {listing}")
-            shown = redact_url(item.url)
-            counted = _FileRows(writer, fmt, settings.mapping, file_index, shown, bad_examples)
-            if reader.arrow:
-                batches = read_ahead(reader.batches(columns))
-                try:
-                    for first_row, batch, sizes in batches:
-                        counted.batch(batch, first_row, sizes)
-                finally:
-                    batches.close()
+            # the next file downloads while this one is decoded; a streamed parquet file is decoded
+            # as it downloads, from its footer and the bytes on disk so far
+            stream = downloads_ahead.stream(file_index)
+            if stream is None:
+                item = downloads_ahead.result(file_index)
             else:
-                counted.python_rows(reader.rows(columns))
+                item = Fetched(config.url[file_index], stream.path, "", stream.size, stream.content_type)
+            try:
+                reader, fmt, columns = _open(item, settings, budget, stream)
+                opened.append((item, fmt))
+                if writer is None:
+                    kind = FORMAT_KIND[fmt]
+                    writer = SplitWriter(out, kind, eval_fraction, seed)
+                elif FORMAT_KIND[fmt] != kind:
+                    listing = ", ".join(f"{redact_url(done.url)} ({done_fmt})" for done, done_fmt in opened)
+                    raise StepError(f"--url: files mix chat and plain-text formats, which cannot train together: {listing}")
+                shown = redact_url(item.url)
+                counted = _FileRows(writer, fmt, settings.mapping, file_index, shown, bad_examples)
+                _read_rows(reader, columns, counted, stream)
+            except StreamBroken:
+                downloads_ahead.result(file_index)  # raises the download's own error
+                raise
+            finally:
+                if stream is not None:
+                    stream.close()
+            if stream is not None:
+                item = downloads_ahead.result(file_index)  # complete, its end checked against the footer
+            fetched.append(item)
             rows, bad = counted.rows, counted.bad
             tokens += counted.tokens
             files.append({"url": shown, "sha256": f"sha256:{item.sha256}", "bytes": item.size,

@@ -9,7 +9,8 @@ announced ``Content-Length`` before reading anything, and on the bytes actually 
 
 The sha256 of the complete file is computed on a worker thread (``Fetched.sha256`` waits for it),
 not while receiving: hashing runs at ~500 MB/s here, which held a 1 GB local download to 0.77x a
-plain one; read back from the page cache it overlaps with the step's row parsing instead.
+plain one; read back from the page cache it overlaps with the step's row parsing instead. A
+streamed parquet file (below) is hashed on that thread too, reading the file behind the download.
 
 Attempts follow the steps' one retry policy (``stepkit.retry.call_with_retries``), and only for
 failures that may pass. Every exception is classified once, by ``classify``:
@@ -26,6 +27,11 @@ failures that may pass. Every exception is classified once, by ``classify``:
 URLs in messages and logs are redacted (``stepkit.redaction``): signed query strings stay secret.
 
 ``file://`` URLs are not copied: the file is hashed in place (same cap) and read where it lies.
+
+With a ``stream`` (a :class:`~steps.fetch_dataset.streaming.ParquetStream`, for URLs declared
+parquet) the download also reads the file's footer with a second, suffix ``Range`` request before
+the body, and reports its progress so that row groups are decoded while the rest downloads
+(``streaming``'s docstring says when and how it falls back).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import hashlib
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 import urllib.parse
 import urllib.request
@@ -43,6 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from steps.fetch_dataset.egress import EgressPolicy, EgressRefused, guarded_client_args
+from steps.fetch_dataset import streaming
+from steps.fetch_dataset.streaming import ParquetStream, footer_length, read_footer
 from stepkit.common import RetryableError, StepError
 from stepkit.redaction import redact_text, redact_url
 from stepkit.retry import TransientError, call_with_retries
@@ -72,17 +81,22 @@ class Fetched:
 _hasher: ThreadPoolExecutor | None = None
 
 
-def hash_in_background(path: Path) -> Future[str]:
-    """The sha256 of ``path``, computed on a worker thread (hashlib releases the GIL)."""
+def hash_in_background(path: Path | None = None, chunks: Iterator[bytes] | None = None) -> Future[str]:
+    """The sha256 of ``path`` (or of ``chunks``: a streamed file's bytes as they download), computed
+    on a worker thread (hashlib releases the GIL)."""
     global _hasher
     if _hasher is None:
         _hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
 
-    def digest() -> str:
-        sha = hashlib.sha256()
+    def read(path: Path) -> Iterator[bytes]:
         with path.open("rb") as f:
             while chunk := f.read(CHUNK):
-                sha.update(chunk)
+                yield chunk
+
+    def digest() -> str:
+        sha = hashlib.sha256()
+        for chunk in chunks if chunks is not None else read(path):
+            sha.update(chunk)
         return sha.hexdigest()
 
     return _hasher.submit(digest)
@@ -147,12 +161,14 @@ def fetch(
     transport=None,
     policy: EgressPolicy | None = None,
     stop: threading.Event | None = None,
+    stream: ParquetStream | None = None,
 ) -> Fetched:
     """Download ``url`` (or locate a ``file:`` URL); ``transport`` is an httpx transport for tests.
 
     ``policy`` (in a cluster): public addresses only, checked at every connection (``egress``).
     ``stop``: once set, the download gives up (:class:`Stopped`) at its next chunk or attempt, e.g.
     when the step failed on an earlier file while this one was still downloading.
+    ``stream``: see the module docstring; the caller marks it failed if this raises.
     """
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     try:
@@ -161,7 +177,7 @@ def fetch(
         if scheme == "file":
             return _local(url, max_bytes)
         if scheme in ("http", "https"):
-            return _Download(url, dest, max_bytes, timeout_s, transport, policy, stop).run(retries, backoff_s)
+            return _Download(url, dest, max_bytes, timeout_s, transport, policy, stop, stream).run(retries, backoff_s)
     except Exception as exc:
         raise classify(exc, url) from None
     raise StepError(f"url {redact_url(url)!r}: unsupported scheme {scheme or '(none)'!r} (use http, https or file)")
@@ -181,14 +197,17 @@ class _Download:
     """One HTTP download; ``attempt`` is called once per try and resumes what earlier tries got."""
 
     def __init__(self, url: str, dest: Path, max_bytes: int, timeout_s: float, transport,
-                 policy: EgressPolicy | None = None, stop: threading.Event | None = None) -> None:
+                 policy: EgressPolicy | None = None, stop: threading.Event | None = None,
+                 stream: ParquetStream | None = None) -> None:
         self.url, self.shown, self.dest, self.max_bytes = url, redact_url(url), dest, max_bytes
         self.timeout_s, self.transport, self.policy, self.stop = timeout_s, transport, policy, stop
+        self.stream = stream
         self.part = dest.with_name(dest.name + ".part")
         self.have = 0
         self.validator: str | None = None
         self.content_type: str | None = None
         self.attempts = 0
+        self._digest: Future[str] | None = None  # a streamed file is hashed behind its download
 
     def run(self, retries: int, backoff_s: float) -> Fetched:
         import httpx
@@ -201,12 +220,21 @@ class _Download:
             args = {"timeout": httpx.Timeout(self.timeout_s), "follow_redirects": True, "transport": self.transport}
         with httpx.Client(**args) as client:
             try:
-                return call_with_retries(lambda: self.attempt(client), what=self.shown, attempts=retries + 1,
-                                         backoff_s=backoff_s, retry_on=(_Transient,))
+                fetched = call_with_retries(lambda: self.attempt(client), what=self.shown, attempts=retries + 1,
+                                            backoff_s=backoff_s, retry_on=(_Transient,))
             except _Transient as exc:
+                if self.stream is not None:
+                    self.stream.fail()
                 raise RetryableError(f"url {self.shown!r}: failed after {self.attempts} attempts, last error: {exc}") from None
+            except BaseException:
+                if self.stream is not None:
+                    self.stream.fail()  # a reader or hasher waiting for bytes stops waiting
+                raise
             finally:
                 self.part.unlink(missing_ok=True)
+        if self.stream is not None:
+            self.stream.finish()
+        return fetched
 
     def _check_stop(self) -> None:
         if self.stop is not None and self.stop.is_set():
@@ -238,6 +266,9 @@ class _Download:
             if status == 206 and self.have:
                 log.info("%s: resuming at byte %d", self.shown, self.have)
             else:  # 200: a full body, whatever we had before
+                if self.have and self.stream is not None and self.stream.metadata is not None:
+                    raise RetryableError(f"url {self.shown!r}: the file changed on the server during the download "
+                                         "(a resumed request got the whole file again) while its row groups were being read")
                 self.have = 0
                 self.part.unlink(missing_ok=True)
             self.content_type = response.headers.get("content-type", self.content_type)
@@ -250,6 +281,9 @@ class _Download:
                     f"url {self.shown!r}: {announced} bytes exceeds the size cap of {self.max_bytes} bytes (--max-bytes)"
                 )
             with self.part.open("ab") as out:
+                stream = self.stream
+                if stream is not None and stream.metadata is None:
+                    stream = self._start_stream(client, response, announced)
                 for chunk in response.iter_raw():  # as received: a drop keeps what came
                     self._check_stop()
                     self.have += len(chunk)
@@ -258,11 +292,67 @@ class _Download:
                             f"url {self.shown!r}: more than {self.max_bytes} bytes received, over the size cap (--max-bytes)"
                         )
                     out.write(chunk)
+                    if stream is not None:
+                        out.flush()  # the reader reads the file, not this buffer
+                        stream.advance(self.have)
             if announced is not None and self.have < announced:
                 raise httpx.RemoteProtocolError(f"body ended at byte {self.have} of {announced}")
+        if self.stream is not None and self.stream.metadata is not None:
+            self._check_tail()
         self.part.replace(self.dest)
-        return Fetched(self.url, self.dest, hash_in_background(self.dest), self.have, _media_type(self.content_type),
-                       self.attempts)
+        digest = self._digest if self._digest is not None else hash_in_background(self.dest)
+        return Fetched(self.url, self.dest, digest, self.have, _media_type(self.content_type), self.attempts)
+
+    def _start_stream(self, client, response, announced: int | None) -> ParquetStream | None:
+        """Read the footer of the file ``response`` (a 200, body not read yet) is sending, and make
+        the stream ready; None (and the stream stays unused) when the server or the file does not allow it."""
+        validator = response.headers.get("etag") or response.headers.get("last-modified")
+        if (response.status_code != 200 or announced is None or announced < streaming.STREAM_MIN_BYTES
+                or not validator or response.headers.get("accept-ranges", "").lower() != "bytes"):
+            return None
+        try:
+            tail = self._suffix(client, min(streaming.TAIL_BYTES, announced), validator, announced)
+            needed = footer_length(tail) if tail is not None else None
+            if needed is not None and len(tail) < needed <= min(streaming.MAX_FOOTER_BYTES, announced):
+                tail = self._suffix(client, needed, validator, announced)
+            if tail is None or needed is None or len(tail) < needed:
+                return None
+            metadata = read_footer(tail, announced)
+            link = self.dest.with_name(self.dest.name + ".stream")
+            link.unlink(missing_ok=True)
+            os.link(self.part, link)  # the reader keeps its path when .part is renamed on completion
+        except Exception as exc:  # an optimisation only: any trouble and the file is read once complete
+            if isinstance(exc, EgressRefused | Stopped):
+                raise
+            log.debug("%s: row groups are decoded after the download (%s)", self.shown, _describe(exc))
+            return None
+        self.stream.start(link, announced, tail, metadata, _media_type(self.content_type))
+        self._digest = hash_in_background(chunks=self.stream.follow())
+        log.debug("%s: decoding %d row groups as they arrive", self.shown, metadata.num_row_groups)
+        return self.stream
+
+    def _suffix(self, client, length: int, validator: str, size: int) -> bytes | None:
+        """The file's last ``length`` bytes, if the server sends exactly those of the same version."""
+        headers = {"Accept-Encoding": "identity", "Range": f"bytes=-{length}", "If-Range": validator}
+        with client.stream("GET", self.url, headers=headers) as response:
+            expected = f"bytes {size - length}-{size - 1}/{size}"
+            if response.status_code != 206 or response.headers.get("content-range", "").strip() != expected:
+                return None  # a 200 is the whole file: closed unread
+            data = bytearray()
+            for chunk in response.iter_raw():
+                data += chunk
+                if len(data) > length:
+                    return None
+        return bytes(data) if len(data) == length else None
+
+    def _check_tail(self) -> None:
+        """The downloaded file must end with the tail whose footer the reader used."""
+        tail = self.stream.tail
+        with self.part.open("rb") as f:
+            f.seek(max(0, self.have - len(tail)))
+            if self.have != self.stream.size or f.read() != tail:
+                raise RetryableError(f"url {self.shown!r}: the file changed on the server during the download "
+                                     "(its end no longer matches the parquet footer read first)")
 
 
 def _phrase(status: int) -> str:

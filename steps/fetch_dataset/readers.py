@@ -47,6 +47,7 @@ from urllib.parse import urlsplit
 from stepkit.common import StepError
 from steps.fetch_dataset.buffers import integers, offsets, valid
 from steps.fetch_dataset.download import Fetched
+from steps.fetch_dataset.streaming import ParquetStream, row_group_ends
 from stepkit.redaction import redact_url
 
 BATCH_ROWS = 1024
@@ -131,13 +132,21 @@ class DecodedBudget:
         return file_decoded + size
 
 
-def file_type(fetched: Fetched, hint: str | None = None) -> str:
-    """The file's type: URL extension, then Kaito's dataset_extension, content type, first bytes."""
-    suffix = Path(urlsplit(fetched.url).path).suffix.lower()
+def declared_type(url: str, hint: str | None = None) -> str | None:
+    """The file type a URL declares before anything is downloaded: its extension, else Kaito's
+    dataset_extension (``hint``)."""
+    suffix = Path(urlsplit(url).path).suffix.lower()
     if suffix in EXTENSIONS:
         return EXTENSIONS[suffix]
-    if hint:
-        return KAITO_EXTENSIONS[hint]
+    return KAITO_EXTENSIONS[hint] if hint else None
+
+
+def file_type(fetched: Fetched, hint: str | None = None) -> str:
+    """The file's type: URL extension, then Kaito's dataset_extension, content type, first bytes."""
+    declared = declared_type(fetched.url, hint)
+    if declared is not None:
+        return declared
+    suffix = Path(urlsplit(fetched.url).path).suffix.lower()
     if fetched.content_type in MEDIA_TYPES:
         return MEDIA_TYPES[fetched.content_type]
     with fetched.path.open("rb") as f:
@@ -238,8 +247,9 @@ class Reader:
     read through Arrow (parquet, Arrow IPC, CSV) also offer their ``batches``, already charged.
     """
 
-    def __init__(self, fetched: Fetched, kind: str, budget: DecodedBudget):
-        self.fetched, self.kind, self.budget = fetched, kind, budget
+    def __init__(self, fetched: Fetched, kind: str, budget: DecodedBudget, stream: ParquetStream | None = None):
+        """``stream``: a parquet file still downloading (``streaming``), its row groups read as they arrive."""
+        self.fetched, self.kind, self.budget, self.stream = fetched, kind, budget, stream
         self.where = f"url {redact_url(fetched.url)!r}"
         self.columns: list[str] = []
         self.decoded = 0
@@ -286,24 +296,34 @@ class Reader:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        try:
+        stream = self.stream
+
+        def open_file():
             # buffer_size: pages are read as they are decoded, not a whole column chunk at once (a
-            # writer's default row group holds a million rows)
-            parquet = pq.ParquetFile(self.fetched.path, buffer_size=BATCH_BYTES, pre_buffer=False)
+            # writer's default row group holds a million rows). A stream's file is reopened per row
+            # group (Arrow takes a file's size when it opens it), with the footer read beforehand.
+            if stream is None:
+                return pq.ParquetFile(self.fetched.path, buffer_size=BATCH_BYTES, pre_buffer=False)
+            return pq.ParquetFile(str(stream.path), metadata=stream.metadata, buffer_size=BATCH_BYTES,
+                                  pre_buffer=False)
+
+        try:
+            parquet = open_file()
+            self.columns = parquet.schema_arrow.names
         except (pa.ArrowInvalid, OSError) as exc:
             raise self._fail(f"not a readable parquet file (truncated or corrupt?): {exc}") from None
-        self.columns = parquet.schema_arrow.names
 
         def batches(columns: Sequence[str] | None) -> Iterator[tuple[int, Any, Any]]:
             used = list(columns) if columns is not None else self.columns
-            yield from self._charged(self._parquet_batches(parquet, used), (pa.ArrowException, OSError),
+            yield from self._charged(self._parquet_batches(parquet, open_file, used), (pa.ArrowException, OSError),
                                      lambda exc, row: self._fail(f"parquet data is corrupt (after row {row}): {exc}"))
 
         return batches
 
-    def _parquet_batches(self, parquet, columns: list[str]) -> Iterator[Any]:
+    def _parquet_batches(self, parquet, open_file: Callable[[], Any], columns: list[str]) -> Iterator[Any]:
         limits = self.budget.limits
         metadata = parquet.metadata
+        ends = row_group_ends(metadata) if self.stream is not None else None
         leaf_paths = [metadata.schema.column(i).path for i in range(metadata.num_columns)]
         wanted = [i for i, path in enumerate(leaf_paths) if path.split(".", 1)[0] in set(columns)]
         first_row = 0
@@ -320,6 +340,9 @@ class Reader:
                                  f"rows, so a row is over the per-row cap of {limits.max_row_bytes} (--max-row-bytes)")
             per_row = max(1, size // max(rows, 1))
             batch_rows = max(1, min(BATCH_ROWS, BATCH_BYTES // per_row))
+            if ends is not None:  # wait for the group's bytes, then open the file as it now is
+                self.stream.wait_for(ends[group])
+                parquet = open_file()
             yield from parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns,
                                             use_threads=False)
             first_row += rows
