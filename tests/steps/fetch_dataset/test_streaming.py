@@ -197,11 +197,13 @@ def test_several_streamed_files_each_get_their_own_digest(http_files, tmp_path, 
     caplog.set_level(logging.DEBUG, logger="kaiflow.steps.fetch_dataset")
     datas = [grouped_parquet(ROWS[i::3]) for i in range(3)]
     urls = [http_files.add(f"several-{i}.parquet", data) for i, data in enumerate(datas)]
-    summary = run(tmp_path / "out", *urls)
+    summary = run(tmp_path / "out", *urls, keep_downloads=True)
     digests = [hashlib.sha256(data).hexdigest() for data in datas]
     assert [f["sha256"] for f in summary["files"]] == [f"sha256:{d}" for d in digests]
     lines = "".join(f"sha256:{d}\n" for d in digests)
     assert summary["digest"] == "sha256:" + hashlib.sha256(lines.encode()).hexdigest()
     assert summary["rows"] == len(ROWS)
     assert caplog.text.count("row groups as they arrive") == 3
-    assert not list((tmp_path / "out").glob("downloads/*.stream"))
+    kept = sorted(p.name for p in (tmp_path / "out" / "downloads").iterdir())
+    assert kept == [f"{i:03d}-several-{i}.parquet" for i in range(3)]  # the links the readers used are gone
+    assert [(tmp_path / "out" / "downloads" / name).read_bytes() for name in kept] == datas
