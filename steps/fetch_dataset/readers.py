@@ -19,7 +19,9 @@ How each format stays bounded:
   whose row count comes from the row group's uncompressed size, so one batch decodes to about
   ``BATCH_BYTES``; a row group whose uncompressed size already proves a row over the cap (more
   bytes than rows x cap) fails before it is decoded. Per-row sizes come from the Arrow arrays'
-  offsets (``row_sizes``), without converting a value to Python.
+  offsets (``row_sizes``), without converting a value to Python. A file still downloading
+  (``Reader(stream=...)``, see ``streaming``) is read the same way, each row group once its bytes
+  are on disk, with the footer fetched beforehand.
 * Arrow IPC (file or stream format, ``.arrow``/``.feather``): memory-mapped, so a batch is read
   in place; sizes as for parquet.
 * CSV: ``pyarrow.csv.open_csv`` with a block size just above the row cap (a longer row cannot fit
