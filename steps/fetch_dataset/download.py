@@ -48,6 +48,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from steps.fetch_dataset.egress import EgressPolicy, EgressRefused, guarded_client_args
 from steps.fetch_dataset import streaming
@@ -59,6 +60,7 @@ from stepkit.retry import TransientError, call_with_retries
 log = logging.getLogger("kaiflow.steps.fetch_dataset")
 
 CHUNK = 1 << 20
+READ_BYTES = 1 << 20  # per socket read (read_in_large_pieces)
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 # A full disk may be another node's problem on the pipeline's retry; other OS errors will not pass.
 TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EINTR}
@@ -100,6 +102,57 @@ def hash_in_background(path: Path | None = None, chunks: Iterator[bytes] | None 
         return sha.hexdigest()
 
     return _hasher.submit(digest)
+
+
+def read_in_large_pieces(transport) -> None:
+    """Make ``transport`` (an ``httpx.HTTPTransport``) ask the socket for up to ``READ_BYTES`` per
+    read instead of httpcore's 64 KiB.
+
+    Each read takes the GIL back; on a fast download whose row groups are decoded meanwhile
+    (``streaming``) the download thread waited for it between every 64 KiB: a 1 GB loopback
+    download beside the decoding took 4.5 s instead of 1.2 s, 2.7 s with 1 MiB reads (and 0.97 s
+    instead of 1.18 s alone). TLS sockets still return one record (16 KiB) per read. Done with a
+    network backend around the pool's own (httpcore's extension point, the same hook the egress
+    policy uses); left as it is if a later httpx lays its pool out differently.
+    """
+    import httpcore
+
+    pool = getattr(transport, "_pool", None)
+    inner = getattr(pool, "_network_backend", None)
+    if inner is None:
+        return
+
+    class Stream(httpcore.NetworkStream):
+        def __init__(self, stream: Any) -> None:
+            self._stream = stream
+
+        def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+            return self._stream.read(max(max_bytes, READ_BYTES), timeout)
+
+        def write(self, buffer: bytes, timeout: float | None = None) -> None:
+            self._stream.write(buffer, timeout)
+
+        def close(self) -> None:
+            self._stream.close()
+
+        def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
+                      timeout: float | None = None) -> Stream:
+            return Stream(self._stream.start_tls(ssl_context, server_hostname, timeout))
+
+        def get_extra_info(self, info: str) -> Any:
+            return self._stream.get_extra_info(info)
+
+    class Backend(httpcore.NetworkBackend):
+        def connect_tcp(self, *args: Any, **kwargs: Any) -> Stream:
+            return Stream(inner.connect_tcp(*args, **kwargs))
+
+        def connect_unix_socket(self, *args: Any, **kwargs: Any) -> Stream:
+            return Stream(inner.connect_unix_socket(*args, **kwargs))
+
+        def sleep(self, seconds: float) -> None:
+            inner.sleep(seconds)
+
+    pool._network_backend = Backend()  # noqa: SLF001
 
 
 class Stopped(StepError):
@@ -217,7 +270,10 @@ class _Download:
         if self.policy is not None:
             args = guarded_client_args(self.policy, self.timeout_s)
         else:
-            args = {"timeout": httpx.Timeout(self.timeout_s), "follow_redirects": True, "transport": self.transport}
+            args = {"timeout": httpx.Timeout(self.timeout_s), "follow_redirects": True,
+                    "transport": self.transport or httpx.HTTPTransport()}
+        if isinstance(args["transport"], httpx.HTTPTransport):
+            read_in_large_pieces(args["transport"])
         with httpx.Client(**args) as client:
             try:
                 fetched = call_with_retries(lambda: self.attempt(client), what=self.shown, attempts=retries + 1,

@@ -141,3 +141,54 @@ def test_redact_url(url, shown):
 def test_redact_text_masks_relative_queries_and_leaves_prose():
     assert redact_text("Location: /files/t.parquet?se=1&sig=abc") == "Location: /files/t.parquet?se=***&sig=***"
     assert redact_text("what? 2 + 2 = 4 & more") == "what? 2 + 2 = 4 & more"
+
+
+def test_the_download_asks_the_socket_for_large_reads():
+    """``read_in_large_pieces`` puts a network backend around the pool's own: every read of the
+    response (plain or after TLS) asks for READ_BYTES, not httpcore's 64 KiB; writes, TLS and close
+    reach the real stream. A recording stream stands in for the socket, so nothing depends on how
+    the kernel splits the bytes."""
+    import httpcore
+
+    from steps.fetch_dataset.download import READ_BYTES, read_in_large_pieces
+
+    asked: list[int] = []
+    calls: list[str] = []
+
+    class Recording(httpcore.NetworkStream):
+        def __init__(self) -> None:
+            self.pending = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+
+        def read(self, max_bytes, timeout=None):
+            asked.append(max_bytes)
+            data, self.pending = self.pending[:max_bytes], self.pending[max_bytes:]
+            return data
+
+        def write(self, buffer, timeout=None):
+            calls.append("write")
+
+        def close(self):
+            calls.append("close")
+
+        def start_tls(self, ssl_context, server_hostname=None, timeout=None):
+            calls.append(f"tls {server_hostname}")
+            return self
+
+        def get_extra_info(self, info):
+            return None
+
+    class Backend(httpcore.NetworkBackend):
+        def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+            calls.append(f"connect {host}:{port}")
+            return Recording()
+
+    for url in ("http://data.example/x.parquet", "https://data.example/x.parquet"):
+        asked.clear(), calls.clear()
+        transport = httpx.HTTPTransport()
+        transport._pool._network_backend = Backend()
+        read_in_large_pieces(transport)
+        with httpx.Client(transport=transport) as client:
+            assert client.get(url).content == b"hello"
+        assert asked and set(asked) == {READ_BYTES} and READ_BYTES > 64 * 1024
+        assert calls[0] == f"connect data.example:{443 if url.startswith('https') else 80}" and "write" in calls
+        assert ("tls data.example" in calls) == url.startswith("https") and calls[-1] == "close"
