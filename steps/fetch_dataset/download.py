@@ -115,7 +115,7 @@ def read_in_large_pieces(transport) -> None:
     network backend around the pool's own (httpcore's extension point, the same hook the egress
     policy uses); left as it is if a later httpx lays its pool out differently.
     """
-    import httpcore
+    import httpcore  # noqa: PLC0415 - as httpx (0.1 s): imported only when a download starts
 
     pool = getattr(transport, "_pool", None)
     inner = getattr(pool, "_network_backend", None)
