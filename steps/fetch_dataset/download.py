@@ -325,8 +325,9 @@ class _Download:
                 if self.have and self.stream is not None and self.stream.metadata is not None:
                     raise RetryableError(f"url {self.shown!r}: the file changed on the server during the download "
                                          "(a resumed request got the whole file again) while its row groups were being read")
+                if self.have:  # an empty .part stays as it is: a streamed file's reader holds a link to it
+                    self.part.unlink(missing_ok=True)
                 self.have = 0
-                self.part.unlink(missing_ok=True)
             self.content_type = response.headers.get("content-type", self.content_type)
             self.validator = response.headers.get("etag") or response.headers.get("last-modified")
             if response.headers.get("accept-ranges", "").lower() != "bytes" and status != 206:

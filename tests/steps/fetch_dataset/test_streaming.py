@@ -136,6 +136,20 @@ def test_a_resume_answered_with_the_whole_file_fails_retryable(http_files, tmp_p
     assert ranges[0] == "bytes=-4096" and ranges[1].startswith("bytes=") and ranges[1].endswith("-")
 
 
+def test_a_connection_dropped_before_the_body_is_retried_into_the_same_stream(http_files, tmp_path, streamed,
+                                                                               caplog):
+    """The first GET's headers start the stream, then the connection closes before any byte; the
+    retry's 200 fills the same file the reader is linked to, so the rows come through streamed."""
+    caplog.set_level(logging.DEBUG, logger="kaiflow.steps.fetch_dataset")
+    data = grouped_parquet(ROWS)
+    http_files.add("drop-at-start.parquet", data)
+    summary = run(tmp_path / "out", http_files.url("drop-at-start.parquet", "drop-at-start"))
+    assert summary["rows"] == len(ROWS) and summary["digest"] == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert caplog.text.count("row groups as they arrive") == 1
+    gets = [r for _, r in http_files.requests_for("drop-at-start.parquet")]
+    assert gets == [None, "bytes=-4096", None]  # the dropped GET, the footer, the GET retried from zero
+
+
 def test_a_download_that_fails_mid_file_reports_its_own_error(http_files, tmp_path, streamed):
     """The rest of the file never comes: the reader waiting for it wakes, and the step reports the
     download's timeout, not corrupt parquet."""
