@@ -136,6 +136,17 @@ def test_a_resume_answered_with_the_whole_file_fails_retryable(http_files, tmp_p
     assert ranges[0] == "bytes=-4096" and ranges[1].startswith("bytes=") and ranges[1].endswith("-")
 
 
+def test_a_connection_dropped_half_way_resumes_into_the_same_stream(http_files, tmp_path, streamed, caplog):
+    caplog.set_level(logging.DEBUG, logger="kaiflow.steps.fetch_dataset")
+    data = grouped_parquet(ROWS)
+    http_files.add("stream-resumes.parquet", data)
+    summary = run(tmp_path / "out", http_files.url("stream-resumes.parquet", "drop-once"))
+    assert summary["rows"] == len(ROWS) and summary["digest"] == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert caplog.text.count("row groups as they arrive") == 1
+    ranges = [r for _, r in http_files.requests_for("stream-resumes.parquet") if r]
+    assert ranges == ["bytes=-4096", f"bytes={len(data) // 2}-"]
+
+
 def test_a_connection_dropped_before_the_body_is_retried_into_the_same_stream(http_files, tmp_path, streamed,
                                                                                caplog):
     """The first GET's headers start the stream, then the connection closes before any byte; the
