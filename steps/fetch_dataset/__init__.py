@@ -431,7 +431,8 @@ def _fetch_dataset(config: FetchConfig, downloads: Path) -> dict[str, Any]:
             if stream is None:
                 item = downloads_ahead.result(file_index)
             else:
-                item = Fetched(config.url[file_index], stream.path, "", stream.size, stream.content_type)
+                # its type is declared parquet (the condition for streaming), so no content type is needed
+                item = Fetched(config.url[file_index], stream.path, "", stream.size, None)
             try:
                 reader, fmt, columns = _open(item, settings, budget, stream)
                 opened.append((item, fmt))

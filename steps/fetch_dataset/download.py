@@ -274,23 +274,20 @@ class _Download:
                     "transport": self.transport or httpx.HTTPTransport()}
         if isinstance(args["transport"], httpx.HTTPTransport):
             read_in_large_pieces(args["transport"])
+        fetched: Fetched | None = None
         with httpx.Client(**args) as client:
             try:
                 fetched = call_with_retries(lambda: self.attempt(client), what=self.shown, attempts=retries + 1,
                                             backoff_s=backoff_s, retry_on=(_Transient,))
+                return fetched
             except _Transient as exc:
-                if self.stream is not None:
-                    self.stream.fail()
                 raise RetryableError(f"url {self.shown!r}: failed after {self.attempts} attempts, last error: {exc}") from None
-            except BaseException:
-                if self.stream is not None:
-                    self.stream.fail()  # a reader or hasher waiting for bytes stops waiting
-                raise
             finally:
                 self.part.unlink(missing_ok=True)
-        if self.stream is not None:
-            self.stream.finish()
-        return fetched
+                if self.stream is not None and fetched is not None:
+                    self.stream.finish()
+                elif self.stream is not None:  # a reader or hasher waiting for bytes stops waiting
+                    self.stream.fail()
 
     def _check_stop(self) -> None:
         if self.stop is not None and self.stop.is_set():
@@ -383,7 +380,7 @@ class _Download:
                 raise
             log.debug("%s: row groups are decoded after the download (%s)", self.shown, _describe(exc))
             return None
-        self.stream.start(link, announced, tail, metadata, _media_type(self.content_type))
+        self.stream.start(link, announced, tail, metadata)
         self._digest = hash_in_background(chunks=self.stream.follow())
         log.debug("%s: decoding %d row groups as they arrive", self.shown, metadata.num_row_groups)
         return self.stream

@@ -132,11 +132,10 @@ class ParquetStream:
         self.tail = b""
         self.metadata: Any = None
         self.path: Path | None = None
-        self.content_type: str | None = None
         self.on_start: Callable[[], None] | None = None  # told when the stream is ready (the reader may begin)
 
-    def start(self, path: Path, size: int, tail: bytes, metadata: Any, content_type: str | None) -> None:
-        self.path, self.size, self.tail, self.metadata, self.content_type = path, size, tail, metadata, content_type
+    def start(self, path: Path, size: int, tail: bytes, metadata: Any) -> None:
+        self.path, self.size, self.tail, self.metadata = path, size, tail, metadata
         with self._cond:
             self._state = "ready"
         if self.on_start is not None:

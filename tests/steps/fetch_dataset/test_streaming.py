@@ -136,29 +136,21 @@ def test_a_resume_answered_with_the_whole_file_fails_retryable(http_files, tmp_p
     assert ranges[0] == "bytes=-4096" and ranges[1].startswith("bytes=") and ranges[1].endswith("-")
 
 
-def test_a_connection_dropped_half_way_resumes_into_the_same_stream(http_files, tmp_path, streamed, caplog):
+@pytest.mark.parametrize("mode", ["drop-once", "drop-at-start"])
+def test_a_dropped_connection_is_retried_into_the_same_stream(http_files, tmp_path, streamed, caplog, mode):
+    """``drop-once``: half the body, then the connection drops: the retry resumes with Range.
+    ``drop-at-start``: the headers start the stream, then the connection closes before any byte;
+    the retry's 200 fills the same file the reader is linked to. Either way the rows come through
+    streamed."""
     caplog.set_level(logging.DEBUG, logger="kaiflow.steps.fetch_dataset")
     data = grouped_parquet(ROWS)
-    http_files.add("stream-resumes.parquet", data)
-    summary = run(tmp_path / "out", http_files.url("stream-resumes.parquet", "drop-once"))
+    name = f"stream-{mode}.parquet"
+    http_files.add(name, data)
+    summary = run(tmp_path / "out", http_files.url(name, mode))
     assert summary["rows"] == len(ROWS) and summary["digest"] == "sha256:" + hashlib.sha256(data).hexdigest()
     assert caplog.text.count("row groups as they arrive") == 1
-    ranges = [r for _, r in http_files.requests_for("stream-resumes.parquet") if r]
-    assert ranges == ["bytes=-4096", f"bytes={len(data) // 2}-"]
-
-
-def test_a_connection_dropped_before_the_body_is_retried_into_the_same_stream(http_files, tmp_path, streamed,
-                                                                               caplog):
-    """The first GET's headers start the stream, then the connection closes before any byte; the
-    retry's 200 fills the same file the reader is linked to, so the rows come through streamed."""
-    caplog.set_level(logging.DEBUG, logger="kaiflow.steps.fetch_dataset")
-    data = grouped_parquet(ROWS)
-    http_files.add("drop-at-start.parquet", data)
-    summary = run(tmp_path / "out", http_files.url("drop-at-start.parquet", "drop-at-start"))
-    assert summary["rows"] == len(ROWS) and summary["digest"] == "sha256:" + hashlib.sha256(data).hexdigest()
-    assert caplog.text.count("row groups as they arrive") == 1
-    gets = [r for _, r in http_files.requests_for("drop-at-start.parquet")]
-    assert gets == [None, "bytes=-4096", None]  # the dropped GET, the footer, the GET retried from zero
+    retried = f"bytes={len(data) // 2}-" if mode == "drop-once" else None  # resumed, or from zero
+    assert [r for _, r in http_files.requests_for(name)] == [None, "bytes=-4096", retried]
 
 
 def test_a_download_that_fails_mid_file_reports_its_own_error(http_files, tmp_path, streamed):
