@@ -4,8 +4,10 @@ Inference (one replica, weights in the preset's dtype)::
 
     weights  = P × b_w
     kv_cache = 2 × L × H_kv × d_head × b_kv × T × B          (K and V, every layer)
+    prefix   = 2 × L × H_kv × d_head × b_kv × T_p            (recent prompts' KV kept for reuse,
+                                                             T_p = KAIFLOW_PREFIX_CACHE_TOKENS)
     logits   = B × V × 4                                     (last position, fp32)
-    total    = (weights + kv_cache + logits) × 1.10 + 1 GiB  (allocator slack, CUDA context)
+    total    = (weights + kv_cache + prefix + logits) × 1.10 + 1 GiB  (allocator slack, CUDA context)
 
 Tuning (one process: one GPU, or the CPU host; the base is frozen, only LoRA matrices train)::
 
@@ -65,6 +67,8 @@ DEFAULT_TUNING_BATCH = 4
 DEFAULT_TUNING_SEQ = 1024
 DEFAULT_LORA_R = 8
 DEFAULT_INFERENCE_TOKENS = 4096
+# prompt tokens whose KV the serving engine keeps for prefix reuse (KAIFLOW_PREFIX_CACHE_TOKENS' default)
+PREFIX_CACHE_TOKENS = 1024
 # Kaito's catalogue has no vocabulary size; the largest vocabulary among its families (Gemma,
 # 262144) is assumed, so the logits and embedding terms never come out too small.
 ASSUMED_VOCAB = 262_144
@@ -180,16 +184,18 @@ def weight_bytes(preset: Preset) -> int:
     return preset.params * DTYPE_BYTES.get(preset.dtype, 2)
 
 
-def estimate_inference(preset: Preset, tokens: int | None = None, batch: int = 1) -> MemoryEstimate:
+def estimate_inference(preset: Preset, tokens: int | None = None, batch: int = 1,
+                       prefix_tokens: int = PREFIX_CACHE_TOKENS) -> MemoryEstimate:
     _require_sized(preset)
     tokens = tokens or min(preset.context_length, DEFAULT_INFERENCE_TOKENS)
     b = DTYPE_BYTES.get(preset.dtype, 2)
     parts = {
         "weights": weight_bytes(preset),
         "kv_cache": kv_bytes_per_token(preset, b) * tokens * batch,
+        "prefix_cache": kv_bytes_per_token(preset, b) * prefix_tokens,
         "logits": batch * _vocab(preset) * 4,
     }
-    settings = {"tokens": tokens, "batch": batch, "dtype": preset.dtype}
+    settings = {"tokens": tokens, "batch": batch, "dtype": preset.dtype, "prefix_cache_tokens": prefix_tokens}
     if preset.vocab_size is None:
         settings["vocab_size_assumed"] = ASSUMED_VOCAB
     return MemoryEstimate(parts, settings)

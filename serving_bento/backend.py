@@ -72,6 +72,10 @@ class Metrics:
                                   multiprocess_mode="livesum", **reg)
         self.vllm_prompt_tokens = Counter("vllm:prompt_tokens", "prefill tokens processed", ["model_name"], **reg)
         self.vllm_generation_tokens = Counter("vllm:generation_tokens", "tokens generated", ["model_name"], **reg)
+        self.vllm_prefix_queries = Counter("vllm:prefix_cache_queries", "prompt tokens looked up in the prefix cache",
+                                           ["model_name"], **reg)
+        self.vllm_prefix_hits = Counter("vllm:prefix_cache_hits", "prompt tokens found in the prefix cache",
+                                        ["model_name"], **reg)
         self.vllm_success = Counter("vllm:request_success", "finished requests by finish reason",
                                     ["model_name", "finished_reason"], **reg)
         vllm_buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 640)
@@ -97,6 +101,10 @@ class Metrics:
             "kaiflow_time_to_first_token_seconds", "time from request to first token", ["endpoint"], buckets=buckets,
             **reg,
         )
+
+    def prefix_cache(self, queried: int, hits: int) -> None:
+        self.vllm_prefix_queries.labels(self.model_name).inc(queried)
+        self.vllm_prefix_hits.labels(self.model_name).inc(hits)
 
     def engine_state(self, running: int, waiting: int) -> None:
         self.vllm_running.labels(self.model_name).set(running)
@@ -132,9 +140,12 @@ class ChatBackend:
                 context_length=self.loaded.context_length,
                 max_batch_size=self.config.max_batch_size,
                 router=self.loaded.router,
+                prefix_cache_tokens=self.config.prefix_cache_tokens,
             )
             self.engine.step_observer = self.metrics.batch_rows.observe
             self.engine.state_observer = self.metrics.engine_state
+            if hasattr(self.engine, "prefix_observer"):
+                self.engine.prefix_observer = self.metrics.prefix_cache
             self.engine.start()
         except Exception as exc:  # reported through /livez and the log; the pod restarts
             self.load_error = f"{type(exc).__name__}: {exc}"

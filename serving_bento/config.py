@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from presets.catalog import served_model_name
+from presets.sizing import PREFIX_CACHE_TOKENS
 
 QUANTIZE_MODES = ("auto", "none", "int8")
 
@@ -73,6 +74,15 @@ class ServiceConfig:
     )
     max_batch_size: int = field(
         default=16, metadata={"env": "KAIFLOW_MAX_BATCH_SIZE", "help": "sequences decoded together at most"}
+    )
+    prefix_cache_tokens: int = field(
+        default=PREFIX_CACHE_TOKENS,
+        metadata={
+            "env": "KAIFLOW_PREFIX_CACHE_TOKENS",
+            "help": "prompt tokens whose keys and values the batching engine keeps, so that a prompt sharing "
+            "a prefix with a recent one (the system prompt, the conversation so far) prefills only the rest; "
+            "0: off",
+        },
     )
     max_prompt_tokens: int = field(
         default=2048, metadata={"env": "KAIFLOW_MAX_PROMPT_TOKENS", "help": "longest prompt accepted (tokens)"}
@@ -173,6 +183,8 @@ class ServiceConfig:
                 raise ConfigError(f"{_env_of(name)}: must be at least 1")
         if self.max_prompt_chars < 0:
             raise ConfigError("KAIFLOW_MAX_PROMPT_CHARS: must be 0 (16 x KAIFLOW_MAX_PROMPT_TOKENS) or more")
+        if self.prefix_cache_tokens < 0:
+            raise ConfigError("KAIFLOW_PREFIX_CACHE_TOKENS: must be 0 (off) or more")
         if self.torch_threads < 0:
             raise ConfigError("KAIFLOW_TORCH_THREADS: must be 0 (torch's default) or more")
         names = [a.name for a in self.adapters]

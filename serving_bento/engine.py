@@ -57,6 +57,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from serving_bento.prefix_cache import PrefixCache
+
 log = logging.getLogger("kaiflow.serving.engine")
 
 
@@ -320,10 +322,13 @@ class BatchingEngine(_Engine):
     name = "batching"
 
     def __init__(self, model: Any, tokenizer: Any, *, context_length: int, max_batch_size: int = 8,
-                 router: Any = None):
+                 router: Any = None, prefix_cache_tokens: int = 0):
         super().__init__(model, tokenizer, context_length=context_length, max_batch_size=max_batch_size,
                          router=router)
         self.device = next(model.parameters()).device
+        # the KV of recent prompts, to prefill only what a new prompt adds to one of them; None: off
+        self._prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
+        self.prefix_observer: Callable[[int, int], None] | None = None  # (prompt tokens, of them cached), for metrics
         self._rows: list[_Row] = []
         self._cache: Any = None
         self._mask: Any = None  # [rows, cache_len] 1 for real tokens, 0 for padding
@@ -350,17 +355,35 @@ class BatchingEngine(_Engine):
         return taken
 
     def _prefill(self, requests: list[GenerationRequest]) -> tuple[Any, Any, Any]:
+        """One forward pass over the new prompts, left-padded; a prompt that begins with a cached
+        prefix (:mod:`serving_bento.prefix_cache`) starts from its keys and values, right-aligned
+        in the pass's past columns, and only the rest of it is computed. Returns the last
+        position's logits, the new rows' cache and their attention mask (padding: 0, also between
+        a row's cached prefix and the rest of its prompt when the rests differ in length)."""
         import torch
         from transformers import DynamicCache
 
-        longest = max(len(r.prompt_ids) for r in requests)
+        hits = [self._prefixes.lookup(r.adapter, r.prompt_ids) if self._prefixes is not None else (0, None)
+                for r in requests]
+        past = max(n for n, _ in hits)
+        if self._prefixes is not None and self.prefix_observer is not None:
+            try:
+                self.prefix_observer(sum(len(r.prompt_ids) for r in requests), sum(n for n, _ in hits))
+            except Exception:  # metrics must never stop generation
+                log.exception("reporting the prefix cache failed")
+        rests = [len(r.prompt_ids) - n for r, (n, _) in zip(requests, hits, strict=True)]
+        longest = max(rests)
         ids = torch.full((len(requests), longest), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(requests), longest), dtype=torch.long)
-        for i, r in enumerate(requests):
-            ids[i, longest - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-            mask[i, longest - len(r.prompt_ids) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        mask = torch.zeros((len(requests), past + longest), dtype=torch.long)
+        positions = torch.zeros((len(requests), longest), dtype=torch.long)
+        for i, (r, (n, _), rest) in enumerate(zip(requests, hits, rests, strict=True)):
+            ids[i, longest - rest :] = torch.tensor(r.prompt_ids[n:])
+            mask[i, past - n : past] = 1
+            mask[i, past + longest - rest :] = 1
+            positions[i, longest - rest :] = torch.arange(n, n + rest)
         cache = DynamicCache(config=self.model.config)
+        if past:
+            self._fill_past(cache, hits, past)
         self._route(requests)
         out = self.model(
             input_ids=ids.to(self.device),
@@ -370,7 +393,43 @@ class BatchingEngine(_Engine):
             use_cache=True,
             logits_to_keep=1,
         )
+        if self._prefixes is not None:
+            self._remember(requests, hits, rests, cache, past, longest)
         return out.logits[:, -1, :], cache, mask.to(self.device)
+
+    def _fill_past(self, cache: Any, hits: list[tuple[int, Any]], past: int) -> None:
+        """Each row's cached prefix, right-aligned in ``past`` columns of zeros (masked for the rest)."""
+        donor = next(layers for n, layers in hits if n)
+        for index, layer in enumerate(cache.layers):
+            k0, v0 = donor[index]
+            keys = k0.new_zeros((len(hits), k0.shape[1], past, k0.shape[3]))
+            values = v0.new_zeros((len(hits), v0.shape[1], past, v0.shape[3]))
+            for row, (n, layers) in enumerate(hits):
+                if n:
+                    keys[row, :, past - n :] = layers[index][0][0, :, :n]
+                    values[row, :, past - n :] = layers[index][1][0, :, :n]
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+
+    def _remember(self, requests: list[GenerationRequest], hits: list[tuple[int, Any]], rests: list[int],
+                  cache: Any, past: int, longest: int) -> None:
+        """Offer each prompt's keys and values (its cached prefix and what this pass computed, as
+        contiguous copies) to the prefix cache."""
+        import torch
+
+        for row, (r, (n, _), rest) in enumerate(zip(requests, hits, rests, strict=True)):
+            if not self._prefixes.wants(r.adapter, r.prompt_ids):
+                continue
+            layers = []
+            for layer in cache.layers:
+                pair = []
+                for t in (layer.keys, layer.values):
+                    piece = t[row : row + 1, :, past + longest - rest :]
+                    if n:
+                        piece = torch.cat([t[row : row + 1, :, past - n : past], piece], dim=2)
+                    pair.append(piece.clone() if not n else piece)
+                layers.append((pair[0], pair[1]))
+            self._prefixes.store(r.adapter, r.prompt_ids, layers)
 
     def _splice(self, cache: Any, mask: Any) -> None:
         """Append new rows (their cache and mask) to the running batch, left-padding the shorter."""
@@ -609,7 +668,12 @@ ENGINES: dict[str, type[_Engine]] = {"batching": BatchingEngine, "naive": NaiveE
 
 
 def make_engine(kind: str, model: Any, tokenizer: Any, *, context_length: int, max_batch_size: int,
-                router: Any = None) -> _Engine:
+                router: Any = None, prefix_cache_tokens: int = 0) -> _Engine:
+    """An engine by name; ``prefix_cache_tokens`` sizes the batching engine's prefix cache (the
+    naive engine, ``model.generate`` as it comes, has none)."""
+    if kind == "batching":
+        return BatchingEngine(model, tokenizer, context_length=context_length, max_batch_size=max_batch_size,
+                              router=router, prefix_cache_tokens=prefix_cache_tokens)
     try:
         engine_cls = ENGINES[kind]
     except KeyError:

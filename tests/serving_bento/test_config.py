@@ -16,6 +16,8 @@ def test_defaults_and_values():
         ("kaiflow-tiny-test", 64, False, "naive")
     assert config.model_id() == "kaiflow-tiny-test"
     assert ServiceConfig.from_env({}).model == "smollm2-135m-instruct"
+    assert ServiceConfig.from_env({}).prefix_cache_tokens == 1024
+    assert ServiceConfig.from_env({"KAIFLOW_PREFIX_CACHE_TOKENS": "0"}).prefix_cache_tokens == 0
 
 
 def test_adapters_as_json_with_kaito_string_strengths():
@@ -55,6 +57,7 @@ def test_api_key_from_a_file_is_never_shown(tmp_path):
     ({"KAIFLOW_API_KEY": "  \n"}, "KAIFLOW_API_KEY is set but empty"),
     ({"KAIFLOW_ADAPTER_MODE": "mixed"}, "KAIFLOW_ADAPTER_MODE: 'mixed' is not one of merged, per-request"),
     ({"KAIFLOW_MAX_PROMPT_CHARS": "-1"}, "KAIFLOW_MAX_PROMPT_CHARS"),
+    ({"KAIFLOW_PREFIX_CACHE_TOKENS": "-5"}, "KAIFLOW_PREFIX_CACHE_TOKENS: must be 0 (off) or more"),
     ({"KAIFLOW_ADAPTER_MODE": "per-request", "KAIFLOW_MODEL": "kaiflow-tiny-test",
       "KAIFLOW_ADAPTERS": '[{"name": "kaiflow-tiny-test", "path": "/p"}]'}, "is the base model's id"),
 ])
