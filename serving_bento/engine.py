@@ -210,6 +210,8 @@ class _Engine:
         self._stopping = threading.Event()
         self._admitting = threading.Event()  # cleared by hold(): nothing leaves the queue meanwhile
         self._admitting.set()
+        # taken from the queue just as a hold began: admitted first once it ends (see _take_waiting)
+        self._held: list[GenerationRequest] = []
         self._thread = threading.Thread(target=self._run_forever, name=f"kaiflow-{self.name}", daemon=True)
         self.active_requests = 0
         self.steps = 0
@@ -249,7 +251,7 @@ class _Engine:
             self._admitting.set()
 
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() + len(self._held)
 
     def _report_state(self) -> None:
         if self.state_observer is not None:
@@ -274,6 +276,9 @@ class _Engine:
                     self._fail_active()
                 self._report_state()
         self._fail_active("cancelled")
+        for item in self._held:
+            item.finish("cancelled")
+        self._held = []
         while True:  # requests still queued when the engine stops get their answer too
             try:
                 item = self._queue.get_nowait()
@@ -335,12 +340,15 @@ class BatchingEngine(_Engine):
 
     # -- admission ---------------------------------------------------------------------------
     def _take_waiting(self, block: bool) -> list[GenerationRequest]:
-        taken: list[GenerationRequest] = []
         if not self._admitting.is_set():
             if block:  # idle and held: wait for the release (or a stop) without spinning
                 self._admitting.wait(0.05)
-            return taken
+            return []
         room = self.max_batch_size - len(self._rows)
+        taken, self._held = self._held[:room], self._held[room:]
+        for item in [t for t in taken if t.cancelled.is_set()]:
+            item.finish("cancelled")
+            taken.remove(item)
         while len(taken) < room:
             try:
                 item = self._queue.get(block=block and not taken, timeout=0.5 if block and not taken else None)
@@ -352,6 +360,11 @@ class BatchingEngine(_Engine):
                 item.finish("cancelled")
                 continue
             taken.append(item)
+        if taken and not self._admitting.is_set():
+            # a hold began while this thread waited in the queue (so what it took was submitted
+            # after the hold began, or just before): they wait with what the hold queues
+            self._held = taken + self._held
+            return []
         return taken
 
     def _prefill(self, requests: list[GenerationRequest]) -> tuple[Any, Any, Any]:

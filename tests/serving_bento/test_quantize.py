@@ -217,8 +217,48 @@ def test_smollm2_int8_stays_within_the_quality_bound_of_fp32():
         said = answers(loaded.model, loaded.tokenizer)
         named = sum(word.lower() in text.lower() for (_, word), text in zip(QUESTIONS, said, strict=True))
         figures[quantize] = (loss(loaded.model, ids), named, said)
+        if quantize == "int8":  # as served: batched, the system prompt's keys and values from the prefix cache
+            served = served_answers(loaded.model, loaded.tokenizer)
+            named_served = sum(word.lower() in text.lower() for (_, word), text in zip(QUESTIONS, served, strict=True))
     (loss_fp32, named_fp32, _), (loss_int8, named_int8, said_int8) = figures["none"], figures["int8"]
     print(f"held-out loss fp32 {loss_fp32:.4f} int8 {loss_int8:.4f} ({loss_int8 / loss_fp32:.3f}x); answers naming "
-          f"the expected word: fp32 {named_fp32}/{len(QUESTIONS)}, int8 {named_int8}/{len(QUESTIONS)}: {said_int8}")
+          f"the expected word: fp32 {named_fp32}/{len(QUESTIONS)}, int8 {named_int8}/{len(QUESTIONS)}: {said_int8}; "
+          f"int8 served (batched, prefix cache) {named_served}/{len(QUESTIONS)}: {served}")
     assert loss_int8 <= LOSS_RATIO_BOUND * loss_fp32
     assert named_int8 >= named_fp32 - 1, figures
+    assert named_served >= named_fp32 - 1, (named_fp32, served)
+
+
+def served_answers(model, tok) -> list[str]:
+    """The questions through the batching engine with its prefix cache on: the first alone (it
+    fills the cache), then the other nine in one admission, each starting from the cached
+    system prompt."""
+    import threading
+
+    from serving_bento.engine import BatchingEngine, GenerationRequest, SamplingParams
+
+    engine = BatchingEngine(model, tok, context_length=2048, max_batch_size=16, prefix_cache_tokens=1024)
+    reused: list[int] = []
+    engine.prefix_observer = lambda queried, hits: reused.append(hits)
+    tokens: dict[int, list[int]] = {i: [] for i in range(len(QUESTIONS))}
+    done = threading.Semaphore(0)
+
+    def request(i: int) -> GenerationRequest:
+        ids = tok.apply_chat_template([{"role": "user", "content": QUESTIONS[i][0]}], add_generation_prompt=True,
+                                      tokenize=True, return_dict=True)["input_ids"]
+        return GenerationRequest(ids, SamplingParams(max_new_tokens=24), tokens[i].append,
+                                 lambda reason: done.release())
+
+    engine.start()
+    try:
+        engine.submit(request(0))
+        assert done.acquire(timeout=300)
+        with engine.hold():
+            for i in range(1, len(QUESTIONS)):
+                engine.submit(request(i))
+        for _ in range(1, len(QUESTIONS)):
+            assert done.acquire(timeout=300)
+    finally:
+        engine.stop()
+    assert reused[0] == 0 and reused[1] >= 9 * 20, reused  # SmolLM2's system prompt: 20 tokens in each
+    return [tok.decode(tokens[i], skip_special_tokens=True) for i in range(len(QUESTIONS))]
