@@ -32,6 +32,7 @@ Two references beside the servers:
 
     .venv/bin/python bench/serve_bench.py            # what `make bench` runs
     .venv/bin/python bench/serve_bench.py --anchor llama-cpp
+    .venv/bin/python bench/serve_bench.py --prefix-cache-tokens 1024   # the opt-in prefix cache
     .venv/bin/python bench/serve_bench.py --clients 8 --requests 16 --runs 3 --json figures.json
 """
 
@@ -253,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter-rank", type=int, default=8, help="their rank (Kaito's default QLoRA r)")
     parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
     parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--prefix-cache-tokens", type=int, default=0,
+                        help="KAIFLOW_PREFIX_CACHE_TOKENS for the batching servers (0, the service's default: off)")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="KAIFLOW_TORCH_THREADS for every server (0: torch's default; 1 is steadier on "
                         "a shared machine, see docs/user-guide/serving.md)")
@@ -275,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         for server in args.servers:
             workdir = scratch / server
             env = {"KAIFLOW_MAX_BATCH_SIZE": str(args.max_batch_size), "KAIFLOW_TORCH_THREADS": str(args.torch_threads),
-                   "KAIFLOW_QUANTIZE": args.quantize,
+                   "KAIFLOW_QUANTIZE": args.quantize, "KAIFLOW_PREFIX_CACHE_TOKENS": str(args.prefix_cache_tokens),
                    "KAIFLOW_ADAPTER_MODE": "per-request" if server == "per-request" else "merged",
                    # bentoml serve empties $BENTOML_HOME/prometheus_multiproc_dir at start: one each
                    "BENTOML_HOME": str(workdir / "bentoml-home")}
@@ -315,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     per_level = args.requests or ", ".join(f"{max(8, 2 * c)} at {c} clients" for c in args.clients)
     print(f"\nmedian of {args.runs} runs; model {args.model}, requests per level: {per_level}; max_tokens "
           f"{args.max_tokens}, {args.adapters} LoRA adapters of rank {args.adapter_rank}, {os.cpu_count()} CPUs, "
-          f"torch threads {args.torch_threads or 'default'}, max batch {args.max_batch_size}\n")
+          f"torch threads {args.torch_threads or 'default'}, max batch {args.max_batch_size}, prefix cache "
+          f"{args.prefix_cache_tokens or 'off'}\n")
     print("| server | clients | req/s | tokens/s | tokens/request | p50 s | p99 s | TTFT p50 s | errors |")
     print("|---|---|---|---|---|---|---|---|---|")
     for server, levels in medians.items():

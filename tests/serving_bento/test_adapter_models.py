@@ -123,22 +123,6 @@ def test_vllm_metrics_count_tokens_and_requests(bento_tiny_per_request):
     assert _metric(bento_tiny_per_request, "vllm:num_requests_waiting", label) == 0
 
 
-def test_a_repeated_prompt_is_prefilled_from_the_prefix_cache(bento_tiny_per_request):
-    """The second of two identical prompts (same adapter) reuses all of the first's keys and
-    values but its last token: the vLLM prefix-cache counters say so."""
-    label = f'model_name="{BASE}"'
-    body = {"model": "alpha", "prompt": "A Workspace names a preset, a GPU count and an adapter; the controller " * 2,
-            "max_tokens": 3, "temperature": 0}
-    first = httpx.post(bento_tiny_per_request.url + "/v1/completions", timeout=60, json=body)
-    prompt_tokens = first.json()["usage"]["prompt_tokens"]
-    names = ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total")
-    before = {n: _metric(bento_tiny_per_request, n, label) for n in names}
-    second = httpx.post(bento_tiny_per_request.url + "/v1/completions", timeout=60, json=body)
-    after = {n: _metric(bento_tiny_per_request, n, label) for n in names}
-    assert second.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
-    assert after["vllm:prefix_cache_queries_total"] - before["vllm:prefix_cache_queries_total"] == prompt_tokens
-    assert after["vllm:prefix_cache_hits_total"] - before["vllm:prefix_cache_hits_total"] == prompt_tokens - 1
-
 
 def test_running_and_waiting_gauges_follow_the_load(bento_tiny_per_request):
     label = f'model_name="{BASE}"'

@@ -158,3 +158,31 @@ def test_without_the_cache_nothing_is_kept_or_reported(tiny):
     assert c.tokens[0] == c.tokens[1] == reference(model, ids, 6)[: len(c.tokens[0])]
     assert reported == [] and engine._prefixes is None
 
+
+
+def test_the_service_counts_prefix_cache_tokens_in_vllms_metrics():
+    """KAIFLOW_PREFIX_CACHE_TOKENS reaches the engine, and the second of two identical prompts shows
+    its reused tokens in vllm:prefix_cache_queries/hits (the backend as the service runs it)."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from serving_bento.backend import ChatBackend
+    from serving_bento.config import ServiceConfig
+
+    registry = CollectorRegistry()
+    backend = ChatBackend(ServiceConfig(model="kaiflow-tiny-test", prefix_cache_tokens=256), metrics_registry=registry)
+    backend.start_loading()
+    try:
+        assert backend.wait_ready(120)
+        ids = backend.encode_prompt(SYSTEM + "what is a pod?")
+        label = {"model_name": "kaiflow-tiny-test"}
+        texts = []
+        for _ in range(2):
+            text, _ = asyncio.run(backend.complete(ids, SamplingParams(max_new_tokens=4)))
+            texts.append(text)
+    finally:
+        backend.shutdown()
+    assert texts[0] == texts[1]
+    assert registry.get_sample_value("vllm:prefix_cache_queries_total", label) == 2 * len(ids)
+    assert registry.get_sample_value("vllm:prefix_cache_hits_total", label) == len(ids) - 1
