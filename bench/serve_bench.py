@@ -32,7 +32,7 @@ Two references beside the servers:
 
     .venv/bin/python bench/serve_bench.py            # what `make bench` runs
     .venv/bin/python bench/serve_bench.py --anchor llama-cpp
-    .venv/bin/python bench/serve_bench.py --prefix-cache-tokens 1024   # the opt-in prefix cache
+    .venv/bin/python bench/serve_bench.py --prefix-cache-tokens 0   # without the prefix cache
     .venv/bin/python bench/serve_bench.py --clients 8 --requests 16 --runs 3 --json figures.json
 """
 
@@ -54,6 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+
+from presets.sizing import PREFIX_CACHE_TOKENS  # noqa: E402 - after the path insert above
 
 SERVERS = ("merged", "per-request", "naive")
 FIGURES = ("req_per_s", "tokens_per_s", "p50_s", "p99_s", "ttft_p50_s", "tokens_per_request")
@@ -254,8 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter-rank", type=int, default=8, help="their rank (Kaito's default QLoRA r)")
     parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
     parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--prefix-cache-tokens", type=int, default=0,
-                        help="KAIFLOW_PREFIX_CACHE_TOKENS for the batching servers (0, the service's default: off)")
+    parser.add_argument("--prefix-cache-tokens", type=int, default=PREFIX_CACHE_TOKENS,
+                        help=f"KAIFLOW_PREFIX_CACHE_TOKENS for the batching servers ({PREFIX_CACHE_TOKENS}, the service's "
+                             "default; 0: off)")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="KAIFLOW_TORCH_THREADS for every server (0: torch's default; 1 is steadier on "
                         "a shared machine, see docs/user-guide/serving.md)")

@@ -67,8 +67,8 @@ DEFAULT_TUNING_BATCH = 4
 DEFAULT_TUNING_SEQ = 1024
 DEFAULT_LORA_R = 8
 DEFAULT_INFERENCE_TOKENS = 4096
-# prompt tokens whose KV the serving engine keeps for prefix reuse (KAIFLOW_PREFIX_CACHE_TOKENS' default: off)
-PREFIX_CACHE_TOKENS = 0
+# prompt tokens whose KV the serving engine keeps for prefix reuse (KAIFLOW_PREFIX_CACHE_TOKENS' default)
+PREFIX_CACHE_TOKENS = 1024
 # Kaito's catalogue has no vocabulary size; the largest vocabulary among its families (Gemma,
 # 262144) is assumed, so the logits and embedding terms never come out too small.
 ASSUMED_VOCAB = 262_144

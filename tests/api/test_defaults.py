@@ -29,7 +29,7 @@ def test_instance_type_written_picked_or_none_on_own_nodes():
     written = validate_workspace(_example("kaito_workspace_phi_3.yaml"))
     assert defaults.instance_type(written) == "Standard_NC6s_v3"
     picked = validate_workspace(_example("kaito_workspace_phi_3.yaml", **{"resource.instanceType": None}))
-    assert defaults.instance_type(picked) == "Standard_NC4as_T4_v3"  # the smallest that holds 10.5 GiB
+    assert defaults.instance_type(picked) == "Standard_NC4as_T4_v3"  # the smallest that holds 10.9 GiB
     own = load_bundle(ROOT / "examples" / "kaito_workspace_byo_nodes.yaml").workspaces[0]
     assert defaults.uses_own_nodes(own) and defaults.instance_type(own) is None
     sku = defaults.node_sku(own)

@@ -119,7 +119,7 @@ def test_fit_from_config_json(tmp_path):
     preset = preset_from_config(LLAMA_8B_CONFIG, "meta-llama/Llama-3.1-8B-Instruct")
     assert 8.0 < preset.params_b < 8.06  # 8.03 B on the model card
     problem = check_fit_from_config(LLAMA_8B_CONFIG, 16, None, name="llama-8b")
-    assert problem.startswith("llama-8b (8.03B parameters from config.json) needs ≈18.0 GiB (weights 14.96")
+    assert problem.startswith("llama-8b (8.03B parameters from config.json) needs ≈18.1 GiB (weights 14.96")
     assert problem.endswith("more than the 16 GiB available")
     assert check_fit_from_config(LLAMA_8B_CONFIG, 24, None) is None
     assert check_fit_from_config(LLAMA_8B_CONFIG, 16, "qlora") is None

@@ -16,7 +16,8 @@ def test_defaults_and_values():
         ("kaiflow-tiny-test", 64, False, "naive")
     assert config.model_id() == "kaiflow-tiny-test"
     assert ServiceConfig.from_env({}).model == "smollm2-135m-instruct"
-    assert ServiceConfig.from_env({}).prefix_cache_tokens == 0  # opt-in (docs/user-guide/serving.md)
+    assert ServiceConfig.from_env({}).prefix_cache_tokens == 1024  # on by default (docs/user-guide/serving.md)
+    assert ServiceConfig.from_env({"KAIFLOW_PREFIX_CACHE_TOKENS": "0"}).prefix_cache_tokens == 0
     assert ServiceConfig.from_env({"KAIFLOW_PREFIX_CACHE_TOKENS": "1024"}).prefix_cache_tokens == 1024
 
 
