@@ -81,7 +81,7 @@ class ServiceConfig:
             "env": "KAIFLOW_PREFIX_CACHE_TOKENS",
             "help": "prompt tokens whose keys and values the batching engine keeps, so that a prompt sharing "
             "a prefix with a recent one (the system prompt, the conversation so far) prefills only the rest; "
-            "0 (the default): off. Opt-in for now: see docs/user-guide/serving.md#prefix-caching",
+            "0: off (docs/user-guide/serving.md#prefix-caching)",
         },
     )
     max_prompt_tokens: int = field(

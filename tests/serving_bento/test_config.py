@@ -18,7 +18,7 @@ def test_defaults_and_values():
     assert ServiceConfig.from_env({}).model == "smollm2-135m-instruct"
     assert ServiceConfig.from_env({}).prefix_cache_tokens == 1024  # on by default (docs/user-guide/serving.md)
     assert ServiceConfig.from_env({"KAIFLOW_PREFIX_CACHE_TOKENS": "0"}).prefix_cache_tokens == 0
-    assert ServiceConfig.from_env({"KAIFLOW_PREFIX_CACHE_TOKENS": "1024"}).prefix_cache_tokens == 1024
+    assert ServiceConfig.from_env({"KAIFLOW_PREFIX_CACHE_TOKENS": "256"}).prefix_cache_tokens == 256
 
 
 def test_adapters_as_json_with_kaito_string_strengths():

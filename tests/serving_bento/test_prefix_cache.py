@@ -3,8 +3,13 @@
 
 from __future__ import annotations
 
-import pytest
+import asyncio
 
+import pytest
+from prometheus_client import CollectorRegistry
+
+from serving_bento.backend import ChatBackend
+from serving_bento.config import ServiceConfig
 from serving_bento.engine import BatchingEngine, SamplingParams
 from serving_bento.prefix_cache import PrefixCache, common_prefix_length
 from tests.serving_bento.test_engine import Collector, reference
@@ -159,17 +164,9 @@ def test_without_the_cache_nothing_is_kept_or_reported(tiny):
     assert reported == [] and engine._prefixes is None
 
 
-
 def test_the_service_counts_prefix_cache_tokens_in_vllms_metrics():
     """KAIFLOW_PREFIX_CACHE_TOKENS reaches the engine, and the second of two identical prompts shows
     its reused tokens in vllm:prefix_cache_queries/hits (the backend as the service runs it)."""
-    import asyncio
-
-    from prometheus_client import CollectorRegistry
-
-    from serving_bento.backend import ChatBackend
-    from serving_bento.config import ServiceConfig
-
     registry = CollectorRegistry()
     backend = ChatBackend(ServiceConfig(model="kaiflow-tiny-test", prefix_cache_tokens=256), metrics_registry=registry)
     backend.start_loading()
